@@ -1,0 +1,323 @@
+//! The application lifecycle: submit → confirm email → pending → approved | rejected,
+//! with auto-approval by the model's gating mode. Every transition commits its audit event
+//! and its emails in the same transaction.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::audit::{self, Event};
+use crate::db::models::access::{self as people, APPROVED, Application, Grant, PENDING, REJECTED, UNVERIFIED, User, WITHDRAWN};
+use crate::db::models::catalog::{self, Model};
+use crate::db::models::kv;
+use crate::db::{AnyConnection, Db};
+use crate::error::{Error, Result};
+use crate::mail::{self, templates};
+use crate::util;
+
+/// What a researcher sends.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplicationForm {
+    pub name: String,
+    pub email: String,
+    #[serde(default)]
+    pub affiliation: String,
+    pub country: String,
+    pub intended_use: String,
+    #[serde(default)]
+    pub accept_license: bool,
+    #[serde(default)]
+    pub answers: serde_json::Map<String, Value>,
+}
+
+/// Server facts the lifecycle needs for links and notifications.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub public_url: String,
+    pub admin_emails: Vec<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Submitted {
+    pub id: String,
+    pub status: String,
+    pub status_url: String,
+}
+
+fn text_field(field: &str, value: &str, min: usize, max: usize) -> Result<String> {
+    let v = value.trim();
+    let n = v.chars().count();
+    if n < min {
+        return Err(Error::invalid_field(field, if min == 1 { "is required".to_string() } else { format!("needs at least {min} characters") }));
+    }
+    if n > max {
+        return Err(Error::invalid_field(field, format!("must be at most {max} characters")));
+    }
+    if v.chars().any(|c| c.is_control() && c != '\n' && c != '\r' && c != '\t') {
+        return Err(Error::invalid_field(field, "must not contain control characters"));
+    }
+    Ok(v.to_string())
+}
+
+/// Checks every field; returns the cleaned form (trimmed, email lower-cased).
+pub fn validate(form: &ApplicationForm) -> Result<ApplicationForm> {
+    let name = text_field("name", &form.name, 1, 200)?;
+    if name.contains(['\n', '\r']) {
+        return Err(Error::invalid_field("name", "must be one line"));
+    }
+    let email = form.email.trim().to_ascii_lowercase();
+    if email.len() > 254 || email.parse::<lettre::Address>().is_err() {
+        return Err(Error::invalid_field("email", "is not a valid email address"));
+    }
+    let affiliation = text_field("affiliation", &form.affiliation, 1, 200)?;
+    let country = form.country.trim().to_ascii_uppercase();
+    if !crate::countries::is_code(&country) {
+        return Err(Error::invalid_field("country", "must be an ISO 3166-1 alpha-2 code such as FR or US"));
+    }
+    let intended_use = text_field("intended_use", &form.intended_use, 1, 5000)?;
+    if !form.accept_license {
+        return Err(Error::invalid_field("accept_license", "the licence must be accepted (true)"));
+    }
+    if form.answers.len() > 50 {
+        return Err(Error::invalid_field("answers", "at most 50 answers"));
+    }
+    let mut answers = serde_json::Map::new();
+    for (k, v) in &form.answers {
+        let key = text_field("answers", k, 1, 100)?;
+        let value = match v {
+            Value::String(s) => Value::String(text_field(&format!("answers.{key}"), s, 0, 2000)?),
+            Value::Bool(_) | Value::Number(_) => v.clone(),
+            _ => return Err(Error::invalid_field(&format!("answers.{key}"), "must be a string, number or boolean")),
+        };
+        answers.insert(key, value);
+    }
+    Ok(ApplicationForm { name, email, affiliation, country, intended_use, accept_license: true, answers })
+}
+
+/// The status-page key of an application: derived from a server secret, so every email can
+/// carry the link while the database stores only its hash.
+pub fn status_key(c: &mut AnyConnection, id: &str) -> Result<String> {
+    let secret = kv::server_secret(c)?;
+    Ok(util::sha256_hex(format!("status-key\0{secret}\0{id}"))[..40].to_string())
+}
+
+fn status_url(c: &mut AnyConnection, ctx: &Context, id: &str) -> Result<String> {
+    Ok(format!("{}/applications/{id}?key={}", ctx.public_url, status_key(c, id)?))
+}
+
+pub async fn submit(db: &Db, ctx: &Context, model_id: &str, form: ApplicationForm) -> Result<Submitted> {
+    let form = validate(&form)?;
+    let ctx = ctx.clone();
+    let model_id = model_id.to_string();
+    db.write(move |c| {
+        let model = catalog::find_model(c, &model_id)?
+            .ok_or_else(|| Error::not_found("model_not_found", format!("Model {model_id} does not exist on this server.")))?;
+        let now = util::now();
+        let user = match people::find_user_by_email(c, &form.email)? {
+            Some(u) => u,
+            None => {
+                let u = User {
+                    id: util::random_hex(12),
+                    email: form.email.clone(),
+                    name: form.name.clone(),
+                    affiliation: form.affiliation.clone(),
+                    country: form.country.clone(),
+                    created_at: now,
+                    deleted_at: None,
+                };
+                people::insert_user(c, &u)?;
+                u
+            }
+        };
+        if people::active_grant(c, &user.id, &model.id, now)?.is_some() {
+            return Err(Error::conflict("already_approved", format!("You already have access to {}. Your approval email links to your status page.", model.id)));
+        }
+        let previous = people::applications_of(c, &user.id, &model.id)?;
+        if let Some(open) = previous.iter().find(|a| a.status == UNVERIFIED || a.status == PENDING) {
+            let what = if open.status == UNVERIFIED { "is waiting for you to confirm your email address" } else { "is awaiting review" };
+            return Err(Error::conflict("application_open", format!("Your earlier application for {} {what}; you can apply again once it is decided or withdrawn.", model.id)));
+        }
+        if !model.allow_reapply && previous.iter().any(|a| a.status == REJECTED) {
+            return Err(Error::forbidden("reapply_not_allowed", format!("Your application for {} was rejected and this model does not accept another.", model.id)));
+        }
+        let id = util::random_hex(16);
+        let code = util::random_secret();
+        let key = status_key(c, &id)?;
+        people::insert_application(c, &Application {
+            id: id.clone(),
+            model_id: model.id.clone(),
+            user_id: user.id.clone(),
+            status: UNVERIFIED.into(),
+            name: form.name.clone(),
+            email: form.email.clone(),
+            affiliation: form.affiliation.clone(),
+            country: form.country.clone(),
+            intended_use: form.intended_use.clone(),
+            answers: Value::Object(form.answers.clone()).to_string(),
+            confirm_hash: Some(util::sha256_hex(&code)),
+            status_key_hash: util::sha256_hex(&key),
+            reason: None,
+            decided_by: None,
+            decided_at: None,
+            created_at: now,
+            confirmed_at: None,
+            updated_at: now,
+        })?;
+        let status_url = format!("{}/applications/{id}?key={key}", ctx.public_url);
+        let confirm_url = format!("{}/applications/confirm?code={code}", ctx.public_url);
+        mail::queue(c, &form.email, &templates::confirm_email(&model.id, &form.name, &confirm_url, &status_url))?;
+        audit::append(c, &[Event::new("application_submitted", "ok")
+            .actor(format!("user:{}", user.id))
+            .model(&model.id)
+            .detail(json!({"application": id, "country": form.country}))])?;
+        Ok(Submitted { id, status: UNVERIFIED.into(), status_url })
+    })
+    .await
+}
+
+/// Whether the model's gating approves this application at confirmation time.
+fn auto_approves(model: &Model, app: &Application) -> bool {
+    match model.gating.as_str() {
+        "auto" => true,
+        "domain" => {
+            let domain = app.email.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
+            model.allowed_domains().iter().any(|d| d.eq_ignore_ascii_case(domain))
+        }
+        _ => false,
+    }
+}
+
+/// Confirms the email behind `code`; idempotent. Returns the application as it now stands.
+pub async fn confirm(db: &Db, ctx: &Context, code: &str) -> Result<Application> {
+    let hash = util::sha256_hex(code.trim());
+    let ctx = ctx.clone();
+    db.write(move |c| {
+        let app = people::find_application_by_confirm_hash(c, &hash)?
+            .ok_or_else(|| Error::not_found("bad_code", "This confirmation link is not valid. Use the link from your most recent email."))?;
+        if app.status != UNVERIFIED {
+            return Ok(app);
+        }
+        let now = util::now();
+        if !people::transition(c, &app.id, UNVERIFIED, PENDING, now)? {
+            return people::find_application(c, &app.id)?.ok_or_else(|| Error::internal("application vanished"));
+        }
+        people::mark_confirmed(c, &app.id, now)?;
+        let model = catalog::require_model(c, &app.model_id)?;
+        audit::append(c, &[Event::new("application_confirmed", "ok").actor(format!("user:{}", app.user_id)).model(&app.model_id).detail(json!({"application": app.id}))])?;
+        if auto_approves(&model, &app) {
+            approve_in(c, &ctx, &app.id, &format!("auto:{}", model.gating), None)?;
+        } else {
+            let url = status_url(c, &ctx, &app.id)?;
+            mail::queue(c, &app.email, &templates::application_received(&app.model_id, &url))?;
+            let admin_url = format!("{}/admin/applications?status=pending", ctx.public_url);
+            for admin in &ctx.admin_emails {
+                mail::queue(c, admin, &templates::new_application(&app.model_id, &app.name, &app.affiliation, &admin_url))?;
+            }
+        }
+        people::find_application(c, &app.id)?.ok_or_else(|| Error::internal("application vanished"))
+    })
+    .await
+}
+
+/// Approves a pending application inside the caller's transaction, creating its grant.
+pub fn approve_in(c: &mut AnyConnection, ctx: &Context, id: &str, actor: &str, expires: Option<Duration>) -> Result<Grant> {
+    let now = util::now();
+    let app = people::find_application(c, id)?.ok_or_else(|| Error::not_found("application_not_found", format!("No application {id}.")))?;
+    if !people::transition(c, id, PENDING, APPROVED, now)? {
+        return Err(Error::conflict("not_pending", format!("Application {id} is {}, not pending.", app.status)));
+    }
+    people::record_decision(c, id, actor, None, now)?;
+    let grant = Grant {
+        id: util::random_hex(16),
+        user_id: app.user_id.clone(),
+        model_id: app.model_id.clone(),
+        application_id: Some(app.id.clone()),
+        created_at: now,
+        expires_at: expires.map(|d| now.saturating_add(d.as_secs().min(i64::MAX as u64) as i64)),
+        revoked_at: None,
+        revoked_reason: None,
+    };
+    people::insert_grant(c, &grant)?;
+    audit::append(c, &[Event::new("application_approved", "ok")
+        .actor(actor)
+        .model(&app.model_id)
+        .detail(json!({"application": id, "user": app.user_id, "grant": grant.id, "expires_at": grant.expires_at}))])?;
+    let url = status_url(c, ctx, id)?;
+    let expires = grant.expires_at.map(util::rfc3339);
+    mail::queue(c, &app.email, &templates::approved(&app.model_id, &url, &ctx.public_url, expires.as_deref()))?;
+    Ok(grant)
+}
+
+pub async fn approve(db: &Db, ctx: &Context, id: &str, actor: &str, expires: Option<Duration>) -> Result<Grant> {
+    let (ctx, id, actor) = (ctx.clone(), id.to_string(), actor.to_string());
+    db.write(move |c| approve_in(c, &ctx, &id, &actor, expires)).await
+}
+
+pub async fn reject(db: &Db, ctx: &Context, id: &str, actor: &str, reason: &str) -> Result<Application> {
+    let reason = text_field("reason", reason, 1, 1000)?;
+    let (ctx, id, actor) = (ctx.clone(), id.to_string(), actor.to_string());
+    db.write(move |c| {
+        let now = util::now();
+        let app = people::find_application(c, &id)?.ok_or_else(|| Error::not_found("application_not_found", format!("No application {id}.")))?;
+        if !people::transition(c, &id, PENDING, REJECTED, now)? {
+            return Err(Error::conflict("not_pending", format!("Application {id} is {}, not pending.", app.status)));
+        }
+        people::record_decision(c, &id, &actor, Some(&reason), now)?;
+        let model = catalog::require_model(c, &app.model_id)?;
+        audit::append(c, &[Event::new("application_rejected", "ok").actor(&actor).model(&app.model_id).detail(json!({"application": id, "user": app.user_id, "reason": reason}))])?;
+        let url = status_url(c, &ctx, &id)?;
+        mail::queue(c, &app.email, &templates::rejected(&app.model_id, &reason, model.allow_reapply, &url))?;
+        people::find_application(c, &id)?.ok_or_else(|| Error::internal("application vanished"))
+    })
+    .await
+}
+
+/// What the researcher's status page shows.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Status {
+    pub id: String,
+    pub model: String,
+    pub status: String,
+    pub reason: Option<String>,
+    pub may_reapply: bool,
+    pub grant_expires_at: Option<i64>,
+    pub grant_active: bool,
+    pub tokens: Vec<crate::db::models::tokens::TokenRow>,
+}
+
+/// The application behind `id`, if `key` is its status key.
+pub fn authenticate(c: &mut AnyConnection, id: &str, key: &str) -> Result<Application> {
+    let app = people::find_application(c, id)?;
+    match app {
+        Some(app) if util::ct_eq(app.status_key_hash.as_bytes(), util::sha256_hex(key).as_bytes()) => Ok(app),
+        _ => Err(Error::not_found("application_not_found", "No application matches this link. Use the link from your email.")),
+    }
+}
+
+pub async fn status(db: &Db, id: &str, key: &str) -> Result<Status> {
+    let (id, key) = (id.to_string(), key.to_string());
+    db.read(move |c| {
+        let app = authenticate(c, &id, &key)?;
+        let model = catalog::require_model(c, &app.model_id)?;
+        let now = util::now();
+        let grant = people::active_grant(c, &app.user_id, &app.model_id, now)?
+            .filter(|g| g.application_id.as_deref() == Some(app.id.as_str()));
+        let tokens = match &grant {
+            Some(g) => crate::db::models::tokens::list_for_grant(c, &g.id)?,
+            None => Vec::new(),
+        };
+        Ok(Status {
+            id: app.id.clone(),
+            model: app.model_id.clone(),
+            may_reapply: app.status == WITHDRAWN || (app.status == REJECTED && model.allow_reapply),
+            reason: app.reason.clone(),
+            grant_expires_at: grant.as_ref().and_then(|g| g.expires_at),
+            grant_active: grant.is_some(),
+            status: app.status,
+            tokens,
+        })
+    })
+    .await
+}

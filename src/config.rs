@@ -1,0 +1,322 @@
+//! Settings: built-in defaults, then an optional TOML file, then `WEIGHTGATE__SECTION__KEY`
+//! environment variables. Validated once at start; a bad value is one line naming its key.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A string that never shows up in `Debug` output or logs.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() { f.write_str("\"\"") } else { f.write_str("\"<redacted>\"") }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub data_dir: PathBuf,
+    pub server: ServerSettings,
+    pub database: DatabaseSettings,
+    pub storage: StorageSettings,
+    pub mail: MailSettings,
+    pub tokens: TokenSettings,
+    pub audit: AuditSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    pub bind: String,
+    /// Base URL used in emails and pages; `http://<bind>` when empty.
+    pub public_url: String,
+    /// Number of HTTP worker threads; 0 means one per core.
+    pub workers: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    /// `sqlite://PATH` or `postgres://…`; `sqlite://<data_dir>/weightgate.db` when empty.
+    pub url: Secret,
+    pub pool_size: u32,
+    /// Seconds to wait for a pooled connection before answering 503.
+    pub pool_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    Local,
+    S3,
+    Upstream,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSettings {
+    pub backend: StorageBackend,
+    /// Block size of new manifests, in bytes (each block's BLAKE3 is checked before it is sent).
+    pub block_size: u64,
+    /// Size of the pieces a verified block is written to the socket in, in bytes.
+    pub chunk_size: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MailTransport {
+    File,
+    Smtp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpTls {
+    None,
+    Starttls,
+    Tls,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MailSettings {
+    pub transport: MailTransport,
+    pub from: String,
+    pub smtp_host: String,
+    pub smtp_port: u16,
+    pub smtp_tls: SmtpTls,
+    pub smtp_username: String,
+    pub smtp_password: Secret,
+    pub admin_emails: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenSettings {
+    /// `iss` of issued tokens; the public URL when empty.
+    pub issuer: String,
+    /// `aud` of issued tokens and the only audience accepted.
+    pub audience: String,
+    /// Lifetime of a token when none is asked for, e.g. "7d".
+    pub default_ttl: String,
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds.
+    pub leeway_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditSettings {
+    /// Most download events committed in one transaction by the batching writer.
+    pub batch_max: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            data_dir: PathBuf::from("./data"),
+            server: ServerSettings::default(),
+            database: DatabaseSettings::default(),
+            storage: StorageSettings::default(),
+            mail: MailSettings::default(),
+            tokens: TokenSettings::default(),
+            audit: AuditSettings::default(),
+        }
+    }
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings { bind: "127.0.0.1:8080".into(), public_url: String::new(), workers: 0 }
+    }
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        DatabaseSettings { url: Secret::default(), pool_size: 16, pool_timeout_secs: 5 }
+    }
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        StorageSettings { backend: StorageBackend::Local, block_size: 8 << 20, chunk_size: 1 << 20 }
+    }
+}
+
+impl Default for MailSettings {
+    fn default() -> Self {
+        MailSettings {
+            transport: MailTransport::File,
+            from: "weightgate <weightgate@localhost>".into(),
+            smtp_host: "127.0.0.1".into(),
+            smtp_port: 25,
+            smtp_tls: SmtpTls::Starttls,
+            smtp_username: String::new(),
+            smtp_password: Secret::default(),
+            admin_emails: Vec::new(),
+        }
+    }
+}
+
+impl Default for TokenSettings {
+    fn default() -> Self {
+        TokenSettings {
+            issuer: String::new(),
+            audience: "weightgate".into(),
+            default_ttl: "7d".into(),
+            leeway_secs: 30,
+        }
+    }
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        AuditSettings { batch_max: 512 }
+    }
+}
+
+/// Where the database lives, decided from `database.url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseUrl {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(pub String);
+
+fn bad(key: &str, why: impl fmt::Display) -> ConfigError {
+    ConfigError(format!("{key}: {why}"))
+}
+
+impl Settings {
+    /// Loads defaults, then `file` (if given), then the environment, and validates.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        let vars: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_from(file, vars)
+    }
+
+    /// Like [`Settings::load`], with the environment passed in (tests use this).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(file) = file {
+            if !file.is_file() {
+                return Err(ConfigError(format!("--config {}: no such file", file.display())));
+            }
+            builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
+        }
+        let env: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("WEIGHTGATE__"))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("WEIGHTGATE")
+                .prefix_separator("__")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("mail.admin_emails")
+                .try_parsing(true)
+                .source(Some(env)),
+        );
+        let raw = builder.build().map_err(|e| ConfigError(one_line(&e.to_string())))?;
+        let settings: Settings =
+            raw.try_deserialize().map_err(|e| ConfigError(one_line(&e.to_string())))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.bind_addr()?;
+        if !self.server.public_url.is_empty() {
+            let url = reqwest::Url::parse(&self.server.public_url)
+                .map_err(|e| bad("server.public_url", e))?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(bad("server.public_url", "must start with http:// or https://"));
+            }
+        }
+        self.database_url()?;
+        if self.database.pool_size == 0 {
+            return Err(bad("database.pool_size", "must be at least 1"));
+        }
+        let bs = self.storage.block_size;
+        if !(64 << 10..=256 << 20).contains(&bs) {
+            return Err(bad("storage.block_size", "must be between 65536 and 268435456 bytes"));
+        }
+        if self.storage.chunk_size < 4096 || self.storage.chunk_size as u64 > bs {
+            return Err(bad("storage.chunk_size", "must be at least 4096 and at most storage.block_size"));
+        }
+        if self.storage.backend != StorageBackend::Local {
+            return Err(bad("storage.backend", "only \"local\" is available in this build"));
+        }
+        if self.mail.from.parse::<lettre::message::Mailbox>().is_err() {
+            return Err(bad("mail.from", "not a valid mailbox, e.g. \"weightgate <gate@example.org>\""));
+        }
+        for a in &self.mail.admin_emails {
+            if a.parse::<lettre::Address>().is_err() {
+                return Err(bad("mail.admin_emails", format!("{a:?} is not an email address")));
+            }
+        }
+        if self.mail.transport == MailTransport::Smtp && self.mail.smtp_host.is_empty() {
+            return Err(bad("mail.smtp_host", "required when mail.transport = \"smtp\""));
+        }
+        if self.tokens.audience.is_empty() {
+            return Err(bad("tokens.audience", "must not be empty"));
+        }
+        crate::util::parse_duration(&self.tokens.default_ttl)
+            .map_err(|e| bad("tokens.default_ttl", e))?;
+        if self.audit.batch_max == 0 {
+            return Err(bad("audit.batch_max", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    pub fn bind_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.server
+            .bind
+            .parse()
+            .map_err(|_| bad("server.bind", format!("{:?} is not an address like 127.0.0.1:8080", self.server.bind)))
+    }
+
+    /// The public base URL without a trailing slash.
+    pub fn public_url(&self) -> String {
+        if self.server.public_url.is_empty() {
+            format!("http://{}", self.server.bind)
+        } else {
+            self.server.public_url.trim_end_matches('/').to_string()
+        }
+    }
+
+    pub fn issuer(&self) -> String {
+        if self.tokens.issuer.is_empty() { self.public_url() } else { self.tokens.issuer.clone() }
+    }
+
+    pub fn database_url(&self) -> Result<DatabaseUrl, ConfigError> {
+        let url = &self.database.url.0;
+        if url.is_empty() {
+            return Ok(DatabaseUrl::Sqlite(self.data_dir.join("weightgate.db")));
+        }
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            if path.is_empty() {
+                return Err(bad("database.url", "sqlite:// needs a file path"));
+            }
+            return Ok(DatabaseUrl::Sqlite(PathBuf::from(path)));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(DatabaseUrl::Postgres(url.clone()));
+        }
+        Err(bad("database.url", "must start with sqlite:// or postgres://"))
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}

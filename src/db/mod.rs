@@ -1,0 +1,171 @@
+//! The database: one schema over SQLite and PostgreSQL through diesel's `MultiConnection`,
+//! an r2d2 pool, embedded migrations, and the `Db::read` / `Db::write` helpers that run
+//! queries off the async workers.
+
+pub mod models;
+pub mod schema;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::r2d2::{self, ManageConnection};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+
+use crate::config::{DatabaseUrl, Settings};
+use crate::error::{Error, Result};
+
+const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+
+#[derive(diesel::MultiConnection)]
+pub enum AnyConnection {
+    Postgresql(diesel::PgConnection),
+    Sqlite(diesel::SqliteConnection),
+}
+
+/// Builds connections of the configured kind, with SQLite's per-connection pragmas applied.
+#[derive(Debug, Clone)]
+struct Manager {
+    url: DatabaseUrl,
+}
+
+impl ManageConnection for Manager {
+    type Connection = AnyConnection;
+    type Error = r2d2::Error;
+
+    fn connect(&self) -> Result<AnyConnection, r2d2::Error> {
+        match &self.url {
+            DatabaseUrl::Postgres(url) => diesel::PgConnection::establish(url)
+                .map(AnyConnection::Postgresql)
+                .map_err(r2d2::Error::ConnectionError),
+            DatabaseUrl::Sqlite(path) => {
+                let mut conn = diesel::SqliteConnection::establish(&path.to_string_lossy())
+                    .map_err(r2d2::Error::ConnectionError)?;
+                // WAL lets readers run beside the one writer; busy_timeout waits out another
+                // process (the CLI) holding the write lock instead of failing at once.
+                conn.batch_execute(
+                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                     PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;",
+                )
+                .map_err(r2d2::Error::QueryError)?;
+                Ok(AnyConnection::Sqlite(conn))
+            }
+        }
+    }
+
+    fn is_valid(&self, conn: &mut AnyConnection) -> Result<(), r2d2::Error> {
+        conn.batch_execute("SELECT 1").map_err(r2d2::Error::QueryError)
+    }
+
+    fn has_broken(&self, _conn: &mut AnyConnection) -> bool {
+        false
+    }
+}
+
+/// A cloneable handle to the pool.
+#[derive(Clone)]
+pub struct Db {
+    pool: r2d2::Pool<Manager>,
+    /// SQLite allows one writer: writers in this process queue here rather than
+    /// spinning on SQLITE_BUSY. PostgreSQL has no such lock.
+    write_lock: Option<Arc<std::sync::Mutex<()>>>,
+    pub backend: Backend,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Db {
+    /// Opens the pool (creating the SQLite file and its folder) and runs pending migrations.
+    pub fn open(settings: &Settings) -> anyhow::Result<Db> {
+        let url = settings.database_url()?;
+        let backend = match &url {
+            DatabaseUrl::Sqlite(path) => {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir)?;
+                }
+                Backend::Sqlite
+            }
+            DatabaseUrl::Postgres(_) => Backend::Postgres,
+        };
+        let pool = r2d2::Pool::builder()
+            .max_size(settings.database.pool_size)
+            .connection_timeout(Duration::from_secs(settings.database.pool_timeout_secs.max(1)))
+            .build(Manager { url })
+            .map_err(|e| anyhow::anyhow!("database.url: cannot connect: {e}"))?;
+        let db = Db {
+            pool,
+            write_lock: (backend == Backend::Sqlite).then(|| Arc::new(std::sync::Mutex::new(()))),
+            backend,
+        };
+        db.migrate()?;
+        db.write_blocking(models::kv::ensure_server_secret)
+            .map_err(|e| anyhow::anyhow!("database: {e}"))?;
+        Ok(db)
+    }
+
+    /// Runs every pending embedded migration; returns how many ran.
+    pub fn migrate(&self) -> anyhow::Result<usize> {
+        let mut conn = self.pool.get()?;
+        let ran = match &mut *conn {
+            AnyConnection::Sqlite(c) => c.run_pending_migrations(SQLITE_MIGRATIONS).map(|v| v.len()),
+            AnyConnection::Postgresql(c) => {
+                c.run_pending_migrations(POSTGRES_MIGRATIONS).map(|v| v.len())
+            }
+        }
+        .map_err(|e| anyhow::anyhow!("migrations: {e}"))?;
+        Ok(ran)
+    }
+
+    /// Runs read-only work on a pooled connection, on the blocking thread pool.
+    pub async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce(&mut AnyConnection) -> Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let db = self.clone();
+        actix_web::rt::task::spawn_blocking(move || db.read_blocking(f))
+            .await
+            .map_err(|e| Error::internal(format!("db task: {e}")))?
+    }
+
+    /// Runs `f` inside one transaction on the blocking thread pool; commits if it returns Ok.
+    pub async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce(&mut AnyConnection) -> Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let db = self.clone();
+        actix_web::rt::task::spawn_blocking(move || db.write_blocking(f))
+            .await
+            .map_err(|e| Error::internal(format!("db task: {e}")))?
+    }
+
+    pub fn read_blocking<T>(&self, f: impl FnOnce(&mut AnyConnection) -> Result<T>) -> Result<T> {
+        let mut conn = self.pool.get()?;
+        f(&mut conn)
+    }
+
+    pub fn write_blocking<T>(&self, f: impl FnOnce(&mut AnyConnection) -> Result<T>) -> Result<T> {
+        let _guard = match &self.write_lock {
+            Some(lock) => Some(lock.lock().unwrap_or_else(|p| p.into_inner())),
+            None => None,
+        };
+        let mut pooled = self.pool.get()?;
+        let conn: &mut AnyConnection = &mut pooled;
+        conn.transaction(|c| {
+            if let AnyConnection::Sqlite(s) = c {
+                // Take SQLite's write lock before reading anything, so that a read-then-write
+                // transaction never meets another process's commit (SQLITE_BUSY_SNAPSHOT);
+                // busy_timeout makes this statement wait for the lock instead.
+                s.batch_execute("UPDATE kv SET updated_at = updated_at WHERE key = ''")?;
+            }
+            f(c)
+        })
+    }
+}

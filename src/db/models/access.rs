@@ -1,0 +1,211 @@
+//! Researchers, their applications and the grants an approval creates.
+
+use diesel::prelude::*;
+
+use crate::db::AnyConnection;
+use crate::db::schema::{applications, grants, users};
+use crate::error::Result;
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = users)]
+pub struct User {
+    pub id: String,
+    pub email: String,
+    pub name: String,
+    pub affiliation: String,
+    pub country: String,
+    pub created_at: i64,
+    pub deleted_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable, serde::Serialize)]
+#[diesel(table_name = applications)]
+pub struct Application {
+    pub id: String,
+    pub model_id: String,
+    pub user_id: String,
+    pub status: String,
+    pub name: String,
+    pub email: String,
+    pub affiliation: String,
+    pub country: String,
+    pub intended_use: String,
+    pub answers: String,
+    #[serde(skip)]
+    pub confirm_hash: Option<String>,
+    #[serde(skip)]
+    pub status_key_hash: String,
+    pub reason: Option<String>,
+    pub decided_by: Option<String>,
+    pub decided_at: Option<i64>,
+    pub created_at: i64,
+    pub confirmed_at: Option<i64>,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable, serde::Serialize)]
+#[diesel(table_name = grants)]
+pub struct Grant {
+    pub id: String,
+    pub user_id: String,
+    pub model_id: String,
+    pub application_id: Option<String>,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+    pub revoked_reason: Option<String>,
+}
+
+impl Grant {
+    pub fn is_active(&self, now: i64) -> bool {
+        self.revoked_at.is_none() && self.expires_at.is_none_or(|e| e > now)
+    }
+}
+
+pub const UNVERIFIED: &str = "unverified";
+pub const PENDING: &str = "pending";
+pub const APPROVED: &str = "approved";
+pub const REJECTED: &str = "rejected";
+pub const WITHDRAWN: &str = "withdrawn";
+
+pub fn find_user_by_email(conn: &mut AnyConnection, email: &str) -> Result<Option<User>> {
+    Ok(users::table
+        .filter(users::email.eq(email))
+        .filter(users::deleted_at.is_null())
+        .select(User::as_select())
+        .first(conn)
+        .optional()?)
+}
+
+pub fn find_user(conn: &mut AnyConnection, id: &str) -> Result<Option<User>> {
+    Ok(users::table.find(id).select(User::as_select()).first(conn).optional()?)
+}
+
+pub fn insert_user(conn: &mut AnyConnection, user: &User) -> Result<()> {
+    diesel::insert_into(users::table).values(user).execute(conn)?;
+    Ok(())
+}
+
+pub fn insert_application(conn: &mut AnyConnection, app: &Application) -> Result<()> {
+    diesel::insert_into(applications::table).values(app).execute(conn)?;
+    Ok(())
+}
+
+pub fn find_application(conn: &mut AnyConnection, id: &str) -> Result<Option<Application>> {
+    Ok(applications::table.find(id).select(Application::as_select()).first(conn).optional()?)
+}
+
+pub fn find_application_by_confirm_hash(
+    conn: &mut AnyConnection,
+    hash: &str,
+) -> Result<Option<Application>> {
+    Ok(applications::table
+        .filter(applications::confirm_hash.eq(hash))
+        .select(Application::as_select())
+        .first(conn)
+        .optional()?)
+}
+
+/// The user's applications for one model, newest first.
+pub fn applications_of(
+    conn: &mut AnyConnection,
+    user_id: &str,
+    model_id: &str,
+) -> Result<Vec<Application>> {
+    Ok(applications::table
+        .filter(applications::user_id.eq(user_id))
+        .filter(applications::model_id.eq(model_id))
+        .order(applications::created_at.desc())
+        .select(Application::as_select())
+        .load(conn)?)
+}
+
+pub fn list_applications(
+    conn: &mut AnyConnection,
+    status: Option<&str>,
+    model: Option<&str>,
+) -> Result<Vec<Application>> {
+    let mut q = applications::table.into_boxed();
+    if let Some(s) = status {
+        q = q.filter(applications::status.eq(s.to_string()));
+    }
+    if let Some(m) = model {
+        q = q.filter(applications::model_id.eq(m.to_string()));
+    }
+    Ok(q.order((applications::created_at.asc(), applications::id.asc()))
+        .select(Application::as_select())
+        .load(conn)?)
+}
+
+/// Moves an application from `from` to `to`; returns false when it was not in `from`
+/// (so two concurrent decisions cannot both win).
+pub fn transition(
+    conn: &mut AnyConnection,
+    id: &str,
+    from: &str,
+    to: &str,
+    now: i64,
+) -> Result<bool> {
+    let n = diesel::update(applications::table.find(id).filter(applications::status.eq(from)))
+        .set((applications::status.eq(to), applications::updated_at.eq(now)))
+        .execute(conn)?;
+    Ok(n == 1)
+}
+
+pub fn mark_confirmed(conn: &mut AnyConnection, id: &str, now: i64) -> Result<()> {
+    diesel::update(applications::table.find(id))
+        .set((applications::confirmed_at.eq(Some(now)), applications::confirm_hash.eq(None::<String>)))
+        .execute(conn)?;
+    Ok(())
+}
+
+pub fn record_decision(
+    conn: &mut AnyConnection,
+    id: &str,
+    by: &str,
+    reason: Option<&str>,
+    now: i64,
+) -> Result<()> {
+    diesel::update(applications::table.find(id))
+        .set((
+            applications::decided_by.eq(Some(by)),
+            applications::decided_at.eq(Some(now)),
+            applications::reason.eq(reason),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+pub fn insert_grant(conn: &mut AnyConnection, grant: &Grant) -> Result<()> {
+    diesel::insert_into(grants::table).values(grant).execute(conn)?;
+    Ok(())
+}
+
+pub fn find_grant(conn: &mut AnyConnection, id: &str) -> Result<Option<Grant>> {
+    Ok(grants::table.find(id).select(Grant::as_select()).first(conn).optional()?)
+}
+
+/// The newest unrevoked, unexpired grant of a user for a model.
+pub fn active_grant(
+    conn: &mut AnyConnection,
+    user_id: &str,
+    model_id: &str,
+    now: i64,
+) -> Result<Option<Grant>> {
+    Ok(grants::table
+        .filter(grants::user_id.eq(user_id))
+        .filter(grants::model_id.eq(model_id))
+        .filter(grants::revoked_at.is_null())
+        .filter(grants::expires_at.is_null().or(grants::expires_at.gt(now)))
+        .order(grants::created_at.desc())
+        .select(Grant::as_select())
+        .first(conn)
+        .optional()?)
+}
+
+pub fn revoke_grant(conn: &mut AnyConnection, id: &str, reason: &str, now: i64) -> Result<bool> {
+    let n = diesel::update(grants::table.find(id).filter(grants::revoked_at.is_null()))
+        .set((grants::revoked_at.eq(Some(now)), grants::revoked_reason.eq(Some(reason))))
+        .execute(conn)?;
+    Ok(n == 1)
+}

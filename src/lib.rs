@@ -1,0 +1,137 @@
+//! weightgate: a gated download proxy for model weights. Researchers apply, admins approve,
+//! approved researchers get signed, scoped, expiring tokens, and every byte served is
+//! verified against its manifest and written to a tamper-evident audit log.
+//!
+//! [`run`] starts the whole server; `main.rs` and the integration tests both call it.
+
+pub mod applications;
+pub mod audit;
+pub mod auth;
+pub mod config;
+pub mod countries;
+pub mod db;
+pub mod error;
+pub mod mail;
+pub mod paths;
+pub mod routes;
+pub mod storage;
+pub mod util;
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use actix_web::{App, HttpServer, web};
+
+use crate::applications::Context;
+use crate::audit::AuditSink;
+use crate::auth::access::TokenPolicy;
+use crate::auth::keys::Keyring;
+use crate::config::Settings;
+use crate::db::Db;
+use crate::mail::Mailer;
+use crate::storage::Store;
+
+/// Everything a request handler may need; shared by all workers.
+pub struct State {
+    pub settings: Settings,
+    pub db: Db,
+    pub store: Store,
+    pub keys: Keyring,
+    pub audit: AuditSink,
+    pub mailer: Arc<Mailer>,
+    pub policy: TokenPolicy,
+    pub ctx: Context,
+}
+
+impl State {
+    /// Wakes the mail worker after a transaction that queued mail has committed.
+    pub fn mail_queued(&self) {
+        self.mailer.wake.notify_one();
+    }
+}
+
+/// The parts every command opens: database (migrated), storage and keys.
+pub struct Core {
+    pub db: Db,
+    pub store: Store,
+    pub keys: Keyring,
+}
+
+impl Core {
+    pub fn open(settings: &Settings) -> anyhow::Result<Core> {
+        std::fs::create_dir_all(&settings.data_dir)
+            .map_err(|e| anyhow::anyhow!("data_dir: cannot create {}: {e}", settings.data_dir.display()))?;
+        Ok(Core { db: Db::open(settings)?, store: Store::open(settings)?, keys: Keyring::open(&settings.data_dir)? })
+    }
+}
+
+pub fn token_policy(settings: &Settings) -> TokenPolicy {
+    TokenPolicy {
+        issuer: settings.issuer(),
+        audience: settings.tokens.audience.clone(),
+        leeway: settings.tokens.leeway_secs,
+        public_url: settings.public_url(),
+    }
+}
+
+pub fn context(settings: &Settings) -> Context {
+    Context { public_url: settings.public_url(), admin_emails: settings.mail.admin_emails.clone() }
+}
+
+/// Serves on `listener` until `shutdown` resolves, then drains in-flight requests, the
+/// audit queue and the mail worker before returning.
+pub async fn run(settings: Settings, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let core = {
+        let s = settings.clone();
+        tokio::task::spawn_blocking(move || Core::open(&s)).await??
+    };
+    let (audit, audit_task) = AuditSink::start(core.db.clone(), settings.audit.batch_max);
+    let mailer = Arc::new(Mailer::new(&settings, core.db.clone())?);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mail_task = tokio::spawn(mailer.clone().run(stop_rx));
+    let state = web::Data::new(State {
+        policy: token_policy(&settings),
+        ctx: context(&settings),
+        settings: settings.clone(),
+        db: core.db,
+        store: core.store,
+        keys: core.keys,
+        audit: audit.clone(),
+        mailer,
+    });
+
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let data = state.clone();
+    let mut server = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .app_data(routes::json_config())
+            .app_data(routes::query_config())
+            .configure(routes::configure)
+    })
+    .listen(listener)?
+    .disable_signals()
+    .shutdown_timeout(30);
+    if settings.server.workers > 0 {
+        server = server.workers(settings.server.workers);
+    }
+    let server = server.run();
+    let handle = server.handle();
+    tracing::info!(%addr, public_url = %settings.public_url(), "weightgate is serving");
+
+    let server_task = tokio::spawn(server);
+    shutdown.await;
+    tracing::info!("shutting down: finishing requests, then flushing the audit log");
+    handle.stop(true).await;
+    let _ = server_task.await;
+    let _ = stop_tx.send(true);
+    let _ = mail_task.await;
+    drop(state);
+    // Everything queued before this point is committed when flush returns; the writer task
+    // itself ends once the last handle (held by dropped workers) is gone.
+    audit.flush().await;
+    drop(audit_task);
+    Ok(())
+}

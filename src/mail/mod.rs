@@ -1,0 +1,163 @@
+//! Mail: messages are written to the `mail_outbox` table in the same transaction as the
+//! change that causes them, and a background worker delivers them (lettre's file transport
+//! by default, SMTP when configured) with retries and exponential backoff.
+
+pub mod templates;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lettre::message::{Mailbox, MultiPart};
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::{AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use tokio::sync::Notify;
+
+use crate::config::{MailSettings, MailTransport, Settings, SmtpTls};
+use crate::db::models::outbox::{self, OutboxMail};
+use crate::db::{AnyConnection, Db};
+use crate::error::Result;
+use crate::util;
+use templates::Rendered;
+
+/// Adds a message to the outbox inside the caller's transaction.
+pub fn queue(c: &mut AnyConnection, to: &str, msg: &Rendered) -> Result<()> {
+    let now = util::now();
+    outbox::insert(c, &OutboxMail {
+        id: util::random_hex(16),
+        kind: msg.kind.to_string(),
+        to_addr: to.to_string(),
+        subject: msg.subject.clone(),
+        body_text: msg.text.clone(),
+        body_html: msg.html.clone(),
+        created_at: now,
+        attempts: 0,
+        next_attempt_at: now,
+        sent_at: None,
+        failed_at: None,
+        last_error: None,
+    })
+}
+
+enum Transport {
+    File(AsyncFileTransport<Tokio1Executor>),
+    Smtp(AsyncSmtpTransport<Tokio1Executor>),
+}
+
+/// Delivers outbox rows.
+pub struct Mailer {
+    db: Db,
+    from: Mailbox,
+    transport: Transport,
+    pub wake: Arc<Notify>,
+}
+
+/// How a delivery attempt ended.
+enum Attempt {
+    Sent,
+    Retry(String),
+    Permanent(String),
+}
+
+impl Mailer {
+    pub fn new(settings: &Settings, db: Db) -> anyhow::Result<Mailer> {
+        let m: &MailSettings = &settings.mail;
+        let from: Mailbox = m.from.parse().map_err(|e| anyhow::anyhow!("mail.from: {e}"))?;
+        let transport = match m.transport {
+            MailTransport::File => {
+                let dir = settings.data_dir.join("outbox");
+                std::fs::create_dir_all(&dir)?;
+                Transport::File(AsyncFileTransport::new(dir))
+            }
+            MailTransport::Smtp => {
+                let builder = match m.smtp_tls {
+                    SmtpTls::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&m.smtp_host),
+                    SmtpTls::Starttls => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&m.smtp_host)
+                        .map_err(|e| anyhow::anyhow!("mail.smtp_host: {e}"))?,
+                    SmtpTls::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(&m.smtp_host)
+                        .map_err(|e| anyhow::anyhow!("mail.smtp_host: {e}"))?,
+                };
+                let mut builder = builder.port(m.smtp_port).timeout(Some(Duration::from_secs(30)));
+                if !m.smtp_username.is_empty() {
+                    builder = builder.credentials(Credentials::new(m.smtp_username.clone(), m.smtp_password.0.clone()));
+                }
+                Transport::Smtp(builder.build())
+            }
+        };
+        Ok(Mailer { db, from, transport, wake: Arc::new(Notify::new()) })
+    }
+
+    /// Attempts every due message once; returns how many were sent.
+    pub async fn deliver_due(&self) -> Result<usize> {
+        let due = self.db.read(|c| outbox::due(c, util::now(), 100)).await?;
+        let mut sent = 0;
+        for mail in due {
+            let id = mail.id.clone();
+            let attempts = mail.attempts;
+            let result = self.attempt(&mail).await;
+            let now = util::now();
+            match result {
+                Attempt::Sent => {
+                    sent += 1;
+                    self.db.write(move |c| outbox::mark_sent(c, &id, now)).await?;
+                }
+                Attempt::Retry(err) => {
+                    tracing::warn!(mail = %id, attempts = attempts + 1, error = %err, "mail delivery failed; will retry");
+                    let next = now + backoff_secs(attempts);
+                    self.db.write(move |c| outbox::mark_retry(c, &id, next, &err)).await?;
+                }
+                Attempt::Permanent(err) => {
+                    tracing::error!(mail = %id, error = %err, "mail delivery failed permanently");
+                    self.db.write(move |c| outbox::mark_failed(c, &id, now, &err)).await?;
+                }
+            }
+        }
+        Ok(sent)
+    }
+
+    async fn attempt(&self, mail: &OutboxMail) -> Attempt {
+        let to: Mailbox = match mail.to_addr.parse() {
+            Ok(to) => to,
+            Err(e) => return Attempt::Permanent(format!("bad recipient address: {e}")),
+        };
+        let message = Message::builder()
+            .from(self.from.clone())
+            .to(to)
+            .subject(&mail.subject)
+            .message_id(Some(format!("<{}@weightgate>", mail.id)))
+            .multipart(MultiPart::alternative_plain_html(mail.body_text.clone(), mail.body_html.clone()));
+        let message = match message {
+            Ok(m) => m,
+            Err(e) => return Attempt::Permanent(format!("cannot build message: {e}")),
+        };
+        match &self.transport {
+            Transport::File(t) => match t.send(message).await {
+                Ok(_) => Attempt::Sent,
+                Err(e) => Attempt::Retry(e.to_string()),
+            },
+            Transport::Smtp(t) => match t.send(message).await {
+                Ok(_) => Attempt::Sent,
+                Err(e) if e.is_permanent() => Attempt::Permanent(e.to_string()),
+                Err(e) => Attempt::Retry(e.to_string()),
+            },
+        }
+    }
+
+    /// Runs until `stop` fires: delivers due mail when woken and at least every few seconds.
+    pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            if let Err(e) = self.deliver_due().await {
+                tracing::warn!(error = %e, "mail outbox pass failed");
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+}
+
+/// 30 s, 60 s, 120 s, … capped at one hour.
+fn backoff_secs(attempts: i32) -> i64 {
+    (30i64 << attempts.clamp(0, 7)).min(3600)
+}

@@ -1,0 +1,405 @@
+//! The `weightgate` command: each subcommand parses its flags and calls into the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+
+use weightgate::audit;
+use weightgate::auth::access::{self, IssueRequest};
+use weightgate::config::Settings;
+use weightgate::db::models::{access as people, audit as audit_rows, catalog};
+use weightgate::mail::Mailer;
+use weightgate::storage::import::{self, ImportRequest};
+use weightgate::{Core, applications, util};
+
+#[derive(Parser)]
+#[command(name = "weightgate", version, about = "A gated download proxy for model weights")]
+struct Cli {
+    /// TOML configuration file (defaults, then this file, then WEIGHTGATE__SECTION__KEY variables)
+    #[arg(long, global = true, env = "WEIGHTGATE_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (migrates the database first)
+    Serve,
+    /// Run pending database migrations
+    Migrate,
+    /// Import and list models
+    #[command(subcommand)]
+    Models(ModelsCmd),
+    /// Review applications
+    #[command(subcommand)]
+    Applications(ApplicationsCmd),
+    /// Issue and revoke download tokens
+    #[command(subcommand)]
+    Tokens(TokensCmd),
+    /// Signing keys
+    #[command(subcommand)]
+    Keys(KeysCmd),
+    /// The tamper-evident audit log
+    #[command(subcommand)]
+    Audit(AuditCmd),
+}
+
+#[derive(Args)]
+struct JsonFlag {
+    /// Print JSON only
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum ModelsCmd {
+    /// Import a folder as a revision of ORG/NAME (a new revision only when content changed)
+    Add {
+        repo: String,
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long, value_parser = ["manual", "auto", "domain"])]
+        gating: Option<String>,
+        #[arg(long, default_value = "main")]
+        revision: String,
+        #[arg(long)]
+        description: Option<String>,
+        #[arg(long)]
+        license: Option<String>,
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+    /// List models with their main commit
+    List {
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+}
+
+#[derive(Subcommand)]
+enum ApplicationsCmd {
+    /// List applications, oldest first
+    List {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        model: Option<String>,
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+    /// Approve a pending application (creates the grant)
+    Approve {
+        id: String,
+        /// Grant lifetime, e.g. 30d; no expiry when absent
+        #[arg(long)]
+        expires: Option<String>,
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+    /// Reject a pending application with a reason the researcher sees
+    Reject {
+        id: String,
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokensCmd {
+    /// Issue a download token for a user's active grant; prints the token
+    Issue {
+        #[arg(long)]
+        email: String,
+        #[arg(long)]
+        model: String,
+        /// Lifetime, e.g. 7d (tokens.default_ttl when absent); never beyond the grant
+        #[arg(long)]
+        ttl: Option<String>,
+        #[arg(long)]
+        max_downloads: Option<i64>,
+        #[arg(long, default_value = "")]
+        label: String,
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+    /// Revoke a token by its jti
+    Revoke {
+        jti: String,
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Create a new signing key; older keys keep verifying
+    Rotate {
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Walk the hash chain and report the first broken link (exit 1 if broken)
+    Verify {
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+    /// Print every event in chain order
+    Export {
+        #[arg(long, value_parser = ["jsonl", "csv"], default_value = "jsonl")]
+        format: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("weightgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let default_level = if matches!(cli.command, Command::Serve) { "info" } else { "warn" };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_level.into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("weightgate: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command, settings)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("weightgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Delivers what a command queued, so mail goes out even when no server runs.
+async fn deliver_mail(settings: &Settings, core: &Core) {
+    match Mailer::new(settings, core.db.clone()) {
+        Ok(m) => {
+            if let Err(e) = m.deliver_due().await {
+                tracing::warn!(error = %e, "mail left in the outbox for the server to deliver");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "mail left in the outbox"),
+    }
+}
+
+async fn open(settings: &Settings) -> anyhow::Result<Core> {
+    let s = settings.clone();
+    tokio::task::spawn_blocking(move || Core::open(&s)).await?
+}
+
+async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve => serve(settings).await?,
+        Command::Migrate => {
+            let core = open(&settings).await?;
+            let ran = core.db.migrate()?;
+            println!("database is up to date ({ran} migrations ran now)");
+        }
+        Command::Models(cmd) => models(cmd, &settings).await?,
+        Command::Applications(cmd) => applications_cmd(cmd, &settings).await?,
+        Command::Tokens(cmd) => tokens(cmd, &settings).await?,
+        Command::Keys(KeysCmd::Rotate { out }) => {
+            let core = open(&settings).await?;
+            let kid = core.keys.generate()?;
+            let db = core.db.clone();
+            let k = kid.clone();
+            db.write(move |c| audit::append(c, &[audit::Event::new("key_rotated", "ok").actor("cli").detail(serde_json::json!({"kid": k}))])).await?;
+            if out.json { print_json(&serde_json::json!({"kid": kid}))? } else { println!("new signing key {kid}; earlier keys keep verifying") }
+        }
+        Command::Audit(AuditCmd::Verify { out }) => {
+            let core = open(&settings).await?;
+            let verdict = core.db.read(|c| audit::verify(c)).await?;
+            if out.json {
+                print_json(&verdict)?;
+            } else if let Some(at) = verdict.broken_at {
+                println!("BROKEN at row {at}: {} ({} rows before it verify)", verdict.problem.clone().unwrap_or_default(), verdict.rows);
+            } else {
+                println!("ok: {} rows, head {}", verdict.rows, verdict.head);
+            }
+            if verdict.broken_at.is_some() {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::Audit(AuditCmd::Export { format }) => export(&settings, &format).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let addr = settings.bind_addr()?;
+    let listener = std::net::TcpListener::bind(addr).with_context(|| format!("server.bind: cannot listen on {addr}"))?;
+    let core = open(&settings).await?;
+    let models = core.db.read(|c| catalog::list_models(c)).await?;
+    drop(core);
+    eprintln!("weightgate listening on {} (public URL {})", addr, settings.public_url());
+    if models.is_empty() {
+        eprintln!("No models yet. Import one with:\n  weightgate models add ORG/NAME --from /path/to/folder");
+    }
+    let shutdown = async {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+            tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+    };
+    weightgate::run(settings, listener, shutdown).await
+}
+
+async fn models(cmd: ModelsCmd, settings: &Settings) -> anyhow::Result<()> {
+    let core = open(settings).await?;
+    match cmd {
+        ModelsCmd::Add { repo, from, gating, revision, description, license, out } => {
+            let req = ImportRequest { repo_id: repo, dir: from, revision, gating, description, license, block_size: settings.storage.block_size };
+            let report = import::import(&core.db, &core.store, req).await?;
+            if out.json {
+                print_json(&report)?;
+            } else {
+                for f in &report.files {
+                    println!("{}  {}  ({} bytes)", f.sha256, f.path, f.size);
+                }
+                let what = if report.changed { "now points to" } else { "unchanged at" };
+                println!("{} {} {what} commit {} ({} files)", report.model, report.revision, report.commit, report.files.len());
+            }
+        }
+        ModelsCmd::List { out } => {
+            let rows = core
+                .db
+                .read(|c| {
+                    let mut out = Vec::new();
+                    for m in catalog::list_models(c)? {
+                        let main = catalog::ref_commit(c, &m.id, "main")?;
+                        out.push(serde_json::json!({"id": m.id, "gating": m.gating, "main": main}));
+                    }
+                    Ok(out)
+                })
+                .await?;
+            if out.json {
+                print_json(&rows)?;
+            } else {
+                for r in rows {
+                    println!("{}\tgating={}\tmain={}", r["id"].as_str().unwrap_or(""), r["gating"].as_str().unwrap_or(""), r["main"].as_str().unwrap_or("-"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn applications_cmd(cmd: ApplicationsCmd, settings: &Settings) -> anyhow::Result<()> {
+    let core = open(settings).await?;
+    let ctx = weightgate::context(settings);
+    match cmd {
+        ApplicationsCmd::List { status, model, out } => {
+            let apps = core.db.read(move |c| people::list_applications(c, status.as_deref(), model.as_deref())).await?;
+            if out.json {
+                print_json(&apps)?;
+            } else {
+                for a in apps {
+                    println!("{}\t{}\t{}\t{}\t{}\t{}", a.id, a.status, a.model_id, a.name.replace('\t', " "), a.country, util::rfc3339(a.created_at));
+                }
+            }
+        }
+        ApplicationsCmd::Approve { id, expires, out } => {
+            let expires = expires.as_deref().map(util::parse_duration).transpose().map_err(|e| anyhow::anyhow!("--expires: {e}"))?;
+            let grant = applications::approve(&core.db, &ctx, &id, "cli", expires).await?;
+            deliver_mail(settings, &core).await;
+            if out.json { print_json(&grant)? } else { println!("approved {id}: grant {} (expires {})", grant.id, grant.expires_at.map(util::rfc3339).unwrap_or_else(|| "never".into())) }
+        }
+        ApplicationsCmd::Reject { id, reason, out } => {
+            let app = applications::reject(&core.db, &ctx, &id, "cli", &reason).await?;
+            deliver_mail(settings, &core).await;
+            if out.json { print_json(&app)? } else { println!("rejected {id}") }
+        }
+    }
+    Ok(())
+}
+
+async fn tokens(cmd: TokensCmd, settings: &Settings) -> anyhow::Result<()> {
+    let core = open(settings).await?;
+    match cmd {
+        TokensCmd::Issue { email, model, ttl, max_downloads, label, out } => {
+            let ttl = util::parse_duration(ttl.as_deref().unwrap_or(&settings.tokens.default_ttl)).map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
+            let (keys, policy) = (core.keys.clone(), weightgate::token_policy(settings));
+            let email = email.trim().to_ascii_lowercase();
+            let issued = core
+                .db
+                .write(move |c| {
+                    let user = people::find_user_by_email(c, &email)?.ok_or_else(|| weightgate::error::Error::not_found("user_not_found", "No researcher with that email address."))?;
+                    access::issue(c, &keys, &policy, &IssueRequest { user_id: user.id, model, ttl, max_downloads, label, actor: "cli".into() })
+                })
+                .await?;
+            if out.json { print_json(&issued)? } else { println!("{}", issued.token) }
+        }
+        TokensCmd::Revoke { jti, out } => {
+            let row = core.db.write(move |c| access::revoke(c, &jti, "cli")).await?;
+            if out.json { print_json(&row)? } else { println!("revoked {}", row.jti) }
+        }
+    }
+    Ok(())
+}
+
+async fn export(settings: &Settings, format: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let core = open(settings).await?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    if format == "csv" {
+        writeln!(out, "seq,ts,kind,outcome,actor,model,detail,prev_hash,hash")?;
+    }
+    let mut after = 0;
+    loop {
+        let page = core.db.read(move |c| audit_rows::page(c, after, 1000)).await?;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        for r in &page {
+            if format == "csv" {
+                let cells = [r.seq.to_string(), util::rfc3339(r.ts_ms / 1000), r.kind.clone(), r.outcome.clone(), r.actor.clone().unwrap_or_default(), r.model_id.clone().unwrap_or_default(), r.detail.clone(), r.prev_hash.clone(), r.hash.clone()];
+                writeln!(out, "{}", cells.iter().map(|c| csv_cell(c)).collect::<Vec<_>>().join(","))?;
+            } else {
+                writeln!(out, "{}", audit::export_value(r))?;
+            }
+        }
+    }
+    out.flush()?;
+    let _ = Arc::new(());
+    Ok(())
+}
+
+/// RFC 4180 quoting, and a leading quote for cells a spreadsheet would run as a formula.
+fn csv_cell(s: &str) -> String {
+    let s = if s.starts_with(['=', '+', '-', '@']) { format!("'{s}") } else { s.to_string() };
+    if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s }
+}

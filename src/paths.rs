@@ -1,0 +1,104 @@
+//! Names that come from outside: repo ids, revision names and file paths inside a repo.
+//! Everything is checked here before it reaches the database or storage.
+
+use percent_encoding::percent_decode_str;
+
+use crate::error::{Error, Result};
+
+fn name_ok(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 96
+        && !s.starts_with(['.', '-'])
+        && !s.contains("..")
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// `ORG/NAME`, each part letters, digits, `-`, `_`, `.` (as on the Hub).
+pub fn validate_repo_id(id: &str) -> Result<()> {
+    match id.split_once('/') {
+        Some((org, name)) if name_ok(org) && name_ok(name) => Ok(()),
+        _ => Err(Error::invalid_field(
+            "model",
+            format!("{id:?} is not ORG/NAME (letters, digits, '-', '_', '.')"),
+        )),
+    }
+}
+
+/// A branch name such as `main` (no slashes stored; `refs/…` forms are not supported).
+pub fn validate_ref_name(name: &str) -> Result<()> {
+    if name_ok(name) && !(name.len() == 40 && name.bytes().all(|b| b.is_ascii_hexdigit())) {
+        Ok(())
+    } else {
+        Err(Error::invalid_field("revision", format!("{name:?} is not a valid branch name")))
+    }
+}
+
+/// A relative path inside a repo: `/`-separated, no empty, `.` or `..` segments, no
+/// backslashes or control characters.
+pub fn validate_file_path(path: &str) -> Result<()> {
+    let bad = |why: &str| Err(Error::bad_request("bad_path", format!("{path:?}: {why}")));
+    if path.is_empty() || path.len() > 1024 {
+        return bad("a path must have 1 to 1024 bytes");
+    }
+    if path.chars().any(|c| c.is_control() || c == '\\') {
+        return bad("control characters and backslashes are not allowed");
+    }
+    if path.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..") {
+        return bad("empty, '.' and '..' segments are not allowed");
+    }
+    Ok(())
+}
+
+/// Percent-decodes one URL path segment (or a `/`-keeping path) into UTF-8.
+pub fn decode(raw: &str, what: &str) -> Result<String> {
+    percent_decode_str(raw)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| Error::bad_request("bad_path", format!("{what} is not valid UTF-8 once decoded")))
+}
+
+/// Splits the raw (still encoded) tail after `/resolve/` into the revision (one segment,
+/// where `%2F` may stand for `/`) and the decoded file path.
+pub fn split_resolve_tail(raw_tail: &str) -> Result<(String, String)> {
+    let (rev, path) = raw_tail
+        .split_once('/')
+        .ok_or_else(|| Error::bad_request("bad_path", "expected /resolve/{revision}/{path}"))?;
+    let rev = decode(rev, "revision")?;
+    let path = decode(path, "path")?;
+    validate_file_path(&path)?;
+    Ok((rev, path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repo_ids() {
+        assert!(validate_repo_id("meta/llama-3.1_8B").is_ok());
+        for bad in ["", "a", "a/", "/b", "a/b/c", "../b", "a/..", "a/.hidden", "a b/c", "a/b%2f"] {
+            assert!(validate_repo_id(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn file_paths() {
+        assert!(validate_file_path("model-00001-of-00002.safetensors").is_ok());
+        assert!(validate_file_path("tokenizer/vocab é+.txt").is_ok());
+        for bad in ["", "../etc/passwd", "a/../../b", "/abs", "a//b", "a/./b", "a\\b", "a\0b", "x/"] {
+            assert!(validate_file_path(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn resolve_tails() {
+        assert_eq!(
+            split_resolve_tail("refs%2Fpr%2F1/a%20b%2B%C3%A9/c.bin").unwrap(),
+            ("refs/pr/1".to_string(), "a b+é/c.bin".to_string())
+        );
+        assert!(split_resolve_tail("main/%2E%2E/secret").is_err());
+        assert!(split_resolve_tail("main/..%2Fsecret").is_err());
+        assert!(split_resolve_tail("main").is_err());
+        assert!(split_resolve_tail("main/%FF").is_err());
+    }
+}

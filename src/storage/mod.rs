@@ -1,0 +1,44 @@
+//! Weight storage: an `object_store` backend addressed by typed keys, the block manifests
+//! computed at import, and the verifying reader that checks every block before it is sent.
+
+pub mod import;
+pub mod manifest;
+pub mod verify;
+
+use std::sync::Arc;
+
+use object_store::ObjectStore;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as StorePath;
+
+use crate::config::{Settings, StorageBackend};
+
+/// The configured object store, shared by every request.
+#[derive(Clone)]
+pub struct Store {
+    pub inner: Arc<dyn ObjectStore>,
+}
+
+impl Store {
+    pub fn open(settings: &Settings) -> anyhow::Result<Store> {
+        match settings.storage.backend {
+            StorageBackend::Local => {
+                let dir = settings.data_dir.join("storage");
+                std::fs::create_dir_all(&dir)?;
+                let fs = LocalFileSystem::new_with_prefix(&dir)?;
+                Ok(Store { inner: Arc::new(fs) })
+            }
+            other => anyhow::bail!("storage.backend: {other:?} is not available in this build"),
+        }
+    }
+
+    /// Where the bytes with this SHA-256 live: content-addressed, so identical files in
+    /// different revisions or models are stored once.
+    pub fn blob_key(sha256: &str) -> String {
+        format!("blobs/sha256/{}/{}", &sha256[..2], sha256)
+    }
+
+    pub fn path(key: &str) -> StorePath {
+        StorePath::from(key)
+    }
+}
