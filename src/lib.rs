@@ -79,6 +79,24 @@ pub fn context(settings: &Settings) -> Context {
     Context { public_url: settings.public_url(), admin_emails: settings.mail.admin_emails.clone() }
 }
 
+/// Builds the actix server (kept out of `run` so that future stays `Send`).
+fn http_server(state: web::Data<State>, listener: TcpListener, workers: usize) -> std::io::Result<actix_web::dev::Server> {
+    let mut server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .app_data(routes::json_config())
+            .app_data(routes::query_config())
+            .configure(routes::configure)
+    })
+    .listen(listener)?
+    .disable_signals()
+    .shutdown_timeout(30);
+    if workers > 0 {
+        server = server.workers(workers);
+    }
+    Ok(server.run())
+}
+
 /// Serves on `listener` until `shutdown` resolves, then drains in-flight requests, the
 /// audit queue and the mail worker before returning.
 pub async fn run(settings: Settings, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -103,21 +121,7 @@ pub async fn run(settings: Settings, listener: TcpListener, shutdown: impl Futur
 
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
-    let data = state.clone();
-    let mut server = HttpServer::new(move || {
-        App::new()
-            .app_data(data.clone())
-            .app_data(routes::json_config())
-            .app_data(routes::query_config())
-            .configure(routes::configure)
-    })
-    .listen(listener)?
-    .disable_signals()
-    .shutdown_timeout(30);
-    if settings.server.workers > 0 {
-        server = server.workers(settings.server.workers);
-    }
-    let server = server.run();
+    let server = http_server(state.clone(), listener, settings.server.workers)?;
     let handle = server.handle();
     tracing::info!(%addr, public_url = %settings.public_url(), "weightgate is serving");
 

@@ -43,11 +43,11 @@ impl ManageConnection for Manager {
             DatabaseUrl::Sqlite(path) => {
                 let mut conn = diesel::SqliteConnection::establish(&path.to_string_lossy())
                     .map_err(r2d2::Error::ConnectionError)?;
-                // WAL lets readers run beside the one writer; busy_timeout waits out another
-                // process (the CLI) holding the write lock instead of failing at once.
+                // busy_timeout first: it makes every later statement wait out another
+                // connection or process holding the lock instead of failing at once.
+                // synchronous = FULL: a commit that was acknowledged survives power loss too.
                 conn.batch_execute(
-                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-                     PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;",
+                    "PRAGMA busy_timeout = 10000; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
                 )
                 .map_err(r2d2::Error::QueryError)?;
                 Ok(AnyConnection::Sqlite(conn))
@@ -93,7 +93,16 @@ impl Db {
             }
             DatabaseUrl::Postgres(_) => Backend::Postgres,
         };
+        if let DatabaseUrl::Sqlite(path) = &url {
+            // WAL (persistent in the file) lets readers run beside the one writer.
+            let mut conn = diesel::SqliteConnection::establish(&path.to_string_lossy())
+                .map_err(|e| anyhow::anyhow!("database.url: cannot open {}: {e}", path.display()))?;
+            conn.batch_execute("PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL;")?;
+        }
         let pool = r2d2::Pool::builder()
+            // Connections are made on demand only: a background connect still running when
+            // a CLI command exits races OpenSSL's exit-time cleanup inside libpq (SIGSEGV).
+            .min_idle(Some(0))
             .max_size(settings.database.pool_size)
             .connection_timeout(Duration::from_secs(settings.database.pool_timeout_secs.max(1)))
             .build(Manager { url })

@@ -152,9 +152,10 @@ pub fn transition(
     Ok(n == 1)
 }
 
+/// Records the confirmation; the code stays valid so a second click shows the status.
 pub fn mark_confirmed(conn: &mut AnyConnection, id: &str, now: i64) -> Result<()> {
     diesel::update(applications::table.find(id))
-        .set((applications::confirmed_at.eq(Some(now)), applications::confirm_hash.eq(None::<String>)))
+        .set(applications::confirmed_at.eq(Some(now)))
         .execute(conn)?;
     Ok(())
 }

@@ -1,0 +1,323 @@
+//! Test harness: a real server on 127.0.0.1:0 over a fresh SQLite file or a fresh
+//! PostgreSQL database, the real `weightgate` binary for CLI steps, and helpers to read the
+//! mail the server wrote.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use diesel::connection::SimpleConnection;
+use diesel::{Connection, PgConnection};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use weightgate::config::Settings;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Runs one async test body once per backend.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name(super::common::Backend::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$name(super::common::Backend::Postgres).await
+            }
+        }
+    )*};
+}
+
+/// The server PostgreSQL answers on; `.ci/run` makes sure it is up.
+pub fn pg_admin_url() -> String {
+    std::env::var("WEIGHTGATE_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A database that exists for one test and is dropped after it.
+pub struct TestDb {
+    pub url: String,
+    pg_name: Option<String>,
+}
+
+impl TestDb {
+    pub fn new(backend: Backend, dir: &Path) -> TestDb {
+        match backend {
+            Backend::Sqlite => TestDb { url: format!("sqlite://{}", dir.join("weightgate.db").display()), pg_name: None },
+            Backend::Postgres => {
+                let name = format!("wg_test_{}", weightgate::util::random_hex(8));
+                let admin = pg_admin_url();
+                let mut conn = PgConnection::establish(&admin).unwrap_or_else(|e| panic!("PostgreSQL at {admin} is not answering ({e}); run .ci/run or set WEIGHTGATE_TEST_PG"));
+                conn.batch_execute(&format!("CREATE DATABASE {name}")).expect("create test database");
+                let base = admin.rsplit_once('/').map(|(b, _)| b.to_string()).unwrap_or(admin);
+                TestDb { url: format!("{base}/{name}"), pg_name: Some(name) }
+            }
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some(name) = &self.pg_name {
+            if let Ok(mut conn) = PgConnection::establish(&pg_admin_url()) {
+                let _ = conn.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+            }
+        }
+    }
+}
+
+pub struct TestServer {
+    pub base: String,
+    pub dir: TempDir,
+    pub db: TestDb,
+    pub settings: Settings,
+    pub http: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    pub async fn start(backend: Backend) -> TestServer {
+        Self::start_with(backend, &[]).await
+    }
+
+    /// Starts a server; `extra` are more `WEIGHTGATE__…` settings.
+    pub async fn start_with(backend: Backend, extra: &[(&str, &str)]) -> TestServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = TestDb::new(backend, dir.path());
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let base = format!("http://{addr}");
+        let mut env = vec![
+            ("WEIGHTGATE__DATA_DIR".to_string(), dir.path().join("data").display().to_string()),
+            ("WEIGHTGATE__DATABASE__URL".to_string(), db.url.clone()),
+            ("WEIGHTGATE__SERVER__BIND".to_string(), addr.to_string()),
+            ("WEIGHTGATE__SERVER__PUBLIC_URL".to_string(), base.clone()),
+            ("WEIGHTGATE__SERVER__WORKERS".to_string(), "2".to_string()),
+            ("WEIGHTGATE__DATABASE__POOL_SIZE".to_string(), "4".to_string()),
+        ];
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let settings = Settings::load_from(None, env).expect("settings");
+        let (tx, rx) = oneshot::channel::<()>();
+        let s = settings.clone();
+        let task = tokio::spawn(async move {
+            weightgate::run(s, listener, async move {
+                let _ = rx.await;
+            })
+            .await
+        });
+        let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client");
+        let server = TestServer { base, dir, db, settings, http, stop: Some(tx), task: Some(task) };
+        server.wait_ready().await;
+        server
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = self.http.get(format!("{}/readyz", self.base)).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "server did not become ready");
+            tokio::time::sleep(Duration::from_millis(20)).await; // poll interval of the readiness wait
+        }
+    }
+
+    /// Stops the server gracefully (draining the audit queue).
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("server task").expect("server run");
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.settings.data_dir.clone()
+    }
+
+    /// Runs the real binary with this server's configuration.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_weightgate"))
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("WEIGHTGATE__DATA_DIR", self.data_dir())
+            .env("WEIGHTGATE__DATABASE__URL", &self.db.url)
+            .env("WEIGHTGATE__SERVER__PUBLIC_URL", &self.base)
+            .output()
+            .expect("run weightgate")
+    }
+
+    /// Runs the binary and insists on success; returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(out.status.success(), "weightgate {args:?} failed ({}): {}\n{}", out.status, String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+        String::from_utf8(out.stdout).expect("utf-8 stdout")
+    }
+
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all: Vec<&str> = args.to_vec();
+        all.push("--json");
+        serde_json::from_str(&self.cli_ok(&all)).expect("JSON output")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Waits until at least `n` messages sit in the file-transport outbox; returns them decoded.
+    pub async fn wait_mail(&self, n: usize) -> Vec<Mail> {
+        let dir = self.data_dir().join("outbox");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mails = read_mails(&dir);
+            if mails.len() >= n {
+                return mails;
+            }
+            assert!(Instant::now() < deadline, "expected {n} mails, found {}", mails.len());
+            tokio::time::sleep(Duration::from_millis(25)).await; // poll interval while waiting for the outbox worker
+        }
+    }
+
+    /// Every audit event, via `weightgate audit export`.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        self.cli_ok(&["audit", "export", "--format", "jsonl"])
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("jsonl line"))
+            .collect()
+    }
+
+    /// Polls the audit log until an event matches `pred` (download events are written by
+    /// the batching writer just after the response ends).
+    pub async fn wait_audit(&self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(e) = self.audit().into_iter().find(|e| pred(e)) {
+                return e;
+            }
+            assert!(Instant::now() < deadline, "no audit event: {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await; // poll interval while waiting for the audit writer
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A message from the file transport, with quoted-printable undone.
+#[derive(Debug, Clone)]
+pub struct Mail {
+    pub raw: String,
+    pub text: String,
+}
+
+impl Mail {
+    pub fn header(&self, name: &str) -> Option<String> {
+        let head = self.raw.split("\r\n\r\n").next()?;
+        head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+    }
+
+    /// The first link in the message that starts with `prefix`.
+    pub fn link(&self, prefix: &str) -> Option<String> {
+        let at = self.text.find(prefix)?;
+        let rest = &self.text[at..];
+        let end = rest.find(|c: char| c.is_whitespace() || c == '"' || c == '<').unwrap_or(rest.len());
+        Some(rest[..end].to_string())
+    }
+}
+
+fn read_mails(dir: &Path) -> Vec<Mail> {
+    let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut files: Vec<(std::time::SystemTime, PathBuf)> = rd
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "eml"))
+        .map(|e| (e.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH), e.path()))
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .filter_map(|(_, p)| std::fs::read_to_string(p).ok())
+        .map(|raw| Mail { text: decode_qp(&raw), raw })
+        .collect()
+}
+
+/// Undoes quoted-printable soft line breaks and `=XX` escapes.
+pub fn decode_qp(s: &str) -> String {
+    let s = s.replace("=\r\n", "").replace("=\n", "");
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'=' && i + 2 < b.len() + 0 && b[i + 1].is_ascii_hexdigit() && b[i + 2].is_ascii_hexdigit() {
+            let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("00");
+            out.push(u8::from_str_radix(hex, 16).unwrap_or(b'?'));
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A folder of model files: `(relative path, bytes)`.
+pub fn write_model_dir(dir: &Path, files: &[(&str, Vec<u8>)]) {
+    for (rel, bytes) in files {
+        let p = dir.join(rel);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(p, bytes).expect("write");
+    }
+}
+
+/// Deterministic pseudo-random bytes (so a failure is reproducible).
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Sends one raw HTTP/1.1 request (so paths reach the server exactly as written, without a
+/// client's normalisation) and returns the status code and the whole response text.
+pub async fn raw_request(base: &str, request_line_path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = base.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(host).await.expect("connect");
+    let mut req = format!("GET {request_line_path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.expect("read");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, text)
+}
