@@ -8,7 +8,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::audit::{self, Event};
-use crate::db::models::access::{self as people, APPROVED, Application, Grant, PENDING, REJECTED, UNVERIFIED, User, WITHDRAWN};
+use crate::db::models::access::{
+    self as people, APPROVED, Application, Grant, PENDING, REJECTED, UNVERIFIED, User, WITHDRAWN,
+};
 use crate::db::models::catalog::{self, Model};
 use crate::db::models::kv;
 use crate::db::{AnyConnection, Db};
@@ -50,13 +52,28 @@ fn text_field(field: &str, value: &str, min: usize, max: usize) -> Result<String
     let v = value.trim();
     let n = v.chars().count();
     if n < min {
-        return Err(Error::invalid_field(field, if min == 1 { "is required".to_string() } else { format!("needs at least {min} characters") }));
+        return Err(Error::invalid_field(
+            field,
+            if min == 1 {
+                "is required".to_string()
+            } else {
+                format!("needs at least {min} characters")
+            },
+        ));
     }
     if n > max {
-        return Err(Error::invalid_field(field, format!("must be at most {max} characters")));
+        return Err(Error::invalid_field(
+            field,
+            format!("must be at most {max} characters"),
+        ));
     }
-    if v.chars().any(|c| c.is_control() && c != '\n' && c != '\r' && c != '\t') {
-        return Err(Error::invalid_field(field, "must not contain control characters"));
+    if v.chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\r' && c != '\t')
+    {
+        return Err(Error::invalid_field(
+            field,
+            "must not contain control characters",
+        ));
     }
     Ok(v.to_string())
 }
@@ -69,16 +86,25 @@ pub fn validate(form: &ApplicationForm) -> Result<ApplicationForm> {
     }
     let email = form.email.trim().to_ascii_lowercase();
     if email.len() > 254 || email.parse::<lettre::Address>().is_err() {
-        return Err(Error::invalid_field("email", "is not a valid email address"));
+        return Err(Error::invalid_field(
+            "email",
+            "is not a valid email address",
+        ));
     }
     let affiliation = text_field("affiliation", &form.affiliation, 1, 200)?;
     let country = form.country.trim().to_ascii_uppercase();
     if !crate::countries::is_code(&country) {
-        return Err(Error::invalid_field("country", "must be an ISO 3166-1 alpha-2 code such as FR or US"));
+        return Err(Error::invalid_field(
+            "country",
+            "must be an ISO 3166-1 alpha-2 code such as FR or US",
+        ));
     }
     let intended_use = text_field("intended_use", &form.intended_use, 1, 5000)?;
     if !form.accept_license {
-        return Err(Error::invalid_field("accept_license", "the licence must be accepted (true)"));
+        return Err(Error::invalid_field(
+            "accept_license",
+            "the licence must be accepted (true)",
+        ));
     }
     if form.answers.len() > 50 {
         return Err(Error::invalid_field("answers", "at most 50 answers"));
@@ -89,11 +115,24 @@ pub fn validate(form: &ApplicationForm) -> Result<ApplicationForm> {
         let value = match v {
             Value::String(s) => Value::String(text_field(&format!("answers.{key}"), s, 0, 2000)?),
             Value::Bool(_) | Value::Number(_) => v.clone(),
-            _ => return Err(Error::invalid_field(&format!("answers.{key}"), "must be a string, number or boolean")),
+            _ => {
+                return Err(Error::invalid_field(
+                    &format!("answers.{key}"),
+                    "must be a string, number or boolean",
+                ));
+            }
         };
         answers.insert(key, value);
     }
-    Ok(ApplicationForm { name, email, affiliation, country, intended_use, accept_license: true, answers })
+    Ok(ApplicationForm {
+        name,
+        email,
+        affiliation,
+        country,
+        intended_use,
+        accept_license: true,
+        answers,
+    })
 }
 
 /// The status-page key of an application: derived from a server secret, so every email can
@@ -104,10 +143,19 @@ pub fn status_key(c: &mut AnyConnection, id: &str) -> Result<String> {
 }
 
 fn status_url(c: &mut AnyConnection, ctx: &Context, id: &str) -> Result<String> {
-    Ok(format!("{}/applications/{id}?key={}", ctx.public_url, status_key(c, id)?))
+    Ok(format!(
+        "{}/applications/{id}?key={}",
+        ctx.public_url,
+        status_key(c, id)?
+    ))
 }
 
-pub async fn submit(db: &Db, ctx: &Context, model_id: &str, form: ApplicationForm) -> Result<Submitted> {
+pub async fn submit(
+    db: &Db,
+    ctx: &Context,
+    model_id: &str,
+    form: ApplicationForm,
+) -> Result<Submitted> {
     let form = validate(&form)?;
     let ctx = ctx.clone();
     let model_id = model_id.to_string();
@@ -183,7 +231,10 @@ fn auto_approves(model: &Model, app: &Application) -> bool {
         "auto" => true,
         "domain" => {
             let domain = app.email.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
-            model.allowed_domains().iter().any(|d| d.eq_ignore_ascii_case(domain))
+            model
+                .allowed_domains()
+                .iter()
+                .any(|d| d.eq_ignore_ascii_case(domain))
         }
         _ => false,
     }
@@ -194,26 +245,50 @@ pub async fn confirm(db: &Db, ctx: &Context, code: &str) -> Result<Application> 
     let hash = util::sha256_hex(code.trim());
     let ctx = ctx.clone();
     db.write(move |c| {
-        let app = people::find_application_by_confirm_hash(c, &hash)?
-            .ok_or_else(|| Error::not_found("bad_code", "This confirmation link is not valid. Use the link from your most recent email."))?;
+        let app = people::find_application_by_confirm_hash(c, &hash)?.ok_or_else(|| {
+            Error::not_found(
+                "bad_code",
+                "This confirmation link is not valid. Use the link from your most recent email.",
+            )
+        })?;
         if app.status != UNVERIFIED {
             return Ok(app);
         }
         let now = util::now();
         if !people::transition(c, &app.id, UNVERIFIED, PENDING, now)? {
-            return people::find_application(c, &app.id)?.ok_or_else(|| Error::internal("application vanished"));
+            return people::find_application(c, &app.id)?
+                .ok_or_else(|| Error::internal("application vanished"));
         }
         people::mark_confirmed(c, &app.id, now)?;
         let model = catalog::require_model(c, &app.model_id)?;
-        audit::append(c, &[Event::new("application_confirmed", "ok").actor(format!("user:{}", app.user_id)).model(&app.model_id).detail(json!({"application": app.id}))])?;
+        audit::append(
+            c,
+            &[Event::new("application_confirmed", "ok")
+                .actor(format!("user:{}", app.user_id))
+                .model(&app.model_id)
+                .detail(json!({"application": app.id}))],
+        )?;
         if auto_approves(&model, &app) {
             approve_in(c, &ctx, &app.id, &format!("auto:{}", model.gating), None)?;
         } else {
             let url = status_url(c, &ctx, &app.id)?;
-            mail::queue(c, &app.email, &templates::application_received(&app.model_id, &url))?;
+            mail::queue(
+                c,
+                &app.email,
+                &templates::application_received(&app.model_id, &url),
+            )?;
             let admin_url = format!("{}/admin/applications?status=pending", ctx.public_url);
             for admin in &ctx.admin_emails {
-                mail::queue(c, admin, &templates::new_application(&app.model_id, &app.name, &app.affiliation, &admin_url))?;
+                mail::queue(
+                    c,
+                    admin,
+                    &templates::new_application(
+                        &app.model_id,
+                        &app.name,
+                        &app.affiliation,
+                        &admin_url,
+                    ),
+                )?;
             }
         }
         people::find_application(c, &app.id)?.ok_or_else(|| Error::internal("application vanished"))
@@ -222,11 +297,22 @@ pub async fn confirm(db: &Db, ctx: &Context, code: &str) -> Result<Application> 
 }
 
 /// Approves a pending application inside the caller's transaction, creating its grant.
-pub fn approve_in(c: &mut AnyConnection, ctx: &Context, id: &str, actor: &str, expires: Option<Duration>) -> Result<Grant> {
+pub fn approve_in(
+    c: &mut AnyConnection,
+    ctx: &Context,
+    id: &str,
+    actor: &str,
+    expires: Option<Duration>,
+) -> Result<Grant> {
     let now = util::now();
-    let app = people::find_application(c, id)?.ok_or_else(|| Error::not_found("application_not_found", format!("No application {id}.")))?;
+    let app = people::find_application(c, id)?.ok_or_else(|| {
+        Error::not_found("application_not_found", format!("No application {id}."))
+    })?;
     if !people::transition(c, id, PENDING, APPROVED, now)? {
-        return Err(Error::conflict("not_pending", format!("Application {id} is {}, not pending.", app.status)));
+        return Err(Error::conflict(
+            "not_pending",
+            format!("Application {id} is {}, not pending.", app.status),
+        ));
     }
     people::record_decision(c, id, actor, None, now)?;
     let grant = Grant {
@@ -246,29 +332,61 @@ pub fn approve_in(c: &mut AnyConnection, ctx: &Context, id: &str, actor: &str, e
         .detail(json!({"application": id, "user": app.user_id, "grant": grant.id, "expires_at": grant.expires_at}))])?;
     let url = status_url(c, ctx, id)?;
     let expires = grant.expires_at.map(util::rfc3339);
-    mail::queue(c, &app.email, &templates::approved(&app.model_id, &url, &ctx.public_url, expires.as_deref()))?;
+    mail::queue(
+        c,
+        &app.email,
+        &templates::approved(&app.model_id, &url, &ctx.public_url, expires.as_deref()),
+    )?;
     Ok(grant)
 }
 
-pub async fn approve(db: &Db, ctx: &Context, id: &str, actor: &str, expires: Option<Duration>) -> Result<Grant> {
+pub async fn approve(
+    db: &Db,
+    ctx: &Context,
+    id: &str,
+    actor: &str,
+    expires: Option<Duration>,
+) -> Result<Grant> {
     let (ctx, id, actor) = (ctx.clone(), id.to_string(), actor.to_string());
-    db.write(move |c| approve_in(c, &ctx, &id, &actor, expires)).await
+    db.write(move |c| approve_in(c, &ctx, &id, &actor, expires))
+        .await
 }
 
-pub async fn reject(db: &Db, ctx: &Context, id: &str, actor: &str, reason: &str) -> Result<Application> {
+pub async fn reject(
+    db: &Db,
+    ctx: &Context,
+    id: &str,
+    actor: &str,
+    reason: &str,
+) -> Result<Application> {
     let reason = text_field("reason", reason, 1, 1000)?;
     let (ctx, id, actor) = (ctx.clone(), id.to_string(), actor.to_string());
     db.write(move |c| {
         let now = util::now();
-        let app = people::find_application(c, &id)?.ok_or_else(|| Error::not_found("application_not_found", format!("No application {id}.")))?;
+        let app = people::find_application(c, &id)?.ok_or_else(|| {
+            Error::not_found("application_not_found", format!("No application {id}."))
+        })?;
         if !people::transition(c, &id, PENDING, REJECTED, now)? {
-            return Err(Error::conflict("not_pending", format!("Application {id} is {}, not pending.", app.status)));
+            return Err(Error::conflict(
+                "not_pending",
+                format!("Application {id} is {}, not pending.", app.status),
+            ));
         }
         people::record_decision(c, &id, &actor, Some(&reason), now)?;
         let model = catalog::require_model(c, &app.model_id)?;
-        audit::append(c, &[Event::new("application_rejected", "ok").actor(&actor).model(&app.model_id).detail(json!({"application": id, "user": app.user_id, "reason": reason}))])?;
+        audit::append(
+            c,
+            &[Event::new("application_rejected", "ok")
+                .actor(&actor)
+                .model(&app.model_id)
+                .detail(json!({"application": id, "user": app.user_id, "reason": reason}))],
+        )?;
         let url = status_url(c, &ctx, &id)?;
-        mail::queue(c, &app.email, &templates::rejected(&app.model_id, &reason, model.allow_reapply, &url))?;
+        mail::queue(
+            c,
+            &app.email,
+            &templates::rejected(&app.model_id, &reason, model.allow_reapply, &url),
+        )?;
         people::find_application(c, &id)?.ok_or_else(|| Error::internal("application vanished"))
     })
     .await
@@ -291,8 +409,18 @@ pub struct Status {
 pub fn authenticate(c: &mut AnyConnection, id: &str, key: &str) -> Result<Application> {
     let app = people::find_application(c, id)?;
     match app {
-        Some(app) if util::ct_eq(app.status_key_hash.as_bytes(), util::sha256_hex(key).as_bytes()) => Ok(app),
-        _ => Err(Error::not_found("application_not_found", "No application matches this link. Use the link from your email.")),
+        Some(app)
+            if util::ct_eq(
+                app.status_key_hash.as_bytes(),
+                util::sha256_hex(key).as_bytes(),
+            ) =>
+        {
+            Ok(app)
+        }
+        _ => Err(Error::not_found(
+            "application_not_found",
+            "No application matches this link. Use the link from your email.",
+        )),
     }
 }
 

@@ -58,17 +58,16 @@ impl Event {
     }
 }
 
-/// The bytes a row's hash covers: every column but the hashes, in a fixed order.
-/// `detail` is hashed exactly as stored.
-fn canonical(seq: i64, ts_ms: i64, kind: &str, outcome: &str, actor: Option<&str>, model: Option<&str>, detail: &str) -> Vec<u8> {
-    // A JSON array has one encoding for these values, whatever they contain.
-    serde_json::to_vec(&json!([seq, ts_ms, kind, outcome, actor, model, detail])).unwrap_or_default()
-}
-
-pub fn row_hash(prev_hash: &str, seq: i64, ts_ms: i64, kind: &str, outcome: &str, actor: Option<&str>, model: Option<&str>, detail: &str) -> String {
+/// `SHA-256(prev_hash || canonical(row))`, where the canonical encoding is a JSON array of
+/// every column but the two hashes, in a fixed order (`detail` exactly as stored). A JSON
+/// array has one encoding for these values, whatever they contain.
+pub fn row_hash(r: &AuditRow) -> String {
+    let canonical = json!([
+        r.seq, r.ts_ms, r.kind, r.outcome, r.actor, r.model_id, r.detail
+    ]);
     let mut h = Sha256::new();
-    h.update(prev_hash.as_bytes());
-    h.update(canonical(seq, ts_ms, kind, outcome, actor, model, detail));
+    h.update(r.prev_hash.as_bytes());
+    h.update(serde_json::to_vec(&canonical).unwrap_or_default());
     hex::encode(h.finalize())
 }
 
@@ -84,8 +83,7 @@ pub fn append(conn: &mut AnyConnection, events: &[Event]) -> Result<()> {
         seq += 1;
         // serde_json's default map is ordered by key, so this text is canonical.
         let detail = serde_json::to_string(&e.detail).unwrap_or_else(|_| "{}".into());
-        let hash = row_hash(&prev, seq, e.ts_ms, &e.kind, &e.outcome, e.actor.as_deref(), e.model_id.as_deref(), &detail);
-        out.push(AuditRow {
+        let mut row = AuditRow {
             seq,
             ts_ms: e.ts_ms,
             kind: e.kind.clone(),
@@ -93,9 +91,12 @@ pub fn append(conn: &mut AnyConnection, events: &[Event]) -> Result<()> {
             actor: e.actor.clone(),
             model_id: e.model_id.clone(),
             detail,
-            prev_hash: std::mem::replace(&mut prev, hash.clone()),
-            hash,
-        });
+            prev_hash: prev,
+            hash: String::new(),
+        };
+        row.hash = row_hash(&row);
+        prev = row.hash.clone();
+        out.push(row);
     }
     rows::insert(conn, &out)
 }
@@ -123,23 +124,36 @@ pub fn verify(conn: &mut AnyConnection) -> Result<Verdict> {
         for r in page {
             after = r.seq;
             let problem = if r.seq != expect_seq {
-                Some(format!("expected row {expect_seq}, found row {} (a row is missing or was inserted)", r.seq))
+                Some(format!(
+                    "expected row {expect_seq}, found row {} (a row is missing or was inserted)",
+                    r.seq
+                ))
             } else if r.prev_hash != prev {
                 Some("prev_hash does not match the previous row's hash (rows deleted, swapped or inserted)".to_string())
-            } else if row_hash(&prev, r.seq, r.ts_ms, &r.kind, &r.outcome, r.actor.as_deref(), r.model_id.as_deref(), &r.detail) != r.hash {
+            } else if row_hash(&r) != r.hash {
                 Some("the row's content does not match its hash (the row was edited)".to_string())
             } else {
                 None
             };
             if let Some(problem) = problem {
-                return Ok(Verdict { rows: count, head: prev, broken_at: Some(r.seq), problem: Some(problem) });
+                return Ok(Verdict {
+                    rows: count,
+                    head: prev,
+                    broken_at: Some(r.seq),
+                    problem: Some(problem),
+                });
             }
             prev = r.hash;
             expect_seq += 1;
             count += 1;
         }
     }
-    Ok(Verdict { rows: count, head: prev, broken_at: None, problem: None })
+    Ok(Verdict {
+        rows: count,
+        head: prev,
+        broken_at: None,
+        problem: None,
+    })
 }
 
 /// One row as exported: `detail` as a JSON object rather than text.

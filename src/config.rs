@@ -5,20 +5,31 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// A string that never shows up in `Debug` output or logs.
 #[derive(Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
 pub struct Secret(pub String);
 
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0.is_empty() { f.write_str("\"\"") } else { f.write_str("\"<redacted>\"") }
+/// Serialised only to list keys (the configuration drift test); never reveals the value.
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(if self.0.is_empty() { "" } else { "<redacted>" })
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("\"\"")
+        } else {
+            f.write_str("\"<redacted>\"")
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     pub data_dir: PathBuf,
@@ -30,7 +41,7 @@ pub struct Settings {
     pub audit: AuditSettings,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerSettings {
     pub bind: String,
@@ -40,7 +51,7 @@ pub struct ServerSettings {
     pub workers: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseSettings {
     /// `sqlite://PATH` or `postgres://…`; `sqlite://<data_dir>/weightgate.db` when empty.
@@ -50,7 +61,7 @@ pub struct DatabaseSettings {
     pub pool_timeout_secs: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StorageBackend {
     Local,
@@ -58,7 +69,7 @@ pub enum StorageBackend {
     Upstream,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageSettings {
     pub backend: StorageBackend,
@@ -68,14 +79,14 @@ pub struct StorageSettings {
     pub chunk_size: usize,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MailTransport {
     File,
     Smtp,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SmtpTls {
     None,
@@ -83,7 +94,7 @@ pub enum SmtpTls {
     Tls,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MailSettings {
     pub transport: MailTransport,
@@ -96,7 +107,7 @@ pub struct MailSettings {
     pub admin_emails: Vec<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TokenSettings {
     /// `iss` of issued tokens; the public URL when empty.
@@ -109,7 +120,7 @@ pub struct TokenSettings {
     pub leeway_secs: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditSettings {
     /// Most download events committed in one transaction by the batching writer.
@@ -132,19 +143,31 @@ impl Default for Settings {
 
 impl Default for ServerSettings {
     fn default() -> Self {
-        ServerSettings { bind: "127.0.0.1:8080".into(), public_url: String::new(), workers: 0 }
+        ServerSettings {
+            bind: "127.0.0.1:8080".into(),
+            public_url: String::new(),
+            workers: 0,
+        }
     }
 }
 
 impl Default for DatabaseSettings {
     fn default() -> Self {
-        DatabaseSettings { url: Secret::default(), pool_size: 16, pool_timeout_secs: 5 }
+        DatabaseSettings {
+            url: Secret::default(),
+            pool_size: 16,
+            pool_timeout_secs: 5,
+        }
     }
 }
 
 impl Default for StorageSettings {
     fn default() -> Self {
-        StorageSettings { backend: StorageBackend::Local, block_size: 8 << 20, chunk_size: 1 << 20 }
+        StorageSettings {
+            backend: StorageBackend::Local,
+            block_size: 8 << 20,
+            chunk_size: 1 << 20,
+        }
     }
 }
 
@@ -210,7 +233,10 @@ impl Settings {
         let mut builder = config::Config::builder();
         if let Some(file) = file {
             if !file.is_file() {
-                return Err(ConfigError(format!("--config {}: no such file", file.display())));
+                return Err(ConfigError(format!(
+                    "--config {}: no such file",
+                    file.display()
+                )));
             }
             builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
         }
@@ -227,9 +253,12 @@ impl Settings {
                 .try_parsing(true)
                 .source(Some(env)),
         );
-        let raw = builder.build().map_err(|e| ConfigError(one_line(&e.to_string())))?;
-        let settings: Settings =
-            raw.try_deserialize().map_err(|e| ConfigError(one_line(&e.to_string())))?;
+        let raw = builder
+            .build()
+            .map_err(|e| ConfigError(one_line(&e.to_string())))?;
+        let settings: Settings = raw
+            .try_deserialize()
+            .map_err(|e| ConfigError(one_line(&e.to_string())))?;
         settings.validate()?;
         Ok(settings)
     }
@@ -240,7 +269,10 @@ impl Settings {
             let url = reqwest::Url::parse(&self.server.public_url)
                 .map_err(|e| bad("server.public_url", e))?;
             if !matches!(url.scheme(), "http" | "https") {
-                return Err(bad("server.public_url", "must start with http:// or https://"));
+                return Err(bad(
+                    "server.public_url",
+                    "must start with http:// or https://",
+                ));
             }
         }
         self.database_url()?;
@@ -249,24 +281,42 @@ impl Settings {
         }
         let bs = self.storage.block_size;
         if !(64 << 10..=256 << 20).contains(&bs) {
-            return Err(bad("storage.block_size", "must be between 65536 and 268435456 bytes"));
+            return Err(bad(
+                "storage.block_size",
+                "must be between 65536 and 268435456 bytes",
+            ));
         }
         if self.storage.chunk_size < 4096 || self.storage.chunk_size as u64 > bs {
-            return Err(bad("storage.chunk_size", "must be at least 4096 and at most storage.block_size"));
+            return Err(bad(
+                "storage.chunk_size",
+                "must be at least 4096 and at most storage.block_size",
+            ));
         }
         if self.storage.backend != StorageBackend::Local {
-            return Err(bad("storage.backend", "only \"local\" is available in this build"));
+            return Err(bad(
+                "storage.backend",
+                "only \"local\" is available in this build",
+            ));
         }
         if self.mail.from.parse::<lettre::message::Mailbox>().is_err() {
-            return Err(bad("mail.from", "not a valid mailbox, e.g. \"weightgate <gate@example.org>\""));
+            return Err(bad(
+                "mail.from",
+                "not a valid mailbox, e.g. \"weightgate <gate@example.org>\"",
+            ));
         }
         for a in &self.mail.admin_emails {
             if a.parse::<lettre::Address>().is_err() {
-                return Err(bad("mail.admin_emails", format!("{a:?} is not an email address")));
+                return Err(bad(
+                    "mail.admin_emails",
+                    format!("{a:?} is not an email address"),
+                ));
             }
         }
         if self.mail.transport == MailTransport::Smtp && self.mail.smtp_host.is_empty() {
-            return Err(bad("mail.smtp_host", "required when mail.transport = \"smtp\""));
+            return Err(bad(
+                "mail.smtp_host",
+                "required when mail.transport = \"smtp\"",
+            ));
         }
         if self.tokens.audience.is_empty() {
             return Err(bad("tokens.audience", "must not be empty"));
@@ -280,10 +330,15 @@ impl Settings {
     }
 
     pub fn bind_addr(&self) -> Result<SocketAddr, ConfigError> {
-        self.server
-            .bind
-            .parse()
-            .map_err(|_| bad("server.bind", format!("{:?} is not an address like 127.0.0.1:8080", self.server.bind)))
+        self.server.bind.parse().map_err(|_| {
+            bad(
+                "server.bind",
+                format!(
+                    "{:?} is not an address like 127.0.0.1:8080",
+                    self.server.bind
+                ),
+            )
+        })
     }
 
     /// The public base URL without a trailing slash.
@@ -296,7 +351,11 @@ impl Settings {
     }
 
     pub fn issuer(&self) -> String {
-        if self.tokens.issuer.is_empty() { self.public_url() } else { self.tokens.issuer.clone() }
+        if self.tokens.issuer.is_empty() {
+            self.public_url()
+        } else {
+            self.tokens.issuer.clone()
+        }
     }
 
     pub fn database_url(&self) -> Result<DatabaseUrl, ConfigError> {
@@ -313,10 +372,149 @@ impl Settings {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             return Ok(DatabaseUrl::Postgres(url.clone()));
         }
-        Err(bad("database.url", "must start with sqlite:// or postgres://"))
+        Err(bad(
+            "database.url",
+            "must start with sqlite:// or postgres://",
+        ))
     }
 }
 
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn keys(v: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
+        if let serde_json::Value::Object(m) = v {
+            for (k, v) in m {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                if v.is_object() {
+                    keys(v, &key, out)
+                } else {
+                    out.push(key)
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn default_toml_documents_every_key_with_the_code_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
+        let from_file = Settings::load_from(Some(&path), Vec::new()).expect("default.toml loads");
+        let code = serde_json::to_value(Settings::default()).unwrap();
+        assert_eq!(
+            serde_json::to_value(&from_file).unwrap(),
+            code,
+            "values drifted"
+        );
+        let raw: serde_json::Value = config::Config::builder()
+            .add_source(config::File::from(path.as_path()))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        keys(&raw, "", &mut a);
+        keys(&code, "", &mut b);
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "keys drifted");
+    }
+
+    #[test]
+    fn environment_overrides_and_lists() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("WEIGHTGATE__SERVER__BIND", "0.0.0.0:9000"),
+                (
+                    "WEIGHTGATE__MAIL__ADMIN_EMAILS",
+                    "a@example.org,b@example.org",
+                ),
+                ("WEIGHTGATE__DATABASE__URL", "postgres://u@h/db"),
+                ("WEIGHTGATE__DATA_DIR", "/srv/wg"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.server.bind, "0.0.0.0:9000");
+        assert_eq!(s.mail.admin_emails, vec!["a@example.org", "b@example.org"]);
+        assert_eq!(
+            s.database_url().unwrap(),
+            DatabaseUrl::Postgres("postgres://u@h/db".into())
+        );
+        assert_eq!(s.public_url(), "http://0.0.0.0:9000");
+        assert_eq!(
+            Settings::default().database_url().unwrap(),
+            DatabaseUrl::Sqlite(PathBuf::from("./data/weightgate.db"))
+        );
+    }
+
+    #[test]
+    fn bad_values_name_their_key_in_one_line() {
+        for (k, v, key) in [
+            ("WEIGHTGATE__SERVER__BIND", "localhost", "server.bind"),
+            (
+                "WEIGHTGATE__SERVER__PUBLIC_URL",
+                "ftp://x",
+                "server.public_url",
+            ),
+            ("WEIGHTGATE__SERVER__WORKERS", "many", "workers"),
+            ("WEIGHTGATE__DATABASE__URL", "mysql://x", "database.url"),
+            (
+                "WEIGHTGATE__STORAGE__BLOCK_SIZE",
+                "12",
+                "storage.block_size",
+            ),
+            ("WEIGHTGATE__STORAGE__BACKEND", "floppy", "backend"),
+            ("WEIGHTGATE__MAIL__TRANSPORT", "pigeon", "transport"),
+            (
+                "WEIGHTGATE__MAIL__ADMIN_EMAILS",
+                "not-an-address",
+                "mail.admin_emails",
+            ),
+            (
+                "WEIGHTGATE__TOKENS__DEFAULT_TTL",
+                "forever",
+                "tokens.default_ttl",
+            ),
+            ("WEIGHTGATE__SERVER__COLOUR", "blue", "colour"),
+        ] {
+            let err = Settings::load_from(None, env(&[(k, v)]))
+                .expect_err(k)
+                .to_string();
+            assert!(err.contains(key), "{k}={v}: {err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug_output() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("WEIGHTGATE__MAIL__SMTP_PASSWORD", "hunter2"),
+                ("WEIGHTGATE__DATABASE__URL", "postgres://u:pw-in-url@h/db"),
+            ]),
+        )
+        .unwrap();
+        let shown = format!("{s:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("pw-in-url"),
+            "{shown}"
+        );
+    }
 }

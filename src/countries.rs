@@ -28,7 +28,10 @@ pub fn is_code(code: &str) -> bool {
 mod tests {
     #[test]
     fn codes() {
-        assert!(super::CODES.windows(2).all(|w| w[0] < w[1]), "sorted for binary search");
+        assert!(
+            super::CODES.windows(2).all(|w| w[0] < w[1]),
+            "sorted for binary search"
+        );
         assert!(super::is_code("FR") && super::is_code("US"));
         assert!(!super::is_code("XX") && !super::is_code("fr") && !super::is_code("FRA"));
     }

@@ -44,7 +44,13 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Error { status, code, message: message.into(), hub: None, headers: Vec::new() }
+        Error {
+            status,
+            code,
+            message: message.into(),
+            hub: None,
+            headers: Vec::new(),
+        }
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
@@ -79,7 +85,11 @@ impl Error {
     /// A failure whose detail is logged here, once, and never shown to the client.
     pub fn internal(detail: impl fmt::Display) -> Self {
         tracing::error!(error = %detail, "internal error");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "Something went wrong on the server; it has been logged.")
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "Something went wrong on the server; it has been logged.",
+        )
     }
 
     pub fn hub(mut self, code: HubCode) -> Self {
@@ -95,7 +105,13 @@ impl Error {
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ({}): {}", self.status.as_u16(), self.code, self.message)
+        write!(
+            f,
+            "{} ({}): {}",
+            self.status.as_u16(),
+            self.code,
+            self.message
+        )
     }
 }
 
@@ -103,8 +119,16 @@ impl std::error::Error for Error {}
 
 /// Header values cannot hold newlines or non-visible ASCII; keep the sentence readable anyway.
 fn header_safe(s: &str) -> HeaderValue {
-    let cleaned: String =
-        s.chars().map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' }).collect();
+    let cleaned: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
     HeaderValue::from_str(&cleaned).unwrap_or_else(|_| HeaderValue::from_static("error"))
 }
 
@@ -117,7 +141,10 @@ impl ResponseError for Error {
         let mut resp = HttpResponse::build(self.status);
         if let Some(hub) = self.hub {
             resp.insert_header((HeaderName::from_static("x-error-code"), hub.as_str()));
-            resp.insert_header((HeaderName::from_static("x-error-message"), header_safe(&self.message)));
+            resp.insert_header((
+                HeaderName::from_static("x-error-message"),
+                header_safe(&self.message),
+            ));
         }
         if self.status == StatusCode::UNAUTHORIZED {
             resp.insert_header((
@@ -144,7 +171,10 @@ impl From<diesel::result::Error> for Error {
 impl From<diesel::r2d2::PoolError> for Error {
     fn from(e: diesel::r2d2::PoolError) -> Self {
         tracing::warn!(error = %e, "database pool exhausted or unreachable");
-        Error::unavailable("database_unavailable", "The database is not answering; try again shortly.")
+        Error::unavailable(
+            "database_unavailable",
+            "The database is not answering; try again shortly.",
+        )
     }
 }
 

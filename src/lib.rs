@@ -60,9 +60,17 @@ pub struct Core {
 
 impl Core {
     pub fn open(settings: &Settings) -> anyhow::Result<Core> {
-        std::fs::create_dir_all(&settings.data_dir)
-            .map_err(|e| anyhow::anyhow!("data_dir: cannot create {}: {e}", settings.data_dir.display()))?;
-        Ok(Core { db: Db::open(settings)?, store: Store::open(settings)?, keys: Keyring::open(&settings.data_dir)? })
+        std::fs::create_dir_all(&settings.data_dir).map_err(|e| {
+            anyhow::anyhow!(
+                "data_dir: cannot create {}: {e}",
+                settings.data_dir.display()
+            )
+        })?;
+        Ok(Core {
+            db: Db::open(settings)?,
+            store: Store::open(settings)?,
+            keys: Keyring::open(&settings.data_dir)?,
+        })
     }
 }
 
@@ -76,11 +84,18 @@ pub fn token_policy(settings: &Settings) -> TokenPolicy {
 }
 
 pub fn context(settings: &Settings) -> Context {
-    Context { public_url: settings.public_url(), admin_emails: settings.mail.admin_emails.clone() }
+    Context {
+        public_url: settings.public_url(),
+        admin_emails: settings.mail.admin_emails.clone(),
+    }
 }
 
 /// Builds the actix server (kept out of `run` so that future stays `Send`).
-fn http_server(state: web::Data<State>, listener: TcpListener, workers: usize) -> std::io::Result<actix_web::dev::Server> {
+fn http_server(
+    state: web::Data<State>,
+    listener: TcpListener,
+    workers: usize,
+) -> std::io::Result<actix_web::dev::Server> {
     let mut server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
@@ -99,7 +114,11 @@ fn http_server(state: web::Data<State>, listener: TcpListener, workers: usize) -
 
 /// Serves on `listener` until `shutdown` resolves, then drains in-flight requests, the
 /// audit queue and the mail worker before returning.
-pub async fn run(settings: Settings, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let core = {
         let s = settings.clone();
         tokio::task::spawn_blocking(move || Core::open(&s)).await??

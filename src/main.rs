@@ -16,7 +16,11 @@ use weightgate::storage::import::{self, ImportRequest};
 use weightgate::{Core, applications, util};
 
 #[derive(Parser)]
-#[command(name = "weightgate", version, about = "A gated download proxy for model weights")]
+#[command(
+    name = "weightgate",
+    version,
+    about = "A gated download proxy for model weights"
+)]
 struct Cli {
     /// TOML configuration file (defaults, then this file, then WEIGHTGATE__SECTION__KEY variables)
     #[arg(long, global = true, env = "WEIGHTGATE_CONFIG")]
@@ -168,12 +172,22 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let default_level = if matches!(cli.command, Command::Serve) { "info" } else { "warn" };
+    let default_level = if matches!(cli.command, Command::Serve) {
+        "info"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_level.into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_level.into()),
+        )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("weightgate: cannot start the async runtime: {e}");
@@ -216,8 +230,10 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCo
         Command::Serve => serve(settings).await?,
         Command::Migrate => {
             let core = open(&settings).await?;
-            let ran = core.db.migrate()?;
-            println!("database is up to date ({ran} migrations ran now)");
+            println!(
+                "database is up to date ({} migrations ran now)",
+                core.db.migrated
+            );
         }
         Command::Models(cmd) => models(cmd, &settings).await?,
         Command::Applications(cmd) => applications_cmd(cmd, &settings).await?,
@@ -227,16 +243,32 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCo
             let kid = core.keys.generate()?;
             let db = core.db.clone();
             let k = kid.clone();
-            db.write(move |c| audit::append(c, &[audit::Event::new("key_rotated", "ok").actor("cli").detail(serde_json::json!({"kid": k}))])).await?;
-            if out.json { print_json(&serde_json::json!({"kid": kid}))? } else { println!("new signing key {kid}; earlier keys keep verifying") }
+            db.write(move |c| {
+                audit::append(
+                    c,
+                    &[audit::Event::new("key_rotated", "ok")
+                        .actor("cli")
+                        .detail(serde_json::json!({"kid": k}))],
+                )
+            })
+            .await?;
+            if out.json {
+                print_json(&serde_json::json!({"kid": kid}))?
+            } else {
+                println!("new signing key {kid}; earlier keys keep verifying")
+            }
         }
         Command::Audit(AuditCmd::Verify { out }) => {
             let core = open(&settings).await?;
-            let verdict = core.db.read(|c| audit::verify(c)).await?;
+            let verdict = core.db.read(audit::verify).await?;
             if out.json {
                 print_json(&verdict)?;
             } else if let Some(at) = verdict.broken_at {
-                println!("BROKEN at row {at}: {} ({} rows before it verify)", verdict.problem.clone().unwrap_or_default(), verdict.rows);
+                println!(
+                    "BROKEN at row {at}: {} ({} rows before it verify)",
+                    verdict.problem.clone().unwrap_or_default(),
+                    verdict.rows
+                );
             } else {
                 println!("ok: {} rows, head {}", verdict.rows, verdict.head);
             }
@@ -251,25 +283,33 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCo
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
     let addr = settings.bind_addr()?;
-    let listener = std::net::TcpListener::bind(addr).with_context(|| format!("server.bind: cannot listen on {addr}"))?;
+    let listener = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("server.bind: cannot listen on {addr}"))?;
     let core = open(&settings).await?;
-    let models = core.db.read(|c| catalog::list_models(c)).await?;
+    let models = core.db.read(catalog::list_models).await?;
     drop(core);
-    eprintln!("weightgate listening on {} (public URL {})", addr, settings.public_url());
+    eprintln!(
+        "weightgate listening on {} (public URL {})",
+        addr,
+        settings.public_url()
+    );
     if models.is_empty() {
-        eprintln!("No models yet. Import one with:\n  weightgate models add ORG/NAME --from /path/to/folder");
+        eprintln!(
+            "No models yet. Import one with:\n  weightgate models add ORG/NAME --from /path/to/folder"
+        );
     }
     let shutdown = async {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(t) => t,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(t) => t,
+                    Err(_) => {
+                        let _ = ctrl_c.await;
+                        return;
+                    }
+                };
             tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
         }
         #[cfg(not(unix))]
@@ -281,8 +321,24 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
 async fn models(cmd: ModelsCmd, settings: &Settings) -> anyhow::Result<()> {
     let core = open(settings).await?;
     match cmd {
-        ModelsCmd::Add { repo, from, gating, revision, description, license, out } => {
-            let req = ImportRequest { repo_id: repo, dir: from, revision, gating, description, license, block_size: settings.storage.block_size };
+        ModelsCmd::Add {
+            repo,
+            from,
+            gating,
+            revision,
+            description,
+            license,
+            out,
+        } => {
+            let req = ImportRequest {
+                repo_id: repo,
+                dir: from,
+                revision,
+                gating,
+                description,
+                license,
+                block_size: settings.storage.block_size,
+            };
             let report = import::import(&core.db, &core.store, req).await?;
             if out.json {
                 print_json(&report)?;
@@ -290,8 +346,18 @@ async fn models(cmd: ModelsCmd, settings: &Settings) -> anyhow::Result<()> {
                 for f in &report.files {
                     println!("{}  {}  ({} bytes)", f.sha256, f.path, f.size);
                 }
-                let what = if report.changed { "now points to" } else { "unchanged at" };
-                println!("{} {} {what} commit {} ({} files)", report.model, report.revision, report.commit, report.files.len());
+                let what = if report.changed {
+                    "now points to"
+                } else {
+                    "unchanged at"
+                };
+                println!(
+                    "{} {} {what} commit {} ({} files)",
+                    report.model,
+                    report.revision,
+                    report.commit,
+                    report.files.len()
+                );
             }
         }
         ModelsCmd::List { out } => {
@@ -310,7 +376,12 @@ async fn models(cmd: ModelsCmd, settings: &Settings) -> anyhow::Result<()> {
                 print_json(&rows)?;
             } else {
                 for r in rows {
-                    println!("{}\tgating={}\tmain={}", r["id"].as_str().unwrap_or(""), r["gating"].as_str().unwrap_or(""), r["main"].as_str().unwrap_or("-"));
+                    println!(
+                        "{}\tgating={}\tmain={}",
+                        r["id"].as_str().unwrap_or(""),
+                        r["gating"].as_str().unwrap_or(""),
+                        r["main"].as_str().unwrap_or("-")
+                    );
                 }
             }
         }
@@ -323,25 +394,55 @@ async fn applications_cmd(cmd: ApplicationsCmd, settings: &Settings) -> anyhow::
     let ctx = weightgate::context(settings);
     match cmd {
         ApplicationsCmd::List { status, model, out } => {
-            let apps = core.db.read(move |c| people::list_applications(c, status.as_deref(), model.as_deref())).await?;
+            let apps = core
+                .db
+                .read(move |c| people::list_applications(c, status.as_deref(), model.as_deref()))
+                .await?;
             if out.json {
                 print_json(&apps)?;
             } else {
                 for a in apps {
-                    println!("{}\t{}\t{}\t{}\t{}\t{}", a.id, a.status, a.model_id, a.name.replace('\t', " "), a.country, util::rfc3339(a.created_at));
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}\t{}",
+                        a.id,
+                        a.status,
+                        a.model_id,
+                        a.name.replace('\t', " "),
+                        a.country,
+                        util::rfc3339(a.created_at)
+                    );
                 }
             }
         }
         ApplicationsCmd::Approve { id, expires, out } => {
-            let expires = expires.as_deref().map(util::parse_duration).transpose().map_err(|e| anyhow::anyhow!("--expires: {e}"))?;
+            let expires = expires
+                .as_deref()
+                .map(util::parse_duration)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--expires: {e}"))?;
             let grant = applications::approve(&core.db, &ctx, &id, "cli", expires).await?;
             deliver_mail(settings, &core).await;
-            if out.json { print_json(&grant)? } else { println!("approved {id}: grant {} (expires {})", grant.id, grant.expires_at.map(util::rfc3339).unwrap_or_else(|| "never".into())) }
+            if out.json {
+                print_json(&grant)?
+            } else {
+                println!(
+                    "approved {id}: grant {} (expires {})",
+                    grant.id,
+                    grant
+                        .expires_at
+                        .map(util::rfc3339)
+                        .unwrap_or_else(|| "never".into())
+                )
+            }
         }
         ApplicationsCmd::Reject { id, reason, out } => {
             let app = applications::reject(&core.db, &ctx, &id, "cli", &reason).await?;
             deliver_mail(settings, &core).await;
-            if out.json { print_json(&app)? } else { println!("rejected {id}") }
+            if out.json {
+                print_json(&app)?
+            } else {
+                println!("rejected {id}")
+            }
         }
     }
     Ok(())
@@ -350,22 +451,58 @@ async fn applications_cmd(cmd: ApplicationsCmd, settings: &Settings) -> anyhow::
 async fn tokens(cmd: TokensCmd, settings: &Settings) -> anyhow::Result<()> {
     let core = open(settings).await?;
     match cmd {
-        TokensCmd::Issue { email, model, ttl, max_downloads, label, out } => {
-            let ttl = util::parse_duration(ttl.as_deref().unwrap_or(&settings.tokens.default_ttl)).map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
+        TokensCmd::Issue {
+            email,
+            model,
+            ttl,
+            max_downloads,
+            label,
+            out,
+        } => {
+            let ttl = util::parse_duration(ttl.as_deref().unwrap_or(&settings.tokens.default_ttl))
+                .map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
             let (keys, policy) = (core.keys.clone(), weightgate::token_policy(settings));
             let email = email.trim().to_ascii_lowercase();
             let issued = core
                 .db
                 .write(move |c| {
-                    let user = people::find_user_by_email(c, &email)?.ok_or_else(|| weightgate::error::Error::not_found("user_not_found", "No researcher with that email address."))?;
-                    access::issue(c, &keys, &policy, &IssueRequest { user_id: user.id, model, ttl, max_downloads, label, actor: "cli".into() })
+                    let user = people::find_user_by_email(c, &email)?.ok_or_else(|| {
+                        weightgate::error::Error::not_found(
+                            "user_not_found",
+                            "No researcher with that email address.",
+                        )
+                    })?;
+                    access::issue(
+                        c,
+                        &keys,
+                        &policy,
+                        &IssueRequest {
+                            user_id: user.id,
+                            model,
+                            ttl,
+                            max_downloads,
+                            label,
+                            actor: "cli".into(),
+                        },
+                    )
                 })
                 .await?;
-            if out.json { print_json(&issued)? } else { println!("{}", issued.token) }
+            if out.json {
+                print_json(&issued)?
+            } else {
+                println!("{}", issued.token)
+            }
         }
         TokensCmd::Revoke { jti, out } => {
-            let row = core.db.write(move |c| access::revoke(c, &jti, "cli")).await?;
-            if out.json { print_json(&row)? } else { println!("revoked {}", row.jti) }
+            let row = core
+                .db
+                .write(move |c| access::revoke(c, &jti, "cli"))
+                .await?;
+            if out.json {
+                print_json(&row)?
+            } else {
+                println!("revoked {}", row.jti)
+            }
         }
     }
     Ok(())
@@ -381,13 +518,34 @@ async fn export(settings: &Settings, format: &str) -> anyhow::Result<()> {
     }
     let mut after = 0;
     loop {
-        let page = core.db.read(move |c| audit_rows::page(c, after, 1000)).await?;
+        let page = core
+            .db
+            .read(move |c| audit_rows::page(c, after, 1000))
+            .await?;
         let Some(last) = page.last() else { break };
         after = last.seq;
         for r in &page {
             if format == "csv" {
-                let cells = [r.seq.to_string(), util::rfc3339(r.ts_ms / 1000), r.kind.clone(), r.outcome.clone(), r.actor.clone().unwrap_or_default(), r.model_id.clone().unwrap_or_default(), r.detail.clone(), r.prev_hash.clone(), r.hash.clone()];
-                writeln!(out, "{}", cells.iter().map(|c| csv_cell(c)).collect::<Vec<_>>().join(","))?;
+                let cells = [
+                    r.seq.to_string(),
+                    util::rfc3339(r.ts_ms / 1000),
+                    r.kind.clone(),
+                    r.outcome.clone(),
+                    r.actor.clone().unwrap_or_default(),
+                    r.model_id.clone().unwrap_or_default(),
+                    r.detail.clone(),
+                    r.prev_hash.clone(),
+                    r.hash.clone(),
+                ];
+                writeln!(
+                    out,
+                    "{}",
+                    cells
+                        .iter()
+                        .map(|c| csv_cell(c))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )?;
             } else {
                 writeln!(out, "{}", audit::export_value(r))?;
             }
@@ -400,6 +558,14 @@ async fn export(settings: &Settings, format: &str) -> anyhow::Result<()> {
 
 /// RFC 4180 quoting, and a leading quote for cells a spreadsheet would run as a formula.
 fn csv_cell(s: &str) -> String {
-    let s = if s.starts_with(['=', '+', '-', '@']) { format!("'{s}") } else { s.to_string() };
-    if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s }
+    let s = if s.starts_with(['=', '+', '-', '@']) {
+        format!("'{s}")
+    } else {
+        s.to_string()
+    };
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s
+    }
 }

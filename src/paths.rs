@@ -10,7 +10,8 @@ fn name_ok(s: &str) -> bool {
         && s.len() <= 96
         && !s.starts_with(['.', '-'])
         && !s.contains("..")
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// `ORG/NAME`, each part letters, digits, `-`, `_`, `.` (as on the Hub).
@@ -29,7 +30,10 @@ pub fn validate_ref_name(name: &str) -> Result<()> {
     if name_ok(name) && !(name.len() == 40 && name.bytes().all(|b| b.is_ascii_hexdigit())) {
         Ok(())
     } else {
-        Err(Error::invalid_field("revision", format!("{name:?} is not a valid branch name")))
+        Err(Error::invalid_field(
+            "revision",
+            format!("{name:?} is not a valid branch name"),
+        ))
     }
 }
 
@@ -43,7 +47,10 @@ pub fn validate_file_path(path: &str) -> Result<()> {
     if path.chars().any(|c| c.is_control() || c == '\\') {
         return bad("control characters and backslashes are not allowed");
     }
-    if path.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..") {
+    if path
+        .split('/')
+        .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+    {
         return bad("empty, '.' and '..' segments are not allowed");
     }
     Ok(())
@@ -54,7 +61,12 @@ pub fn decode(raw: &str, what: &str) -> Result<String> {
     percent_decode_str(raw)
         .decode_utf8()
         .map(|s| s.into_owned())
-        .map_err(|_| Error::bad_request("bad_path", format!("{what} is not valid UTF-8 once decoded")))
+        .map_err(|_| {
+            Error::bad_request(
+                "bad_path",
+                format!("{what} is not valid UTF-8 once decoded"),
+            )
+        })
 }
 
 /// Splits the raw (still encoded) tail after `/resolve/` into the revision (one segment,
@@ -76,7 +88,18 @@ mod tests {
     #[test]
     fn repo_ids() {
         assert!(validate_repo_id("meta/llama-3.1_8B").is_ok());
-        for bad in ["", "a", "a/", "/b", "a/b/c", "../b", "a/..", "a/.hidden", "a b/c", "a/b%2f"] {
+        for bad in [
+            "",
+            "a",
+            "a/",
+            "/b",
+            "a/b/c",
+            "../b",
+            "a/..",
+            "a/.hidden",
+            "a b/c",
+            "a/b%2f",
+        ] {
             assert!(validate_repo_id(bad).is_err(), "{bad:?} accepted");
         }
     }
@@ -85,7 +108,17 @@ mod tests {
     fn file_paths() {
         assert!(validate_file_path("model-00001-of-00002.safetensors").is_ok());
         assert!(validate_file_path("tokenizer/vocab é+.txt").is_ok());
-        for bad in ["", "../etc/passwd", "a/../../b", "/abs", "a//b", "a/./b", "a\\b", "a\0b", "x/"] {
+        for bad in [
+            "",
+            "../etc/passwd",
+            "a/../../b",
+            "/abs",
+            "a//b",
+            "a/./b",
+            "a\\b",
+            "a\0b",
+            "x/",
+        ] {
             assert!(validate_file_path(bad).is_err(), "{bad:?} accepted");
         }
     }

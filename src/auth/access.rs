@@ -37,14 +37,22 @@ fn gated(status: actix_web::http::StatusCode, code: &'static str, msg: String) -
 
 /// Checks `raw` (the bearer token, if any) for reading `model`: signature, times, audience,
 /// scope, then the token's row and its grant in the database.
-pub async fn authorize(db: &Db, keys: &Keyring, policy: &TokenPolicy, raw: Option<&str>, model: &str) -> Result<Principal> {
+pub async fn authorize(
+    db: &Db,
+    keys: &Keyring,
+    policy: &TokenPolicy,
+    raw: Option<&str>,
+    model: &str,
+) -> Result<Principal> {
     use actix_web::http::StatusCode;
     let apply_url = format!("{}/models/{model}", policy.public_url);
     let Some(raw) = raw.filter(|t| !t.is_empty()) else {
         return Err(gated(
             StatusCode::UNAUTHORIZED,
             "token_missing",
-            format!("Access to model {model} is restricted. You must have access to it and be authenticated to access it. Send your weightgate token as 'Authorization: Bearer <token>' (or HF_TOKEN). Apply for access at {apply_url}"),
+            format!(
+                "Access to model {model} is restricted. You must have access to it and be authenticated to access it. Send your weightgate token as 'Authorization: Bearer <token>' (or HF_TOKEN). Apply for access at {apply_url}"
+            ),
         ));
     };
     let claims = tokens::verify(keys, raw, &policy.issuer, &policy.audience, policy.leeway)
@@ -53,36 +61,85 @@ pub async fn authorize(db: &Db, keys: &Keyring, policy: &TokenPolicy, raw: Optio
         return Err(gated(
             StatusCode::FORBIDDEN,
             "token_scope",
-            format!("Access to model {model} is restricted and this token is not for it. Apply for access at {apply_url}"),
+            format!(
+                "Access to model {model} is restricted and this token is not for it. Apply for access at {apply_url}"
+            ),
         ));
     }
     let hash = util::sha256_hex(raw);
     let jti = claims.jti.clone();
     let model = model.to_string();
-    db.read(move |c| check_rows(c, &claims, &jti, &hash, &model, &apply_url)).await
+    db.read(move |c| check_rows(c, &claims, &jti, &hash, &model, &apply_url))
+        .await
 }
 
-fn check_rows(c: &mut AnyConnection, claims: &Claims, jti: &str, hash: &str, model: &str, apply_url: &str) -> Result<Principal> {
+fn check_rows(
+    c: &mut AnyConnection,
+    claims: &Claims,
+    jti: &str,
+    hash: &str,
+    model: &str,
+    apply_url: &str,
+) -> Result<Principal> {
     use actix_web::http::StatusCode;
     let now = util::now();
     let row = token_rows::find(c, jti)?
-        .filter(|r| util::ct_eq(r.token_hash.as_bytes(), hash.as_bytes()) && r.user_id == claims.sub)
-        .ok_or_else(|| Error::unauthorized("invalid_token", tokens::INVALID_CREDENTIALS).hub(HubCode::GatedRepo))?;
+        .filter(|r| {
+            util::ct_eq(r.token_hash.as_bytes(), hash.as_bytes()) && r.user_id == claims.sub
+        })
+        .ok_or_else(|| {
+            Error::unauthorized("invalid_token", tokens::INVALID_CREDENTIALS)
+                .hub(HubCode::GatedRepo)
+        })?;
     if row.revoked_at.is_some() {
-        return Err(gated(StatusCode::FORBIDDEN, "token_revoked", format!("Your token for model {model} has been revoked. Issue a new one from your application's status page, or apply again at {apply_url}")));
+        return Err(gated(
+            StatusCode::FORBIDDEN,
+            "token_revoked",
+            format!(
+                "Your token for model {model} has been revoked. Issue a new one from your application's status page, or apply again at {apply_url}"
+            ),
+        ));
     }
-    let grant = people::find_grant(c, &row.grant_id)?.ok_or_else(|| Error::internal("token without grant"))?;
+    let grant = people::find_grant(c, &row.grant_id)?
+        .ok_or_else(|| Error::internal("token without grant"))?;
     let user = people::find_user(c, &row.user_id)?;
     if user.is_none_or(|u| u.deleted_at.is_some()) {
-        return Err(gated(StatusCode::FORBIDDEN, "user_deleted", format!("Access to model {model} is restricted: this account no longer exists.")));
+        return Err(gated(
+            StatusCode::FORBIDDEN,
+            "user_deleted",
+            format!("Access to model {model} is restricted: this account no longer exists."),
+        ));
     }
     if grant.revoked_at.is_some() {
-        return Err(gated(StatusCode::FORBIDDEN, "grant_revoked", format!("Your access to model {model} has been revoked{}. Apply again at {apply_url}", grant.revoked_reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default())));
+        return Err(gated(
+            StatusCode::FORBIDDEN,
+            "grant_revoked",
+            format!(
+                "Your access to model {model} has been revoked{}. Apply again at {apply_url}",
+                grant
+                    .revoked_reason
+                    .as_deref()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default()
+            ),
+        ));
     }
     if grant.expires_at.is_some_and(|e| e <= now) {
-        return Err(gated(StatusCode::FORBIDDEN, "grant_expired", format!("Your access to model {model} expired on {}. Apply again at {apply_url}", util::rfc3339(grant.expires_at.unwrap_or(now)))));
+        return Err(gated(
+            StatusCode::FORBIDDEN,
+            "grant_expired",
+            format!(
+                "Your access to model {model} expired on {}. Apply again at {apply_url}",
+                util::rfc3339(grant.expires_at.unwrap_or(now))
+            ),
+        ));
     }
-    Ok(Principal { user_id: row.user_id, jti: row.jti, grant_id: grant.id, grant_expires_at: grant.expires_at })
+    Ok(Principal {
+        user_id: row.user_id,
+        jti: row.jti,
+        grant_id: grant.id,
+        grant_expires_at: grant.expires_at,
+    })
 }
 
 /// A freshly issued token: the raw text is shown once and never stored.
@@ -106,13 +163,24 @@ pub struct IssueRequest {
 
 /// Issues a token for the user's active grant, inside the caller's transaction; its expiry
 /// never outlives the grant.
-pub fn issue(c: &mut AnyConnection, keys: &Keyring, policy: &TokenPolicy, req: &IssueRequest) -> Result<Issued> {
+pub fn issue(
+    c: &mut AnyConnection,
+    keys: &Keyring,
+    policy: &TokenPolicy,
+    req: &IssueRequest,
+) -> Result<Issued> {
     let now = util::now();
     if req.max_downloads.is_some_and(|n| n < 1) {
         return Err(Error::invalid_field("max_downloads", "must be at least 1"));
     }
     let grant = people::active_grant(c, &req.user_id, &req.model, now)?.ok_or_else(|| {
-        Error::forbidden("no_grant", format!("There is no active grant for model {}: the application must be approved first.", req.model))
+        Error::forbidden(
+            "no_grant",
+            format!(
+                "There is no active grant for model {}: the application must be approved first.",
+                req.model
+            ),
+        )
     })?;
     let mut exp = now.saturating_add(req.ttl.as_secs().min(i64::MAX as u64) as i64);
     if let Some(g) = grant.expires_at {
@@ -130,32 +198,51 @@ pub fn issue(c: &mut AnyConnection, keys: &Keyring, policy: &TokenPolicy, req: &
         max_downloads: req.max_downloads,
     };
     let (token, kid) = tokens::sign(keys, &claims)?;
-    token_rows::insert(c, &TokenRow {
-        jti: claims.jti.clone(),
-        token_hash: util::sha256_hex(&token),
-        kid,
-        grant_id: grant.id.clone(),
-        user_id: req.user_id.clone(),
-        model_id: req.model.clone(),
-        label: req.label.clone(),
-        issued_at: now,
-        expires_at: exp,
-        revoked_at: None,
-        max_downloads: req.max_downloads,
-    })?;
+    token_rows::insert(
+        c,
+        &TokenRow {
+            jti: claims.jti.clone(),
+            token_hash: util::sha256_hex(&token),
+            kid,
+            grant_id: grant.id.clone(),
+            user_id: req.user_id.clone(),
+            model_id: req.model.clone(),
+            label: req.label.clone(),
+            issued_at: now,
+            expires_at: exp,
+            revoked_at: None,
+            max_downloads: req.max_downloads,
+        },
+    )?;
     audit::append(c, &[Event::new("token_issued", "ok")
         .actor(&req.actor)
         .model(&req.model)
         .detail(json!({"jti": claims.jti, "user": req.user_id, "grant": grant.id, "exp": exp, "max_downloads": req.max_downloads}))])?;
-    Ok(Issued { token, jti: claims.jti, model: req.model.clone(), expires_at: exp, max_downloads: req.max_downloads })
+    Ok(Issued {
+        token,
+        jti: claims.jti,
+        model: req.model.clone(),
+        expires_at: exp,
+        max_downloads: req.max_downloads,
+    })
 }
 
 /// Revokes a token by `jti`, inside the caller's transaction.
 pub fn revoke(c: &mut AnyConnection, jti: &str, actor: &str) -> Result<TokenRow> {
-    let row = token_rows::find(c, jti)?.ok_or_else(|| Error::not_found("token_not_found", format!("No token with jti {jti}.")))?;
+    let row = token_rows::find(c, jti)?
+        .ok_or_else(|| Error::not_found("token_not_found", format!("No token with jti {jti}.")))?;
     if !token_rows::revoke(c, jti, util::now())? {
-        return Err(Error::conflict("already_revoked", format!("Token {jti} was already revoked.")));
+        return Err(Error::conflict(
+            "already_revoked",
+            format!("Token {jti} was already revoked."),
+        ));
     }
-    audit::append(c, &[Event::new("token_revoked", "ok").actor(actor).model(&row.model_id).detail(json!({"jti": jti, "user": row.user_id}))])?;
+    audit::append(
+        c,
+        &[Event::new("token_revoked", "ok")
+            .actor(actor)
+            .model(&row.model_id)
+            .detail(json!({"jti": jti, "user": row.user_id}))],
+    )?;
     Ok(row)
 }

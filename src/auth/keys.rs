@@ -52,7 +52,14 @@ impl Keyring {
     pub fn open(data_dir: &Path) -> anyhow::Result<Keyring> {
         let dir = data_dir.join("keys");
         std::fs::create_dir_all(&dir)?;
-        let ring = Keyring { dir, inner: Arc::new(RwLock::new(Loaded { signing: None, public: HashMap::new(), loaded_at: Instant::now() })) };
+        let ring = Keyring {
+            dir,
+            inner: Arc::new(RwLock::new(Loaded {
+                signing: None,
+                public: HashMap::new(),
+                loaded_at: Instant::now(),
+            })),
+        };
         ring.reload()?;
         if ring.signing().is_none() {
             ring.generate()?;
@@ -69,8 +76,9 @@ impl Keyring {
                 continue;
             }
             let text = std::fs::read_to_string(&path)?;
-            let kf: KeyFile = serde_json::from_str(&text)
-                .map_err(|e| anyhow::anyhow!("{}: not a weightgate key file: {e}", path.display()))?;
+            let kf: KeyFile = serde_json::from_str(&text).map_err(|e| {
+                anyhow::anyhow!("{}: not a weightgate key file: {e}", path.display())
+            })?;
             out.push(kf);
         }
         out.sort_by_key(|k| (k.created_at, k.kid.clone()));
@@ -82,16 +90,30 @@ impl Keyring {
         let files = self.read_files()?;
         let mut public = HashMap::new();
         let mut signing = None;
-        for kf in files.iter().filter(|k| k.retired_at.is_none() && k.alg == "EdDSA") {
+        for kf in files
+            .iter()
+            .filter(|k| k.retired_at.is_none() && k.alg == "EdDSA")
+        {
             let der = STANDARD.decode(&kf.private_pkcs8)?;
             let pair = Ed25519KeyPair::from_pkcs8(&der)
                 .map_err(|_| anyhow::anyhow!("key {}: unreadable PKCS#8", kf.kid))?;
             let raw = pair.public_key().as_ref().to_vec();
-            public.insert(kf.kid.clone(), PublicKey { kid: kf.kid.clone(), decoding: DecodingKey::from_ed_der(&raw), raw });
+            public.insert(
+                kf.kid.clone(),
+                PublicKey {
+                    kid: kf.kid.clone(),
+                    decoding: DecodingKey::from_ed_der(&raw),
+                    raw,
+                },
+            );
             signing = Some((kf.kid.clone(), EncodingKey::from_ed_der(&der)));
         }
         let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        *inner = Loaded { signing, public, loaded_at: Instant::now() };
+        *inner = Loaded {
+            signing,
+            public,
+            loaded_at: Instant::now(),
+        };
         Ok(())
     }
 
@@ -99,7 +121,11 @@ impl Keyring {
     pub fn generate(&self) -> anyhow::Result<String> {
         let doc = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
             .map_err(|_| anyhow::anyhow!("could not generate an Ed25519 key"))?;
-        let kid = format!("{}-{}", chrono::Utc::now().format("%Y%m%d"), util::random_hex(4));
+        let kid = format!(
+            "{}-{}",
+            chrono::Utc::now().format("%Y%m%d"),
+            util::random_hex(4)
+        );
         let kf = KeyFile {
             kid: kid.clone(),
             alg: "EdDSA".into(),
@@ -115,7 +141,11 @@ impl Keyring {
 
     /// The key id and key that sign new tokens.
     pub fn signing(&self) -> Option<(String, EncodingKey)> {
-        self.inner.read().unwrap_or_else(|p| p.into_inner()).signing.clone()
+        self.inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .signing
+            .clone()
     }
 
     /// The verification key for `kid`; re-reads the folder (at most once a second) when unknown.
@@ -128,7 +158,13 @@ impl Keyring {
             inner.loaded_at.elapsed() > Duration::from_secs(1)
         };
         if stale && self.reload().is_ok() {
-            return self.inner.read().unwrap_or_else(|p| p.into_inner()).public.get(kid).cloned();
+            return self
+                .inner
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .public
+                .get(kid)
+                .cloned();
         }
         None
     }
@@ -151,7 +187,11 @@ impl Keyring {
 fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
     f.write_all(data)?;
     f.sync_all()
 }

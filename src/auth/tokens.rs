@@ -25,17 +25,26 @@ pub struct Claims {
 
 /// Signs `claims` with the current key; returns the compact token and the key id used.
 pub fn sign(keys: &Keyring, claims: &Claims) -> Result<(String, String)> {
-    let (kid, key) = keys.signing().ok_or_else(|| Error::internal("no signing key loaded"))?;
+    let (kid, key) = keys
+        .signing()
+        .ok_or_else(|| Error::internal("no signing key loaded"))?;
     let mut header = Header::new(Algorithm::EdDSA);
     header.kid = Some(kid.clone());
-    let token = jsonwebtoken::encode(&header, claims, &key).map_err(|e| Error::internal(format!("jwt sign: {e}")))?;
+    let token = jsonwebtoken::encode(&header, claims, &key)
+        .map_err(|e| Error::internal(format!("jwt sign: {e}")))?;
     Ok((token, kid))
 }
 
 pub const INVALID_CREDENTIALS: &str = "Invalid credentials in Authorization header";
 
 /// Checks signature, key id, times (with `leeway` seconds), issuer and audience.
-pub fn verify(keys: &Keyring, token: &str, issuer: &str, audience: &str, leeway: u64) -> Result<Claims> {
+pub fn verify(
+    keys: &Keyring,
+    token: &str,
+    issuer: &str,
+    audience: &str,
+    leeway: u64,
+) -> Result<Claims> {
     let invalid = || Error::unauthorized("invalid_token", INVALID_CREDENTIALS);
     if token.len() > 8192 {
         return Err(invalid());
@@ -59,9 +68,10 @@ pub fn verify(keys: &Keyring, token: &str, issuer: &str, audience: &str, leeway:
                 "token_expired",
                 "Your download token has expired. Issue a new one from your application's status page.",
             ),
-            ErrorKind::ImmatureSignature => {
-                Error::unauthorized("token_not_yet_valid", "This download token is not valid yet.")
-            }
+            ErrorKind::ImmatureSignature => Error::unauthorized(
+                "token_not_yet_valid",
+                "This download token is not valid yet.",
+            ),
             _ => invalid(),
         }),
     }

@@ -56,7 +56,8 @@ impl ManageConnection for Manager {
     }
 
     fn is_valid(&self, conn: &mut AnyConnection) -> Result<(), r2d2::Error> {
-        conn.batch_execute("SELECT 1").map_err(r2d2::Error::QueryError)
+        conn.batch_execute("SELECT 1")
+            .map_err(r2d2::Error::QueryError)
     }
 
     fn has_broken(&self, _conn: &mut AnyConnection) -> bool {
@@ -72,6 +73,8 @@ pub struct Db {
     /// spinning on SQLITE_BUSY. PostgreSQL has no such lock.
     write_lock: Option<Arc<std::sync::Mutex<()>>>,
     pub backend: Backend,
+    /// How many migrations ran when this handle was opened.
+    pub migrated: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,8 +98,10 @@ impl Db {
         };
         if let DatabaseUrl::Sqlite(path) = &url {
             // WAL (persistent in the file) lets readers run beside the one writer.
-            let mut conn = diesel::SqliteConnection::establish(&path.to_string_lossy())
-                .map_err(|e| anyhow::anyhow!("database.url: cannot open {}: {e}", path.display()))?;
+            let mut conn =
+                diesel::SqliteConnection::establish(&path.to_string_lossy()).map_err(|e| {
+                    anyhow::anyhow!("database.url: cannot open {}: {e}", path.display())
+                })?;
             conn.batch_execute("PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL;")?;
         }
         let pool = r2d2::Pool::builder()
@@ -104,15 +109,19 @@ impl Db {
             // a CLI command exits races OpenSSL's exit-time cleanup inside libpq (SIGSEGV).
             .min_idle(Some(0))
             .max_size(settings.database.pool_size)
-            .connection_timeout(Duration::from_secs(settings.database.pool_timeout_secs.max(1)))
+            .connection_timeout(Duration::from_secs(
+                settings.database.pool_timeout_secs.max(1),
+            ))
             .build(Manager { url })
             .map_err(|e| anyhow::anyhow!("database.url: cannot connect: {e}"))?;
         let db = Db {
             pool,
             write_lock: (backend == Backend::Sqlite).then(|| Arc::new(std::sync::Mutex::new(()))),
             backend,
+            migrated: 0,
         };
-        db.migrate()?;
+        let mut db = db;
+        db.migrated = db.migrate()?;
         db.write_blocking(models::kv::ensure_server_secret)
             .map_err(|e| anyhow::anyhow!("database: {e}"))?;
         Ok(db)
@@ -122,10 +131,12 @@ impl Db {
     pub fn migrate(&self) -> anyhow::Result<usize> {
         let mut conn = self.pool.get()?;
         let ran = match &mut *conn {
-            AnyConnection::Sqlite(c) => c.run_pending_migrations(SQLITE_MIGRATIONS).map(|v| v.len()),
-            AnyConnection::Postgresql(c) => {
-                c.run_pending_migrations(POSTGRES_MIGRATIONS).map(|v| v.len())
+            AnyConnection::Sqlite(c) => {
+                c.run_pending_migrations(SQLITE_MIGRATIONS).map(|v| v.len())
             }
+            AnyConnection::Postgresql(c) => c
+                .run_pending_migrations(POSTGRES_MIGRATIONS)
+                .map(|v| v.len()),
         }
         .map_err(|e| anyhow::anyhow!("migrations: {e}"))?;
         Ok(ran)
@@ -161,10 +172,10 @@ impl Db {
     }
 
     pub fn write_blocking<T>(&self, f: impl FnOnce(&mut AnyConnection) -> Result<T>) -> Result<T> {
-        let _guard = match &self.write_lock {
-            Some(lock) => Some(lock.lock().unwrap_or_else(|p| p.into_inner())),
-            None => None,
-        };
+        let _guard = self
+            .write_lock
+            .as_ref()
+            .map(|lock| lock.lock().unwrap_or_else(|p| p.into_inner()));
         let mut pooled = self.pool.get()?;
         let conn: &mut AnyConnection = &mut pooled;
         conn.transaction(|c| {

@@ -231,7 +231,22 @@ diesel::table! {
 }
 
 diesel::allow_tables_to_appear_in_same_query!(
-    models, blobs, revisions, refs, files, users, applications, grants, tokens, token_downloads,
-    admins, admin_sessions, admin_api_tokens, kv, audit_events, mail_outbox, webhooks,
+    models,
+    blobs,
+    revisions,
+    refs,
+    files,
+    users,
+    applications,
+    grants,
+    tokens,
+    token_downloads,
+    admins,
+    admin_sessions,
+    admin_api_tokens,
+    kv,
+    audit_events,
+    mail_outbox,
+    webhooks,
     webhook_outbox,
 );

@@ -22,20 +22,23 @@ use templates::Rendered;
 /// Adds a message to the outbox inside the caller's transaction.
 pub fn queue(c: &mut AnyConnection, to: &str, msg: &Rendered) -> Result<()> {
     let now = util::now();
-    outbox::insert(c, &OutboxMail {
-        id: util::random_hex(16),
-        kind: msg.kind.to_string(),
-        to_addr: to.to_string(),
-        subject: msg.subject.clone(),
-        body_text: msg.text.clone(),
-        body_html: msg.html.clone(),
-        created_at: now,
-        attempts: 0,
-        next_attempt_at: now,
-        sent_at: None,
-        failed_at: None,
-        last_error: None,
-    })
+    outbox::insert(
+        c,
+        &OutboxMail {
+            id: util::random_hex(16),
+            kind: msg.kind.to_string(),
+            to_addr: to.to_string(),
+            subject: msg.subject.clone(),
+            body_text: msg.text.clone(),
+            body_html: msg.html.clone(),
+            created_at: now,
+            attempts: 0,
+            next_attempt_at: now,
+            sent_at: None,
+            failed_at: None,
+            last_error: None,
+        },
+    )
 }
 
 enum Transport {
@@ -61,7 +64,10 @@ enum Attempt {
 impl Mailer {
     pub fn new(settings: &Settings, db: Db) -> anyhow::Result<Mailer> {
         let m: &MailSettings = &settings.mail;
-        let from: Mailbox = m.from.parse().map_err(|e| anyhow::anyhow!("mail.from: {e}"))?;
+        let from: Mailbox = m
+            .from
+            .parse()
+            .map_err(|e| anyhow::anyhow!("mail.from: {e}"))?;
         let transport = match m.transport {
             MailTransport::File => {
                 let dir = settings.data_dir.join("outbox");
@@ -70,20 +76,34 @@ impl Mailer {
             }
             MailTransport::Smtp => {
                 let builder = match m.smtp_tls {
-                    SmtpTls::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&m.smtp_host),
-                    SmtpTls::Starttls => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&m.smtp_host)
-                        .map_err(|e| anyhow::anyhow!("mail.smtp_host: {e}"))?,
+                    SmtpTls::None => {
+                        AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&m.smtp_host)
+                    }
+                    SmtpTls::Starttls => {
+                        AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&m.smtp_host)
+                            .map_err(|e| anyhow::anyhow!("mail.smtp_host: {e}"))?
+                    }
                     SmtpTls::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(&m.smtp_host)
                         .map_err(|e| anyhow::anyhow!("mail.smtp_host: {e}"))?,
                 };
-                let mut builder = builder.port(m.smtp_port).timeout(Some(Duration::from_secs(30)));
+                let mut builder = builder
+                    .port(m.smtp_port)
+                    .timeout(Some(Duration::from_secs(30)));
                 if !m.smtp_username.is_empty() {
-                    builder = builder.credentials(Credentials::new(m.smtp_username.clone(), m.smtp_password.0.clone()));
+                    builder = builder.credentials(Credentials::new(
+                        m.smtp_username.clone(),
+                        m.smtp_password.0.clone(),
+                    ));
                 }
                 Transport::Smtp(builder.build())
             }
         };
-        Ok(Mailer { db, from, transport, wake: Arc::new(Notify::new()) })
+        Ok(Mailer {
+            db,
+            from,
+            transport,
+            wake: Arc::new(Notify::new()),
+        })
     }
 
     /// Attempts every due message once; returns how many were sent.
@@ -98,16 +118,22 @@ impl Mailer {
             match result {
                 Attempt::Sent => {
                     sent += 1;
-                    self.db.write(move |c| outbox::mark_sent(c, &id, now)).await?;
+                    self.db
+                        .write(move |c| outbox::mark_sent(c, &id, now))
+                        .await?;
                 }
                 Attempt::Retry(err) => {
                     tracing::warn!(mail = %id, attempts = attempts + 1, error = %err, "mail delivery failed; will retry");
                     let next = now + backoff_secs(attempts);
-                    self.db.write(move |c| outbox::mark_retry(c, &id, next, &err)).await?;
+                    self.db
+                        .write(move |c| outbox::mark_retry(c, &id, next, &err))
+                        .await?;
                 }
                 Attempt::Permanent(err) => {
                     tracing::error!(mail = %id, error = %err, "mail delivery failed permanently");
-                    self.db.write(move |c| outbox::mark_failed(c, &id, now, &err)).await?;
+                    self.db
+                        .write(move |c| outbox::mark_failed(c, &id, now, &err))
+                        .await?;
                 }
             }
         }
@@ -124,7 +150,10 @@ impl Mailer {
             .to(to)
             .subject(&mail.subject)
             .message_id(Some(format!("<{}@weightgate>", mail.id)))
-            .multipart(MultiPart::alternative_plain_html(mail.body_text.clone(), mail.body_html.clone()));
+            .multipart(MultiPart::alternative_plain_html(
+                mail.body_text.clone(),
+                mail.body_html.clone(),
+            ));
         let message = match message {
             Ok(m) => m,
             Err(e) => return Attempt::Permanent(format!("cannot build message: {e}")),

@@ -27,7 +27,9 @@ pub fn escape(s: &str) -> String {
 
 /// Subjects are one line: newlines from outside would otherwise start new headers.
 fn one_line(s: &str) -> String {
-    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 fn html_page(paragraphs: &[String], link: Option<(&str, &str)>) -> String {
@@ -38,7 +40,11 @@ fn html_page(paragraphs: &[String], link: Option<(&str, &str)>) -> String {
         body.push_str("</p>");
     }
     if let Some((label, url)) = link {
-        body.push_str(&format!("<p><a href=\"{}\">{}</a></p>", escape(url), escape(label)));
+        body.push_str(&format!(
+            "<p><a href=\"{}\">{}</a></p>",
+            escape(url),
+            escape(label)
+        ));
     }
     body.push_str("</body></html>");
     body
@@ -47,21 +53,30 @@ fn html_page(paragraphs: &[String], link: Option<(&str, &str)>) -> String {
 pub fn confirm_email(model: &str, name: &str, confirm_url: &str, status_url: &str) -> Rendered {
     let paras = vec![
         format!("Hello {name},"),
-        format!("you applied for access to the model {model}. Please confirm your email address so that your application can be reviewed."),
+        format!(
+            "you applied for access to the model {model}. Please confirm your email address so that your application can be reviewed."
+        ),
         format!("Your application's status page, which you can bookmark: {status_url}"),
         "If you did not apply, ignore this message.".to_string(),
     ];
     Rendered {
         kind: "confirm_email",
         subject: one_line(&format!("Confirm your email to apply for {model}")),
-        text: format!("{}\n\nConfirm: {confirm_url}\n\n{}\n{}\n", paras[..2].join("\n\n"), paras[2], paras[3]),
+        text: format!(
+            "{}\n\nConfirm: {confirm_url}\n\n{}\n{}\n",
+            paras[..2].join("\n\n"),
+            paras[2],
+            paras[3]
+        ),
         html: html_page(&paras, Some(("Confirm my email address", confirm_url))),
     }
 }
 
 pub fn application_received(model: &str, status_url: &str) -> Rendered {
     let paras = vec![
-        format!("Your email is confirmed and your application for {model} is now waiting for review."),
+        format!(
+            "Your email is confirmed and your application for {model} is now waiting for review."
+        ),
         "You will get an email when it has been decided.".to_string(),
     ];
     Rendered {
@@ -72,8 +87,15 @@ pub fn application_received(model: &str, status_url: &str) -> Rendered {
     }
 }
 
-pub fn new_application(model: &str, applicant: &str, affiliation: &str, admin_url: &str) -> Rendered {
-    let paras = vec![format!("{applicant} ({affiliation}) applied for access to {model} and confirmed their email.")];
+pub fn new_application(
+    model: &str,
+    applicant: &str,
+    affiliation: &str,
+    admin_url: &str,
+) -> Rendered {
+    let paras = vec![format!(
+        "{applicant} ({affiliation}) applied for access to {model} and confirmed their email."
+    )];
     Rendered {
         kind: "new_application",
         subject: one_line(&format!("New application for {model}")),
@@ -82,7 +104,12 @@ pub fn new_application(model: &str, applicant: &str, affiliation: &str, admin_ur
     }
 }
 
-pub fn approved(model: &str, status_url: &str, public_url: &str, expires: Option<&str>) -> Rendered {
+pub fn approved(
+    model: &str,
+    status_url: &str,
+    public_url: &str,
+    expires: Option<&str>,
+) -> Rendered {
     let mut paras = vec![format!("Your application for {model} has been approved.")];
     if let Some(e) = expires {
         paras.push(format!("Your access lasts until {e}."));
@@ -91,7 +118,10 @@ pub fn approved(model: &str, status_url: &str, public_url: &str, expires: Option
     Rendered {
         kind: "approved",
         subject: one_line(&format!("Access to {model} approved")),
-        text: format!("{}\n\nStatus and tokens: {status_url}\n", paras.join("\n\n")),
+        text: format!(
+            "{}\n\nStatus and tokens: {status_url}\n",
+            paras.join("\n\n")
+        ),
         html: html_page(&paras, Some(("Status and tokens", status_url))),
     }
 }
@@ -116,9 +146,12 @@ pub fn rejected(model: &str, reason: &str, may_reapply: bool, status_url: &str) 
 
 pub fn integrity_failure(model: &str, path: &str, sha256: &str, problem: &str) -> Rendered {
     let paras = vec![
-        format!("A stored file failed verification and has been quarantined: {model} {path} (sha256 {sha256})."),
+        format!(
+            "A stored file failed verification and has been quarantined: {model} {path} (sha256 {sha256})."
+        ),
         format!("Problem: {problem}"),
-        "Downloads of it answer 503 until it is re-imported with `weightgate models add`.".to_string(),
+        "Downloads of it answer 503 until it is re-imported with `weightgate models add`."
+            .to_string(),
     ];
     Rendered {
         kind: "integrity_failure",
@@ -134,7 +167,12 @@ mod tests {
 
     #[test]
     fn hostile_values_are_escaped_and_subjects_stay_one_line() {
-        let r = rejected("o/m\r\nBcc: x@y", "<script>alert(1)</script>", true, "http://h/s?a=1&b=2");
+        let r = rejected(
+            "o/m\r\nBcc: x@y",
+            "<script>alert(1)</script>",
+            true,
+            "http://h/s?a=1&b=2",
+        );
         assert!(!r.subject.contains('\n') && !r.subject.contains('\r'));
         assert!(r.html.contains("&lt;script&gt;"));
         assert!(!r.html.contains("<script>"));

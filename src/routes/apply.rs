@@ -9,7 +9,11 @@ use crate::auth::access::{self, IssueRequest};
 use crate::error::{Error, Result};
 use crate::util;
 
-pub async fn submit(state: web::Data<State>, path: web::Path<(String, String)>, form: web::Json<ApplicationForm>) -> Result<HttpResponse> {
+pub async fn submit(
+    state: web::Data<State>,
+    path: web::Path<(String, String)>,
+    form: web::Json<ApplicationForm>,
+) -> Result<HttpResponse> {
     let (org, name) = path.into_inner();
     let model = format!("{org}/{name}");
     crate::paths::validate_repo_id(&model)?;
@@ -32,9 +36,16 @@ fn wants_json(req: &HttpRequest) -> bool {
         .is_some_and(|a| a.contains("application/json") && !a.contains("text/html"))
 }
 
-pub async fn confirm(req: HttpRequest, state: web::Data<State>, q: web::Query<CodeQuery>) -> Result<HttpResponse> {
+pub async fn confirm(
+    req: HttpRequest,
+    state: web::Data<State>,
+    q: web::Query<CodeQuery>,
+) -> Result<HttpResponse> {
     if q.code.len() > 200 {
-        return Err(Error::bad_request("bad_code", "This confirmation link is not valid."));
+        return Err(Error::bad_request(
+            "bad_code",
+            "This confirmation link is not valid.",
+        ));
     }
     let app = applications::confirm(&state.db, &state.ctx, &q.code).await?;
     state.mail_queued();
@@ -43,8 +54,12 @@ pub async fn confirm(req: HttpRequest, state: web::Data<State>, q: web::Query<Co
         return Ok(HttpResponse::Ok().json(body));
     }
     let next = match app.status.as_str() {
-        "approved" => "Your application has been approved: the email we just sent explains how to download.",
-        "pending" => "Your application is now waiting for review; you will get an email when it has been decided.",
+        "approved" => {
+            "Your application has been approved: the email we just sent explains how to download."
+        }
+        "pending" => {
+            "Your application is now waiting for review; you will get an email when it has been decided."
+        }
         _ => "Your application has already been handled; see your status page.",
     };
     Ok(HttpResponse::Ok().content_type("text/html; charset=utf-8").body(format!(
@@ -58,9 +73,15 @@ pub struct KeyQuery {
     key: String,
 }
 
-pub async fn status(state: web::Data<State>, id: web::Path<String>, q: web::Query<KeyQuery>) -> Result<HttpResponse> {
+pub async fn status(
+    state: web::Data<State>,
+    id: web::Path<String>,
+    q: web::Query<KeyQuery>,
+) -> Result<HttpResponse> {
     let status = applications::status(&state.db, &id, &q.key).await?;
-    Ok(HttpResponse::Ok().insert_header(("Cache-Control", "no-store")).json(status))
+    Ok(HttpResponse::Ok()
+        .insert_header(("Cache-Control", "no-store"))
+        .json(status))
 }
 
 #[derive(Deserialize, Default)]
@@ -71,13 +92,25 @@ pub struct IssueBody {
 }
 
 /// An approved researcher issues themselves a token (authenticated by the status key).
-pub async fn issue_token(state: web::Data<State>, id: web::Path<String>, q: web::Query<KeyQuery>, body: Option<web::Json<IssueBody>>) -> Result<HttpResponse> {
+pub async fn issue_token(
+    state: web::Data<State>,
+    id: web::Path<String>,
+    q: web::Query<KeyQuery>,
+    body: Option<web::Json<IssueBody>>,
+) -> Result<HttpResponse> {
     let body = body.map(|b| b.into_inner()).unwrap_or_default();
-    let ttl = util::parse_duration(body.ttl.as_deref().unwrap_or(&state.settings.tokens.default_ttl))
-        .map_err(|e| Error::invalid_field("ttl", e))?;
+    let ttl = util::parse_duration(
+        body.ttl
+            .as_deref()
+            .unwrap_or(&state.settings.tokens.default_ttl),
+    )
+    .map_err(|e| Error::invalid_field("ttl", e))?;
     let label = body.label.unwrap_or_default();
     if label.chars().count() > 100 || label.chars().any(char::is_control) {
-        return Err(Error::invalid_field("label", "at most 100 characters, one line"));
+        return Err(Error::invalid_field(
+            "label",
+            "at most 100 characters, one line",
+        ));
     }
     let (id, key) = (id.into_inner(), q.into_inner().key);
     let (keys, policy) = (state.keys.clone(), state.policy.clone());
@@ -86,11 +119,26 @@ pub async fn issue_token(state: web::Data<State>, id: web::Path<String>, q: web:
         .write(move |c| {
             let app = applications::authenticate(c, &id, &key)?;
             if app.status != "approved" {
-                return Err(Error::forbidden("not_approved", format!("This application is {}; tokens are issued once it is approved.", app.status)));
+                return Err(Error::forbidden(
+                    "not_approved",
+                    format!(
+                        "This application is {}; tokens are issued once it is approved.",
+                        app.status
+                    ),
+                ));
             }
-            let req = IssueRequest { user_id: app.user_id.clone(), model: app.model_id.clone(), ttl, max_downloads: None, label, actor: format!("user:{}", app.user_id) };
+            let req = IssueRequest {
+                user_id: app.user_id.clone(),
+                model: app.model_id.clone(),
+                ttl,
+                max_downloads: None,
+                label,
+                actor: format!("user:{}", app.user_id),
+            };
             access::issue(c, &keys, &policy, &req)
         })
         .await?;
-    Ok(HttpResponse::Created().insert_header(("Cache-Control", "no-store")).json(issued))
+    Ok(HttpResponse::Created()
+        .insert_header(("Cache-Control", "no-store"))
+        .json(issued))
 }

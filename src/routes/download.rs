@@ -38,8 +38,18 @@ struct FetchLog {
 }
 
 impl FetchLog {
-    fn event(&self, outcome: &str, bytes_sent: u64, started: Instant, reason: Option<&str>) -> Event {
-        let kind = if self.method == "HEAD" { "file_head" } else { "file_download" };
+    fn event(
+        &self,
+        outcome: &str,
+        bytes_sent: u64,
+        started: Instant,
+        reason: Option<&str>,
+    ) -> Event {
+        let kind = if self.method == "HEAD" {
+            "file_head"
+        } else {
+            "file_download"
+        };
         let mut e = Event::new(kind, outcome).detail(json!({
             "revision": self.revision, "commit": self.commit, "path": self.path,
             "user": self.user, "jti": self.jti, "range": self.range, "client": self.client,
@@ -67,7 +77,9 @@ pub async fn resolve(req: HttpRequest, state: web::Data<State>) -> Result<HttpRe
         Ok(resp) => Ok(resp),
         Err(e) => {
             log.status = e.status.as_u16();
-            state.audit.record(log.event("denied", 0, started, Some(e.code)));
+            state
+                .audit
+                .record(log.event("denied", 0, started, Some(e.code)));
             Err(e)
         }
     }
@@ -75,9 +87,16 @@ pub async fn resolve(req: HttpRequest, state: web::Data<State>) -> Result<HttpRe
 
 /// The bearer token from `Authorization`, else from `?token=` (signed-URL style).
 fn bearer(req: &HttpRequest) -> Option<String> {
-    if let Some(v) = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+    if let Some(v) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
         let v = v.trim();
-        let token = v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")).unwrap_or("");
+        let token = v
+            .strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))
+            .unwrap_or("");
         return Some(token.trim().to_string());
     }
     web::Query::<std::collections::HashMap<String, String>>::from_query(req.query_string())
@@ -85,14 +104,30 @@ fn bearer(req: &HttpRequest) -> Option<String> {
         .and_then(|q| q.get("token").cloned())
 }
 
-async fn serve(req: &HttpRequest, state: &web::Data<State>, log: &mut FetchLog, started: Instant) -> Result<HttpResponse> {
+async fn serve(
+    req: &HttpRequest,
+    state: &web::Data<State>,
+    log: &mut FetchLog,
+    started: Instant,
+) -> Result<HttpResponse> {
     // The raw path keeps %2F inside the revision segment distinct from a real '/'.
     let raw = req.uri().path();
     let mut parts = raw.splitn(5, '/');
-    let (_, org, name, _, tail) = (parts.next(), parts.next(), parts.next(), parts.next(), parts.next());
+    let (_, org, name, _, tail) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    );
     let (org, name, tail) = match (org, name, tail) {
         (Some(o), Some(n), Some(t)) => (paths::decode(o, "org")?, paths::decode(n, "name")?, t),
-        _ => return Err(Error::bad_request("bad_path", "expected /{org}/{name}/resolve/{revision}/{path}")),
+        _ => {
+            return Err(Error::bad_request(
+                "bad_path",
+                "expected /{org}/{name}/resolve/{revision}/{path}",
+            ));
+        }
     };
     let model = format!("{org}/{name}");
     paths::validate_repo_id(&model).map_err(|_| repo_not_found(&model))?;
@@ -113,24 +148,47 @@ async fn serve(req: &HttpRequest, state: &web::Data<State>, log: &mut FetchLog, 
         .await?;
     log.commit = Some(commit.clone());
     let Some((file, blob)) = found else {
-        return Err(Error::not_found("entry_not_found", format!("File {path} does not exist in revision {revision} of model {model}."))
-            .hub(HubCode::EntryNotFound)
-            .with_header(HeaderName::from_static("x-repo-commit"), commit));
+        return Err(Error::not_found(
+            "entry_not_found",
+            format!("File {path} does not exist in revision {revision} of model {model}."),
+        )
+        .hub(HubCode::EntryNotFound)
+        .with_header(HeaderName::from_static("x-repo-commit"), commit));
     };
 
-    let principal = access::authorize(&state.db, &state.keys, &state.policy, bearer(req).as_deref(), &model).await?;
+    let principal = access::authorize(
+        &state.db,
+        &state.keys,
+        &state.policy,
+        bearer(req).as_deref(),
+        &model,
+    )
+    .await?;
     log.user = Some(principal.user_id.clone());
     log.jti = Some(principal.jti.clone());
 
     if blob.status == BLOB_QUARANTINED {
-        return Err(Error::unavailable("quarantined", format!("File {path} of model {model} failed an integrity check and is withheld until an administrator restores it. Try again later.")));
+        return Err(Error::unavailable(
+            "quarantined",
+            format!(
+                "File {path} of model {model} failed an integrity check and is withheld until an administrator restores it. Try again later."
+            ),
+        ));
     }
 
     let size = blob.size as u64;
     let range = byte_range(req, &blob, size)?;
-    log.range = req.headers().get(header::RANGE).and_then(|v| v.to_str().ok()).map(str::to_string);
+    log.range = req
+        .headers()
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
 
-    let mut resp = HttpResponse::build(if range.is_some() { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK });
+    let mut resp = HttpResponse::build(if range.is_some() {
+        StatusCode::PARTIAL_CONTENT
+    } else {
+        StatusCode::OK
+    });
     identity_headers(&mut resp, &file, &blob, &commit, &principal, &model);
     let (start, end) = range.unwrap_or((0, size));
     if let Some((s, e)) = range {
@@ -143,7 +201,9 @@ async fn serve(req: &HttpRequest, state: &web::Data<State>, log: &mut FetchLog, 
     if req.method() == Method::HEAD {
         state.audit.record(log.event("ok", 0, started, None));
         // An empty body whose declared size is the file's, so Content-Length is exact.
-        return Ok(resp.no_chunking(len).streaming(futures_util::stream::empty::<Result<Bytes, Error>>()));
+        return Ok(resp
+            .no_chunking(len)
+            .streaming(futures_util::stream::empty::<Result<Bytes, Error>>()));
     }
 
     let plan = Plan {
@@ -154,19 +214,42 @@ async fn serve(req: &HttpRequest, state: &web::Data<State>, log: &mut FetchLog, 
         range: start..end,
         chunk_size: state.settings.storage.chunk_size,
     };
-    let on_failure = quarantine_on_failure(state.clone(), model.clone(), file.path.clone(), blob.sha256.clone());
+    let on_failure = quarantine_on_failure(
+        state.clone(),
+        model.clone(),
+        file.path.clone(),
+        blob.sha256.clone(),
+    );
     let chunks = verify::stream(state.store.clone(), plan, on_failure);
-    let body = AuditedBody { chunks, sent: 0, log: log.clone(), started, sink: state.audit.clone(), failed: false };
+    let body = AuditedBody {
+        chunks,
+        sent: 0,
+        log: log.clone(),
+        started,
+        sink: state.audit.clone(),
+        failed: false,
+    };
     Ok(resp.no_chunking(len).streaming(body))
 }
 
 fn repo_not_found(model: &str) -> Error {
-    Error::not_found("repo_not_found", format!("Model {model} does not exist on this server.")).hub(HubCode::RepoNotFound)
+    Error::not_found(
+        "repo_not_found",
+        format!("Model {model} does not exist on this server."),
+    )
+    .hub(HubCode::RepoNotFound)
 }
 
 /// The headers that identify the content: its SHA-256 (ETag, X-Linked-Etag, Repr-Digest),
 /// its size and the commit, as the Hugging Face client and RFC 9530 expect.
-fn identity_headers(resp: &mut actix_web::HttpResponseBuilder, file: &FileRow, blob: &Blob, commit: &str, principal: &Principal, model: &str) {
+fn identity_headers(
+    resp: &mut actix_web::HttpResponseBuilder,
+    file: &FileRow,
+    blob: &Blob,
+    commit: &str,
+    principal: &Principal,
+    model: &str,
+) {
     let etag = format!("\"{}\"", blob.sha256);
     let digest = hex::decode(&blob.sha256).unwrap_or_default();
     let basename = file.path.rsplit('/').next().unwrap_or(&file.path);
@@ -174,7 +257,13 @@ fn identity_headers(resp: &mut actix_web::HttpResponseBuilder, file: &FileRow, b
         .insert_header(("X-Linked-Etag", etag))
         .insert_header(("X-Linked-Size", blob.size.to_string()))
         .insert_header(("X-Repo-Commit", commit.to_string()))
-        .insert_header(("Repr-Digest", format!("sha-256=:{}:", base64::engine::general_purpose::STANDARD.encode(digest))))
+        .insert_header((
+            "Repr-Digest",
+            format!(
+                "sha-256=:{}:",
+                base64::engine::general_purpose::STANDARD.encode(digest)
+            ),
+        ))
         .insert_header((header::ACCEPT_RANGES, "bytes"))
         .insert_header((header::CONTENT_TYPE, "application/octet-stream"))
         .insert_header((header::CACHE_CONTROL, "private, no-transform"))
@@ -189,7 +278,16 @@ fn identity_headers(resp: &mut actix_web::HttpResponseBuilder, file: &FileRow, b
 
 /// `inline; filename="…"`, with an RFC 5987 `filename*` when the name is not plain ASCII.
 fn content_disposition(name: &str) -> String {
-    let ascii: String = name.chars().map(|c| if c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ' { c } else { '_' }).collect();
+    let ascii: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
     if ascii == name {
         format!("inline; filename=\"{name}\"")
     } else {
@@ -201,7 +299,9 @@ fn content_disposition(name: &str) -> String {
 /// Parses `Range` (one range: `N-`, `N-M`, `-K`) honouring `If-Range`; `None` means the
 /// whole file. Anything else is a 416 that says which forms are accepted.
 fn byte_range(req: &HttpRequest, blob: &Blob, size: u64) -> Result<Option<(u64, u64)>> {
-    let Some(value) = req.headers().get(header::RANGE) else { return Ok(None) };
+    let Some(value) = req.headers().get(header::RANGE) else {
+        return Ok(None);
+    };
     if let Some(if_range) = req.headers().get(header::IF_RANGE) {
         let strong = format!("\"{}\"", blob.sha256);
         if if_range.to_str().ok().map(str::trim) != Some(strong.as_str()) {
@@ -212,17 +312,25 @@ fn byte_range(req: &HttpRequest, blob: &Blob, size: u64) -> Result<Option<(u64, 
         Error::new(StatusCode::RANGE_NOT_SATISFIABLE, "bad_range", format!("{why} This server accepts one range: bytes=N-, bytes=N-M or bytes=-K, within 0..{size}."))
             .with_header(header::CONTENT_RANGE, format!("bytes */{size}"))
     };
-    let value = value.to_str().map_err(|_| unsatisfiable("The Range header is not readable text."))?;
-    parse_range(value, size).map_err(|why| unsatisfiable(why)).map(Some)
+    let value = value
+        .to_str()
+        .map_err(|_| unsatisfiable("The Range header is not readable text."))?;
+    parse_range(value, size).map_err(unsatisfiable).map(Some)
 }
 
 /// `[start, end)` of a single `bytes=` range.
 pub fn parse_range(value: &str, size: u64) -> Result<(u64, u64), &'static str> {
-    let spec = value.trim().strip_prefix("bytes=").ok_or("The Range unit must be bytes.")?;
+    let spec = value
+        .trim()
+        .strip_prefix("bytes=")
+        .ok_or("The Range unit must be bytes.")?;
     if spec.contains(',') {
         return Err("Multiple ranges in one request are not supported.");
     }
-    let (a, b) = spec.trim().split_once('-').ok_or("The Range header is malformed.")?;
+    let (a, b) = spec
+        .trim()
+        .split_once('-')
+        .ok_or("The Range header is malformed.")?;
     let num = |s: &str| -> Result<u64, &'static str> {
         if s.is_empty() || s.len() > 19 || !s.bytes().all(|c| c.is_ascii_digit()) {
             Err("The Range header is malformed.")
@@ -238,7 +346,11 @@ pub fn parse_range(value: &str, size: u64) -> Result<(u64, u64), &'static str> {
         (size.saturating_sub(k), size)
     } else {
         let start = num(a)?;
-        let end = if b.is_empty() { size } else { num(b)?.saturating_add(1).min(size) };
+        let end = if b.is_empty() {
+            size
+        } else {
+            num(b)?.saturating_add(1).min(size)
+        };
         (start, end)
     };
     if start >= size || start >= end {
@@ -249,7 +361,12 @@ pub fn parse_range(value: &str, size: u64) -> Result<(u64, u64), &'static str> {
 
 /// Turns a verification failure into a quarantine, an `integrity_failure` event and mail to
 /// the admins, once per blob.
-fn quarantine_on_failure(state: web::Data<State>, model: String, path: String, sha256: String) -> impl FnOnce(Failure) + Send + 'static {
+fn quarantine_on_failure(
+    state: web::Data<State>,
+    model: String,
+    path: String,
+    sha256: String,
+) -> impl FnOnce(Failure) + Send + 'static {
     move |failure: Failure| {
         tracing::error!(%model, %path, problem = %failure.describe(), "verification failed; response stopped");
         if !failure.is_corruption() {
@@ -262,8 +379,16 @@ fn quarantine_on_failure(state: web::Data<State>, model: String, path: String, s
                 .db
                 .write(move |c| {
                     if catalog::quarantine_blob(c, &sha256, &problem)? {
-                        crate::audit::append(c, &[Event::new("integrity_failure", "quarantined").model(&model).detail(json!({"path": path, "sha256": sha256, "problem": problem}))])?;
-                        let msg = mail::templates::integrity_failure(&model, &path, &sha256, &problem);
+                        crate::audit::append(
+                            c,
+                            &[Event::new("integrity_failure", "quarantined")
+                                .model(&model)
+                                .detail(
+                                    json!({"path": path, "sha256": sha256, "problem": problem}),
+                                )],
+                        )?;
+                        let msg =
+                            mail::templates::integrity_failure(&model, &path, &sha256, &problem);
                         for admin in &admins {
                             mail::queue(c, admin, &msg)?;
                         }
@@ -317,7 +442,8 @@ impl Drop for AuditedBody {
         } else {
             "aborted"
         };
-        self.sink.record(self.log.event(outcome, self.sent, self.started, None));
+        self.sink
+            .record(self.log.event(outcome, self.sent, self.started, None));
     }
 }
 
@@ -332,7 +458,18 @@ mod tests {
         assert_eq!(parse_range("bytes=3-500", 10), Ok((3, 10)));
         assert_eq!(parse_range("bytes=-4", 10), Ok((6, 10)));
         assert_eq!(parse_range("bytes=-40", 10), Ok((0, 10)));
-        for bad in ["bytes=10-", "bytes=5-3", "bytes=-0", "bytes=a-b", "bytes=1-2,4-5", "items=0-1", "bytes=", "bytes=-", "bytes=+1-2", "bytes=99999999999999999999-"] {
+        for bad in [
+            "bytes=10-",
+            "bytes=5-3",
+            "bytes=-0",
+            "bytes=a-b",
+            "bytes=1-2,4-5",
+            "items=0-1",
+            "bytes=",
+            "bytes=-",
+            "bytes=+1-2",
+            "bytes=99999999999999999999-",
+        ] {
             assert!(parse_range(bad, 10).is_err(), "{bad} accepted");
         }
     }

@@ -12,10 +12,16 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(ops::healthz))
         .route("/readyz", web::get().to(ops::readyz))
         .route("/.well-known/jwks.json", web::get().to(ops::jwks))
-        .route("/api/v1/models/{org}/{name}/applications", web::post().to(apply::submit))
+        .route(
+            "/api/v1/models/{org}/{name}/applications",
+            web::post().to(apply::submit),
+        )
         .route("/applications/confirm", web::get().to(apply::confirm))
         .route("/applications/{id}", web::get().to(apply::status))
-        .route("/api/v1/applications/{id}/tokens", web::post().to(apply::issue_token))
+        .route(
+            "/api/v1/applications/{id}/tokens",
+            web::post().to(apply::issue_token),
+        )
         .service(
             web::resource("/{org}/{name}/resolve/{tail:.*}")
                 .route(web::get().to(download::resolve))
@@ -26,18 +32,29 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 
 /// JSON bodies: small, and parse errors answered in the common error shape.
 pub fn json_config() -> web::JsonConfig {
-    web::JsonConfig::default().limit(64 * 1024).error_handler(|err, _req: &HttpRequest| {
-        use actix_web::error::JsonPayloadError as E;
-        let e = match &err {
-            E::OverflowKnownLength { .. } | E::Overflow { .. } => {
-                Error::new(actix_web::http::StatusCode::PAYLOAD_TOO_LARGE, "too_large", "The request body is larger than 64 KiB.")
-            }
-            E::ContentType => Error::bad_request("bad_content_type", "Send the body as application/json."),
-            E::Deserialize(d) => Error::bad_request("bad_json", format!("The JSON body is not valid: {d}")),
-            other => Error::bad_request("bad_json", format!("The JSON body could not be read: {other}")),
-        };
-        e.into()
-    })
+    web::JsonConfig::default()
+        .limit(64 * 1024)
+        .error_handler(|err, _req: &HttpRequest| {
+            use actix_web::error::JsonPayloadError as E;
+            let e = match &err {
+                E::OverflowKnownLength { .. } | E::Overflow { .. } => Error::new(
+                    actix_web::http::StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    "The request body is larger than 64 KiB.",
+                ),
+                E::ContentType => {
+                    Error::bad_request("bad_content_type", "Send the body as application/json.")
+                }
+                E::Deserialize(d) => {
+                    Error::bad_request("bad_json", format!("The JSON body is not valid: {d}"))
+                }
+                other => Error::bad_request(
+                    "bad_json",
+                    format!("The JSON body could not be read: {other}"),
+                ),
+            };
+            e.into()
+        })
 }
 
 pub fn query_config() -> web::QueryConfig {

@@ -18,14 +18,23 @@ pub async fn readyz(state: web::Data<State>) -> Result<HttpResponse> {
             c.batch_execute("SELECT 1").map_err(Error::from)
         })
         .await
-        .map_err(|_| Error::unavailable("database_unavailable", "The database is not answering."))?;
-    Ok(HttpResponse::Ok().content_type("text/plain").body("ready\n"))
+        .map_err(|_| {
+            Error::unavailable("database_unavailable", "The database is not answering.")
+        })?;
+    Ok(HttpResponse::Ok()
+        .content_type("text/plain")
+        .body("ready\n"))
 }
 
 pub async fn jwks(state: web::Data<State>) -> HttpResponse {
-    HttpResponse::Ok().insert_header(("Cache-Control", "public, max-age=60")).json(state.keys.jwks())
+    HttpResponse::Ok()
+        .insert_header(("Cache-Control", "public, max-age=60"))
+        .json(state.keys.jwks())
 }
 
 pub async fn not_found() -> Result<HttpResponse> {
-    Err(Error::not_found("not_found", "There is nothing at this address."))
+    Err(Error::not_found(
+        "not_found",
+        "There is nothing at this address.",
+    ))
 }

@@ -56,7 +56,10 @@ pub async fn import(db: &Db, store: &Store, req: ImportRequest) -> Result<Import
         validate_gating(g)?;
     }
     if !req.dir.is_dir() {
-        return Err(Error::bad_request("bad_source", format!("--from {}: not a folder", req.dir.display())));
+        return Err(Error::bad_request(
+            "bad_source",
+            format!("--from {}: not a folder", req.dir.display()),
+        ));
     }
     let dir = req.dir.clone();
     let found = tokio::task::spawn_blocking(move || list_files(&dir))
@@ -65,7 +68,12 @@ pub async fn import(db: &Db, store: &Store, req: ImportRequest) -> Result<Import
     let published_sums = match std::fs::read_to_string(req.dir.join(CHECKSUM_FILE)) {
         Ok(text) => Some(parse_sha256sums(&text)?),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(Error::bad_request("bad_source", format!("{CHECKSUM_FILE}: {e}"))),
+        Err(e) => {
+            return Err(Error::bad_request(
+                "bad_source",
+                format!("{CHECKSUM_FILE}: {e}"),
+            ));
+        }
     };
 
     // Everything is copied under temporary keys first; nothing becomes visible (blob rows,
@@ -98,8 +106,10 @@ pub async fn import(db: &Db, store: &Store, req: ImportRequest) -> Result<Import
         return Err(e);
     }
 
-    let entries: Vec<(String, u64, String)> =
-        digests.iter().map(|(p, d)| (p.clone(), d.size, d.sha256.clone())).collect();
+    let entries: Vec<(String, u64, String)> = digests
+        .iter()
+        .map(|(p, d)| (p.clone(), d.size, d.sha256.clone()))
+        .collect();
     let commit = manifest::commit_id(&req.repo_id, &entries);
     let files: Vec<FileRow> = digests
         .iter()
@@ -114,7 +124,11 @@ pub async fn import(db: &Db, store: &Store, req: ImportRequest) -> Result<Import
         .collect();
     let report_files = digests
         .iter()
-        .map(|(p, d)| ImportedFile { path: p.clone(), size: d.size, sha256: d.sha256.clone() })
+        .map(|(p, d)| ImportedFile {
+            path: p.clone(),
+            size: d.size,
+            sha256: d.sha256.clone(),
+        })
         .collect();
 
     let r = req.clone();
@@ -160,13 +174,22 @@ pub async fn import(db: &Db, store: &Store, req: ImportRequest) -> Result<Import
             Ok(true)
         })
         .await?;
-    Ok(ImportReport { model: req.repo_id, revision: req.revision, commit, changed, files: report_files })
+    Ok(ImportReport {
+        model: req.repo_id,
+        revision: req.revision,
+        commit,
+        changed,
+        files: report_files,
+    })
 }
 
 pub fn validate_gating(g: &str) -> Result<()> {
     match g {
         "manual" | "auto" | "domain" => Ok(()),
-        _ => Err(Error::invalid_field("gating", "must be manual, auto or domain")),
+        _ => Err(Error::invalid_field(
+            "gating",
+            "must be manual, auto or domain",
+        )),
     }
 }
 
@@ -175,14 +198,18 @@ fn list_files(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let rd = std::fs::read_dir(&d).map_err(|e| Error::bad_request("bad_source", format!("{}: {e}", d.display())))?;
+        let rd = std::fs::read_dir(&d)
+            .map_err(|e| Error::bad_request("bad_source", format!("{}: {e}", d.display())))?;
         for entry in rd {
             let entry = entry?;
             let ft = entry.file_type()?;
             let abs = entry.path();
             let rel = abs.strip_prefix(dir).map_err(Error::internal)?;
             let rel = rel.to_str().ok_or_else(|| {
-                Error::bad_request("bad_source", format!("{}: file names must be UTF-8", abs.display()))
+                Error::bad_request(
+                    "bad_source",
+                    format!("{}: file names must be UTF-8", abs.display()),
+                )
             })?;
             let rel = rel.replace(std::path::MAIN_SEPARATOR, "/");
             if ft.is_dir() {
@@ -254,7 +281,12 @@ async fn stage_file(store: &Store, src: &Path, block_size: u64) -> Result<(Diges
 
 /// Moves staged objects to their content-addressed keys and records their blobs. Content
 /// already stored (and not quarantined) keeps its object; the staged copy is dropped.
-async fn promote(db: &Db, store: &Store, digests: &[(String, Digest)], staged: &[String]) -> Result<()> {
+async fn promote(
+    db: &Db,
+    store: &Store,
+    digests: &[(String, Digest)],
+    staged: &[String],
+) -> Result<()> {
     for ((_, digest), tmp) in digests.iter().zip(staged) {
         let sha = digest.sha256.clone();
         let existing = db.read(move |c| catalog::find_blob(c, &sha)).await?;
@@ -263,7 +295,10 @@ async fn promote(db: &Db, store: &Store, digests: &[(String, Digest)], staged: &
             continue;
         }
         let key = Store::blob_key(&digest.sha256);
-        store.inner.rename(&Store::path(tmp), &Store::path(&key)).await?;
+        store
+            .inner
+            .rename(&Store::path(tmp), &Store::path(&key))
+            .await?;
         let now = util::now();
         let blob = Blob {
             sha256: digest.sha256.clone(),
@@ -302,9 +337,20 @@ pub fn parse_sha256sums(text: &str) -> Result<HashMap<String, String>> {
         if line.trim().is_empty() || line.starts_with('#') {
             continue;
         }
-        let bad = || Error::bad_request("bad_checksums", format!("{CHECKSUM_FILE} line {}: expected \"<sha256>  <path>\"", i + 1));
+        let bad = || {
+            Error::bad_request(
+                "bad_checksums",
+                format!(
+                    "{CHECKSUM_FILE} line {}: expected \"<sha256>  <path>\"",
+                    i + 1
+                ),
+            )
+        };
         let (hash, rest) = line.split_once(' ').ok_or_else(bad)?;
-        let path = rest.strip_prefix(' ').or_else(|| rest.strip_prefix('*')).ok_or_else(bad)?;
+        let path = rest
+            .strip_prefix(' ')
+            .or_else(|| rest.strip_prefix('*'))
+            .ok_or_else(bad)?;
         if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(bad());
         }
@@ -314,17 +360,32 @@ pub fn parse_sha256sums(text: &str) -> Result<HashMap<String, String>> {
     Ok(out)
 }
 
-fn check_published_sums(sums: &HashMap<String, String>, digests: &[(String, Digest)]) -> Result<()> {
-    let have: HashMap<&str, &str> = digests.iter().map(|(p, d)| (p.as_str(), d.sha256.as_str())).collect();
+fn check_published_sums(
+    sums: &HashMap<String, String>,
+    digests: &[(String, Digest)],
+) -> Result<()> {
+    let have: HashMap<&str, &str> = digests
+        .iter()
+        .map(|(p, d)| (p.as_str(), d.sha256.as_str()))
+        .collect();
     let mut listed: Vec<&String> = sums.keys().collect();
     listed.sort();
     for path in listed {
         match have.get(path.as_str()) {
             None => {
-                return Err(Error::bad_request("checksum_mismatch", format!("{CHECKSUM_FILE} lists {path}, which is not in the folder")));
+                return Err(Error::bad_request(
+                    "checksum_mismatch",
+                    format!("{CHECKSUM_FILE} lists {path}, which is not in the folder"),
+                ));
             }
             Some(actual) if *actual != sums[path] => {
-                return Err(Error::bad_request("checksum_mismatch", format!("{path}: SHA-256 is {actual}, {CHECKSUM_FILE} says {}", sums[path])));
+                return Err(Error::bad_request(
+                    "checksum_mismatch",
+                    format!(
+                        "{path}: SHA-256 is {actual}, {CHECKSUM_FILE} says {}",
+                        sums[path]
+                    ),
+                ));
             }
             Some(_) => {}
         }

@@ -51,7 +51,8 @@ impl Hasher {
             self.in_block += take as u64;
             data = &data[take..];
             if self.in_block == self.block_size {
-                self.blocks.extend_from_slice(self.block.finalize().as_bytes());
+                self.blocks
+                    .extend_from_slice(self.block.finalize().as_bytes());
                 self.block.reset();
                 self.in_block = 0;
             }
@@ -60,7 +61,8 @@ impl Hasher {
 
     pub fn finish(mut self) -> Digest {
         if self.in_block > 0 {
-            self.blocks.extend_from_slice(self.block.finalize().as_bytes());
+            self.blocks
+                .extend_from_slice(self.block.finalize().as_bytes());
         }
         Digest {
             size: self.size,
@@ -125,20 +127,32 @@ mod tests {
         let (a, b) = (one.finish(), many.finish());
         assert_eq!(a, b);
         assert_eq!(a.block_hashes.len(), 3 * HASH_LEN);
-        assert_eq!(&a.block_hashes[..32], blake3::hash(&data[..4096]).as_bytes());
-        assert_eq!(&a.block_hashes[64..], blake3::hash(&data[8192..]).as_bytes());
+        assert_eq!(
+            &a.block_hashes[..32],
+            blake3::hash(&data[..4096]).as_bytes()
+        );
+        assert_eq!(
+            &a.block_hashes[64..],
+            blake3::hash(&data[8192..]).as_bytes()
+        );
         assert_eq!(a.sha256, hex::encode(Sha256::digest(&data)));
     }
 
     #[test]
     fn git_oid_matches_git() {
         // `printf 'hello\n' | git hash-object --stdin`
-        assert_eq!(git_blob_oid(b"hello\n"), "ce013625030ba8dba906f756967f9e9ca394464a");
+        assert_eq!(
+            git_blob_oid(b"hello\n"),
+            "ce013625030ba8dba906f756967f9e9ca394464a"
+        );
     }
 
     #[test]
     fn commit_changes_with_content_only() {
-        let a = vec![("a.bin".to_string(), 3, "x".repeat(64)), ("b".to_string(), 1, "y".repeat(64))];
+        let a = vec![
+            ("a.bin".to_string(), 3, "x".repeat(64)),
+            ("b".to_string(), 1, "y".repeat(64)),
+        ];
         let mut b = a.clone();
         b.reverse();
         assert_eq!(commit_id("o/m", &a), commit_id("o/m", &b));

@@ -26,7 +26,9 @@ impl Store {
                 let dir = settings.data_dir.join("storage");
                 std::fs::create_dir_all(&dir)?;
                 let fs = LocalFileSystem::new_with_prefix(&dir)?;
-                Ok(Store { inner: Arc::new(fs) })
+                Ok(Store {
+                    inner: Arc::new(fs),
+                })
             }
             other => anyhow::bail!("storage.backend: {other:?} is not available in this build"),
         }

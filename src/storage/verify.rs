@@ -90,7 +90,10 @@ async fn produce(
     // A file that grew or shrank is caught before the first byte, not at its end.
     match store.inner.head(&path).await {
         Ok(meta) if meta.size != plan.size => {
-            return Err(Failure::WrongSize { expected: plan.size, actual: meta.size });
+            return Err(Failure::WrongSize {
+                expected: plan.size,
+                actual: meta.size,
+            });
         }
         Ok(_) => {}
         Err(object_store::Error::NotFound { .. }) => return Err(Failure::Missing),
@@ -108,14 +111,19 @@ async fn produce(
             Err(e) => return Err(Failure::Unreadable(e.to_string())),
         };
         if data.len() as u64 != end - start {
-            return Err(Failure::WrongSize { expected: plan.size, actual: start + data.len() as u64 });
+            return Err(Failure::WrongSize {
+                expected: plan.size,
+                actual: start + data.len() as u64,
+            });
         }
         let expected = plan
             .block_hashes
             .get(block as usize * HASH_LEN..(block as usize + 1) * HASH_LEN)
             .ok_or(Failure::Mismatch { block })?
             .to_vec();
-        let data = verify_block(data, expected).await.ok_or(Failure::Mismatch { block })?;
+        let data = verify_block(data, expected)
+            .await
+            .ok_or(Failure::Mismatch { block })?;
         // Hand on only the wanted part of the verified block, in socket-sized pieces.
         let from = plan.range.start.max(start) - start;
         let to = plan.range.end.min(end) - start;

@@ -40,7 +40,8 @@ macro_rules! on_both_backends {
 
 /// The server PostgreSQL answers on; `.ci/run` makes sure it is up.
 pub fn pg_admin_url() -> String {
-    std::env::var("WEIGHTGATE_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("WEIGHTGATE_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 /// A database that exists for one test and is dropped after it.
@@ -52,14 +53,24 @@ pub struct TestDb {
 impl TestDb {
     pub fn new(backend: Backend, dir: &Path) -> TestDb {
         match backend {
-            Backend::Sqlite => TestDb { url: format!("sqlite://{}", dir.join("weightgate.db").display()), pg_name: None },
+            Backend::Sqlite => TestDb {
+                url: format!("sqlite://{}", dir.join("weightgate.db").display()),
+                pg_name: None,
+            },
             Backend::Postgres => {
                 let name = format!("wg_test_{}", weightgate::util::random_hex(8));
                 let admin = pg_admin_url();
                 let mut conn = PgConnection::establish(&admin).unwrap_or_else(|e| panic!("PostgreSQL at {admin} is not answering ({e}); run .ci/run or set WEIGHTGATE_TEST_PG"));
-                conn.batch_execute(&format!("CREATE DATABASE {name}")).expect("create test database");
-                let base = admin.rsplit_once('/').map(|(b, _)| b.to_string()).unwrap_or(admin);
-                TestDb { url: format!("{base}/{name}"), pg_name: Some(name) }
+                conn.batch_execute(&format!("CREATE DATABASE {name}"))
+                    .expect("create test database");
+                let base = admin
+                    .rsplit_once('/')
+                    .map(|(b, _)| b.to_string())
+                    .unwrap_or(admin);
+                TestDb {
+                    url: format!("{base}/{name}"),
+                    pg_name: Some(name),
+                }
             }
         }
     }
@@ -67,10 +78,10 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        if let Some(name) = &self.pg_name {
-            if let Ok(mut conn) = PgConnection::establish(&pg_admin_url()) {
-                let _ = conn.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
-            }
+        if let Some(name) = &self.pg_name
+            && let Ok(mut conn) = PgConnection::establish(&pg_admin_url())
+        {
+            let _ = conn.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
         }
     }
 }
@@ -98,12 +109,18 @@ impl TestServer {
         let addr = listener.local_addr().expect("addr");
         let base = format!("http://{addr}");
         let mut env = vec![
-            ("WEIGHTGATE__DATA_DIR".to_string(), dir.path().join("data").display().to_string()),
+            (
+                "WEIGHTGATE__DATA_DIR".to_string(),
+                dir.path().join("data").display().to_string(),
+            ),
             ("WEIGHTGATE__DATABASE__URL".to_string(), db.url.clone()),
             ("WEIGHTGATE__SERVER__BIND".to_string(), addr.to_string()),
             ("WEIGHTGATE__SERVER__PUBLIC_URL".to_string(), base.clone()),
             ("WEIGHTGATE__SERVER__WORKERS".to_string(), "2".to_string()),
-            ("WEIGHTGATE__DATABASE__POOL_SIZE".to_string(), "4".to_string()),
+            (
+                "WEIGHTGATE__DATABASE__POOL_SIZE".to_string(),
+                "4".to_string(),
+            ),
         ];
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let settings = Settings::load_from(None, env).expect("settings");
@@ -115,8 +132,19 @@ impl TestServer {
             })
             .await
         });
-        let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client");
-        let server = TestServer { base, dir, db, settings, http, stop: Some(tx), task: Some(task) };
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("client");
+        let server = TestServer {
+            base,
+            dir,
+            db,
+            settings,
+            http,
+            stop: Some(tx),
+            task: Some(task),
+        };
         server.wait_ready().await;
         server
     }
@@ -124,10 +152,10 @@ impl TestServer {
     async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(r) = self.http.get(format!("{}/readyz", self.base)).send().await {
-                if r.status().is_success() {
-                    return;
-                }
+            if let Ok(r) = self.http.get(format!("{}/readyz", self.base)).send().await
+                && r.status().is_success()
+            {
+                return;
             }
             assert!(Instant::now() < deadline, "server did not become ready");
             tokio::time::sleep(Duration::from_millis(20)).await; // poll interval of the readiness wait
@@ -164,7 +192,13 @@ impl TestServer {
     /// Runs the binary and insists on success; returns stdout.
     pub fn cli_ok(&self, args: &[&str]) -> String {
         let out = self.cli(args);
-        assert!(out.status.success(), "weightgate {args:?} failed ({}): {}\n{}", out.status, String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+        assert!(
+            out.status.success(),
+            "weightgate {args:?} failed ({}): {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
         String::from_utf8(out.stdout).expect("utf-8 stdout")
     }
 
@@ -187,7 +221,11 @@ impl TestServer {
             if mails.len() >= n {
                 return mails;
             }
-            assert!(Instant::now() < deadline, "expected {n} mails, found {}", mails.len());
+            assert!(
+                Instant::now() < deadline,
+                "expected {n} mails, found {}",
+                mails.len()
+            );
             tokio::time::sleep(Duration::from_millis(25)).await; // poll interval while waiting for the outbox worker
         }
     }
@@ -202,7 +240,11 @@ impl TestServer {
 
     /// Polls the audit log until an event matches `pred` (download events are written by
     /// the batching writer just after the response ends).
-    pub async fn wait_audit(&self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    pub async fn wait_audit(
+        &self,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(e) = self.audit().into_iter().find(|e| pred(e)) {
@@ -242,23 +284,37 @@ impl Mail {
     pub fn link(&self, prefix: &str) -> Option<String> {
         let at = self.text.find(prefix)?;
         let rest = &self.text[at..];
-        let end = rest.find(|c: char| c.is_whitespace() || c == '"' || c == '<').unwrap_or(rest.len());
+        let end = rest
+            .find(|c: char| c.is_whitespace() || c == '"' || c == '<')
+            .unwrap_or(rest.len());
         Some(rest[..end].to_string())
     }
 }
 
 fn read_mails(dir: &Path) -> Vec<Mail> {
-    let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
     let mut files: Vec<(std::time::SystemTime, PathBuf)> = rd
         .filter_map(|e| e.ok())
         .filter(|e| e.path().extension().is_some_and(|x| x == "eml"))
-        .map(|e| (e.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH), e.path()))
+        .map(|e| {
+            (
+                e.metadata()
+                    .and_then(|m| m.modified())
+                    .unwrap_or(std::time::UNIX_EPOCH),
+                e.path(),
+            )
+        })
         .collect();
     files.sort();
     files
         .into_iter()
         .filter_map(|(_, p)| std::fs::read_to_string(p).ok())
-        .map(|raw| Mail { text: decode_qp(&raw), raw })
+        .map(|raw| Mail {
+            text: decode_qp(&raw),
+            raw,
+        })
         .collect()
 }
 
@@ -269,7 +325,11 @@ pub fn decode_qp(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'=' && i + 2 < b.len() + 0 && b[i + 1].is_ascii_hexdigit() && b[i + 2].is_ascii_hexdigit() {
+        if b[i] == b'='
+            && i + 2 < b.len()
+            && b[i + 1].is_ascii_hexdigit()
+            && b[i + 2].is_ascii_hexdigit()
+        {
             let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("00");
             out.push(u8::from_str_radix(hex, 16).unwrap_or(b'?'));
             i += 3;
@@ -292,7 +352,9 @@ pub fn write_model_dir(dir: &Path, files: &[(&str, Vec<u8>)]) {
 
 /// Deterministic pseudo-random bytes (so a failure is reproducible).
 pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..len)
         .map(|_| {
             x ^= x << 13;
@@ -305,11 +367,16 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
 
 /// Sends one raw HTTP/1.1 request (so paths reach the server exactly as written, without a
 /// client's normalisation) and returns the status code and the whole response text.
-pub async fn raw_request(base: &str, request_line_path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+pub async fn raw_request(
+    base: &str,
+    request_line_path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let host = base.trim_start_matches("http://");
     let mut s = tokio::net::TcpStream::connect(host).await.expect("connect");
-    let mut req = format!("GET {request_line_path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    let mut req =
+        format!("GET {request_line_path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -318,6 +385,10 @@ pub async fn raw_request(base: &str, request_line_path: &str, headers: &[(&str, 
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await.expect("read");
     let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
     (status, text)
 }

@@ -78,21 +78,33 @@ pub fn find_user_by_email(conn: &mut AnyConnection, email: &str) -> Result<Optio
 }
 
 pub fn find_user(conn: &mut AnyConnection, id: &str) -> Result<Option<User>> {
-    Ok(users::table.find(id).select(User::as_select()).first(conn).optional()?)
+    Ok(users::table
+        .find(id)
+        .select(User::as_select())
+        .first(conn)
+        .optional()?)
 }
 
 pub fn insert_user(conn: &mut AnyConnection, user: &User) -> Result<()> {
-    diesel::insert_into(users::table).values(user).execute(conn)?;
+    diesel::insert_into(users::table)
+        .values(user)
+        .execute(conn)?;
     Ok(())
 }
 
 pub fn insert_application(conn: &mut AnyConnection, app: &Application) -> Result<()> {
-    diesel::insert_into(applications::table).values(app).execute(conn)?;
+    diesel::insert_into(applications::table)
+        .values(app)
+        .execute(conn)?;
     Ok(())
 }
 
 pub fn find_application(conn: &mut AnyConnection, id: &str) -> Result<Option<Application>> {
-    Ok(applications::table.find(id).select(Application::as_select()).first(conn).optional()?)
+    Ok(applications::table
+        .find(id)
+        .select(Application::as_select())
+        .first(conn)
+        .optional()?)
 }
 
 pub fn find_application_by_confirm_hash(
@@ -132,9 +144,11 @@ pub fn list_applications(
     if let Some(m) = model {
         q = q.filter(applications::model_id.eq(m.to_string()));
     }
-    Ok(q.order((applications::created_at.asc(), applications::id.asc()))
-        .select(Application::as_select())
-        .load(conn)?)
+    Ok(
+        q.order((applications::created_at.asc(), applications::id.asc()))
+            .select(Application::as_select())
+            .load(conn)?,
+    )
 }
 
 /// Moves an application from `from` to `to`; returns false when it was not in `from`
@@ -146,9 +160,16 @@ pub fn transition(
     to: &str,
     now: i64,
 ) -> Result<bool> {
-    let n = diesel::update(applications::table.find(id).filter(applications::status.eq(from)))
-        .set((applications::status.eq(to), applications::updated_at.eq(now)))
-        .execute(conn)?;
+    let n = diesel::update(
+        applications::table
+            .find(id)
+            .filter(applications::status.eq(from)),
+    )
+    .set((
+        applications::status.eq(to),
+        applications::updated_at.eq(now),
+    ))
+    .execute(conn)?;
     Ok(n == 1)
 }
 
@@ -178,12 +199,18 @@ pub fn record_decision(
 }
 
 pub fn insert_grant(conn: &mut AnyConnection, grant: &Grant) -> Result<()> {
-    diesel::insert_into(grants::table).values(grant).execute(conn)?;
+    diesel::insert_into(grants::table)
+        .values(grant)
+        .execute(conn)?;
     Ok(())
 }
 
 pub fn find_grant(conn: &mut AnyConnection, id: &str) -> Result<Option<Grant>> {
-    Ok(grants::table.find(id).select(Grant::as_select()).first(conn).optional()?)
+    Ok(grants::table
+        .find(id)
+        .select(Grant::as_select())
+        .first(conn)
+        .optional()?)
 }
 
 /// The newest unrevoked, unexpired grant of a user for a model.
@@ -206,7 +233,10 @@ pub fn active_grant(
 
 pub fn revoke_grant(conn: &mut AnyConnection, id: &str, reason: &str, now: i64) -> Result<bool> {
     let n = diesel::update(grants::table.find(id).filter(grants::revoked_at.is_null()))
-        .set((grants::revoked_at.eq(Some(now)), grants::revoked_reason.eq(Some(reason))))
+        .set((
+            grants::revoked_at.eq(Some(now)),
+            grants::revoked_reason.eq(Some(reason)),
+        ))
         .execute(conn)?;
     Ok(n == 1)
 }

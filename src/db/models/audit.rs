@@ -41,7 +41,9 @@ pub fn head(conn: &mut AnyConnection) -> Result<Option<(i64, String)>> {
 pub fn insert(conn: &mut AnyConnection, rows: &[AuditRow]) -> Result<()> {
     // MultiConnection has no multi-row INSERT; rows go one by one inside the caller's transaction.
     for row in rows {
-        diesel::insert_into(audit_events::table).values(row).execute(conn)?;
+        diesel::insert_into(audit_events::table)
+            .values(row)
+            .execute(conn)?;
     }
     Ok(())
 }

@@ -59,19 +59,29 @@ pub const BLOB_OK: &str = "ok";
 pub const BLOB_QUARANTINED: &str = "quarantined";
 
 pub fn find_model(conn: &mut AnyConnection, id: &str) -> Result<Option<Model>> {
-    Ok(models::table.find(id).select(Model::as_select()).first(conn).optional()?)
+    Ok(models::table
+        .find(id)
+        .select(Model::as_select())
+        .first(conn)
+        .optional()?)
 }
 
 /// The model, or the Hub's `RepoNotFound`.
 pub fn require_model(conn: &mut AnyConnection, id: &str) -> Result<Model> {
     find_model(conn, id)?.ok_or_else(|| {
-        Error::not_found("repo_not_found", format!("Model {id} does not exist on this server."))
-            .hub(HubCode::RepoNotFound)
+        Error::not_found(
+            "repo_not_found",
+            format!("Model {id} does not exist on this server."),
+        )
+        .hub(HubCode::RepoNotFound)
     })
 }
 
 pub fn list_models(conn: &mut AnyConnection) -> Result<Vec<Model>> {
-    Ok(models::table.order(models::id.asc()).select(Model::as_select()).load(conn)?)
+    Ok(models::table
+        .order(models::id.asc())
+        .select(Model::as_select())
+        .load(conn)?)
 }
 
 pub fn insert_model(conn: &mut AnyConnection, m: &Model) -> Result<()> {
@@ -94,7 +104,13 @@ pub fn ref_commit(conn: &mut AnyConnection, model: &str, name: &str) -> Result<O
         .optional()?)
 }
 
-pub fn set_ref(conn: &mut AnyConnection, model: &str, name: &str, commit: &str, now: i64) -> Result<()> {
+pub fn set_ref(
+    conn: &mut AnyConnection,
+    model: &str,
+    name: &str,
+    commit: &str,
+    now: i64,
+) -> Result<()> {
     let updated = diesel::update(refs::table.find((model, name)))
         .set((refs::commit_sha.eq(commit), refs::updated_at.eq(now)))
         .execute(conn)?;
@@ -113,7 +129,11 @@ pub fn set_ref(conn: &mut AnyConnection, model: &str, name: &str, commit: &str, 
 
 pub fn revision_exists(conn: &mut AnyConnection, model: &str, commit: &str) -> Result<bool> {
     let n: i64 = revisions::table
-        .filter(revisions::model_id.eq(model).and(revisions::commit_sha.eq(commit)))
+        .filter(
+            revisions::model_id
+                .eq(model)
+                .and(revisions::commit_sha.eq(commit)),
+        )
         .count()
         .get_result(conn)?;
     Ok(n > 0)
@@ -127,7 +147,12 @@ pub fn revision_created_at(conn: &mut AnyConnection, model: &str, commit: &str) 
         .first(conn)?)
 }
 
-pub fn insert_revision(conn: &mut AnyConnection, model: &str, commit: &str, now: i64) -> Result<()> {
+pub fn insert_revision(
+    conn: &mut AnyConnection,
+    model: &str,
+    commit: &str,
+    now: i64,
+) -> Result<()> {
     diesel::insert_into(revisions::table)
         .values((
             revisions::model_id.eq(model),
@@ -159,7 +184,9 @@ pub fn resolve_revision(conn: &mut AnyConnection, model: &str, rev: &str) -> Res
 pub fn insert_files(conn: &mut AnyConnection, rows: &[FileRow]) -> Result<()> {
     // MultiConnection has no multi-row INSERT; rows go one by one inside the caller's transaction.
     for row in rows {
-        diesel::insert_into(files::table).values(row).execute(conn)?;
+        diesel::insert_into(files::table)
+            .values(row)
+            .execute(conn)?;
     }
     Ok(())
 }
@@ -190,7 +217,11 @@ pub fn find_file(
 }
 
 pub fn find_blob(conn: &mut AnyConnection, sha256: &str) -> Result<Option<Blob>> {
-    Ok(blobs::table.find(sha256).select(Blob::as_select()).first(conn).optional()?)
+    Ok(blobs::table
+        .find(sha256)
+        .select(Blob::as_select())
+        .first(conn)
+        .optional()?)
 }
 
 /// Inserts a blob, or replaces an existing row for the same content (a re-import).
@@ -208,16 +239,25 @@ pub fn upsert_blob(conn: &mut AnyConnection, blob: &Blob) -> Result<()> {
         ))
         .execute(conn)?;
     if n == 0 {
-        diesel::insert_into(blobs::table).values(blob).execute(conn)?;
+        diesel::insert_into(blobs::table)
+            .values(blob)
+            .execute(conn)?;
     }
     Ok(())
 }
 
 /// Marks a blob quarantined; returns false when it already was (so callers report once).
 pub fn quarantine_blob(conn: &mut AnyConnection, sha256: &str, reason: &str) -> Result<bool> {
-    let n = diesel::update(blobs::table.find(sha256).filter(blobs::status.ne(BLOB_QUARANTINED)))
-        .set((blobs::status.eq(BLOB_QUARANTINED), blobs::status_reason.eq(reason)))
-        .execute(conn)?;
+    let n = diesel::update(
+        blobs::table
+            .find(sha256)
+            .filter(blobs::status.ne(BLOB_QUARANTINED)),
+    )
+    .set((
+        blobs::status.eq(BLOB_QUARANTINED),
+        blobs::status_reason.eq(reason),
+    ))
+    .execute(conn)?;
     Ok(n > 0)
 }
 

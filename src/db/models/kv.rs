@@ -10,7 +10,11 @@ use crate::util;
 const SERVER_SECRET: &str = "server_secret";
 
 pub fn get(conn: &mut AnyConnection, key: &str) -> Result<Option<String>> {
-    Ok(kv::table.find(key).select(kv::value).first(conn).optional()?)
+    Ok(kv::table
+        .find(key)
+        .select(kv::value)
+        .first(conn)
+        .optional()?)
 }
 
 pub fn set(conn: &mut AnyConnection, key: &str, value: &str) -> Result<()> {
@@ -35,5 +39,6 @@ pub fn ensure_server_secret(conn: &mut AnyConnection) -> Result<()> {
 }
 
 pub fn server_secret(conn: &mut AnyConnection) -> Result<String> {
-    get(conn, SERVER_SECRET)?.ok_or_else(|| Error::internal("server secret missing; run `weightgate migrate`"))
+    get(conn, SERVER_SECRET)?
+        .ok_or_else(|| Error::internal("server secret missing; run `weightgate migrate`"))
 }

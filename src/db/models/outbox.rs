@@ -25,7 +25,9 @@ pub struct OutboxMail {
 }
 
 pub fn insert(conn: &mut AnyConnection, mail: &OutboxMail) -> Result<()> {
-    diesel::insert_into(mail_outbox::table).values(mail).execute(conn)?;
+    diesel::insert_into(mail_outbox::table)
+        .values(mail)
+        .execute(conn)?;
     Ok(())
 }
 
@@ -43,7 +45,10 @@ pub fn due(conn: &mut AnyConnection, now: i64, limit: i64) -> Result<Vec<OutboxM
 
 pub fn mark_sent(conn: &mut AnyConnection, id: &str, now: i64) -> Result<()> {
     diesel::update(mail_outbox::table.find(id))
-        .set((mail_outbox::sent_at.eq(Some(now)), mail_outbox::attempts.eq(mail_outbox::attempts + 1)))
+        .set((
+            mail_outbox::sent_at.eq(Some(now)),
+            mail_outbox::attempts.eq(mail_outbox::attempts + 1),
+        ))
         .execute(conn)?;
     Ok(())
 }

@@ -24,12 +24,18 @@ pub struct TokenRow {
 }
 
 pub fn insert(conn: &mut AnyConnection, row: &TokenRow) -> Result<()> {
-    diesel::insert_into(tokens::table).values(row).execute(conn)?;
+    diesel::insert_into(tokens::table)
+        .values(row)
+        .execute(conn)?;
     Ok(())
 }
 
 pub fn find(conn: &mut AnyConnection, jti: &str) -> Result<Option<TokenRow>> {
-    Ok(tokens::table.find(jti).select(TokenRow::as_select()).first(conn).optional()?)
+    Ok(tokens::table
+        .find(jti)
+        .select(TokenRow::as_select())
+        .first(conn)
+        .optional()?)
 }
 
 /// Revokes one token; returns false when it was unknown or already revoked.

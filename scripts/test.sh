@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The one command that runs every test from a fresh machine: it brings up what the tests
+# need (PostgreSQL on 127.0.0.1:5432), then runs formatting, lint and the whole test suite.
+# .ci/run calls exactly this script.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '==> %s\n' "$*"; }
+
+ensure_postgres() {
+  if command -v pg_isready >/dev/null && pg_isready -q -h 127.0.0.1 -p 5432; then
+    log "PostgreSQL is answering on 127.0.0.1:5432"
+    return
+  fi
+  if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
+    log "installing PostgreSQL from Debian's packages"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq postgresql >/dev/null
+  fi
+  local version
+  version=$(ls /etc/postgresql | sort -V | tail -n 1)
+  log "starting PostgreSQL $version"
+  pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+  for _ in $(seq 1 120); do
+    pg_isready -q -h 127.0.0.1 -p 5432 && break
+    sleep 0.5 # readiness poll
+  done
+  pg_isready -h 127.0.0.1 -p 5432
+  # Tests connect as postgres without a password (the machine's trust setup); make sure
+  # that role can create databases.
+  su postgres -c "psql -qtAc \"ALTER ROLE postgres CREATEDB\"" >/dev/null 2>&1 || true
+}
+
+ensure_postgres
+export WEIGHTGATE_TEST_PG="${WEIGHTGATE_TEST_PG:-postgres://postgres@127.0.0.1:5432/postgres}"
+
+log "cargo fmt --check"
+cargo fmt --check
+log "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets --locked -- -D warnings
+log "cargo test"
+cargo test --locked --all-targets
