@@ -62,10 +62,10 @@ pub async fn confirm(
         }
         _ => "Your application has already been handled; see your status page.",
     };
-    Ok(HttpResponse::Ok().content_type("text/html; charset=utf-8").body(format!(
-        "<!doctype html><title>Email confirmed</title><h1>Email confirmed</h1><p>Model: {}</p><p>{next}</p>",
-        crate::mail::templates::escape(&app.model_id)
-    )))
+    let page = include_str!("../../admin-ui/confirmed.html")
+        .replace("{{model}}", &crate::mail::templates::escape(&app.model_id))
+        .replace("{{next}}", next);
+    Ok(HttpResponse::Ok().content_type("text/html; charset=utf-8").body(page))
 }
 
 #[derive(Deserialize)]
