@@ -6,7 +6,8 @@ use weightgate::config::{DatabaseUrl, MailTransport, Settings};
 
 #[test]
 fn docker_compose_matches_the_configuration_the_binary_accepts() {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docker-compose.yml")).unwrap();
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docker-compose.yml"))
+        .unwrap();
     let doc: serde_norway::Value = serde_norway::from_str(&text).unwrap();
     let services = doc["services"].as_mapping().unwrap();
     for name in ["weightgate", "postgres", "mail"] {
@@ -16,14 +17,27 @@ fn docker_compose_matches_the_configuration_the_binary_accepts() {
         .as_mapping()
         .unwrap()
         .iter()
-        .map(|(k, v)| (k.as_str().unwrap().to_string(), v.as_str().unwrap().to_string()))
+        .map(|(k, v)| {
+            (
+                k.as_str().unwrap().to_string(),
+                v.as_str().unwrap().to_string(),
+            )
+        })
         .collect();
     assert!(env.iter().all(|(k, _)| k.starts_with("WEIGHTGATE__")));
     let settings = Settings::load_from(None, env).expect("compose's settings are accepted");
 
     let port = settings.bind_addr().unwrap().port();
-    let ports: Vec<String> = doc["services"]["weightgate"]["ports"].as_sequence().unwrap().iter().map(|p| p.as_str().unwrap().to_string()).collect();
-    assert!(ports.iter().any(|p| p.ends_with(&format!(":{port}"))), "published port {ports:?} reaches bind {port}");
+    let ports: Vec<String> = doc["services"]["weightgate"]["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        ports.iter().any(|p| p.ends_with(&format!(":{port}"))),
+        "published port {ports:?} reaches bind {port}"
+    );
 
     match settings.database_url().unwrap() {
         DatabaseUrl::Postgres(url) => {

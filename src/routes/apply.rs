@@ -65,7 +65,9 @@ pub async fn confirm(
     let page = include_str!("../../admin-ui/confirmed.html")
         .replace("{{model}}", &crate::mail::templates::escape(&app.model_id))
         .replace("{{next}}", next);
-    Ok(HttpResponse::Ok().content_type("text/html; charset=utf-8").body(page))
+    Ok(HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .body(page))
 }
 
 #[derive(Deserialize)]
