@@ -908,7 +908,105 @@ async fn corrupted_block_is_never_served(backend: Backend) {
     assert_eq!(r.status(), 200);
 }
 
+async fn auto_gating_approves_at_confirmation(backend: Backend) {
+    let s = TestServer::start_with(backend, SMALL_BLOCKS).await;
+    let src = s.dir.path().join("src");
+    write_model_dir(&src, &sample_files());
+    s.cli_ok(&[
+        "models",
+        "add",
+        "acme/open",
+        "--from",
+        src.to_str().unwrap(),
+        "--gating",
+        "auto",
+    ]);
+    let r = s
+        .http
+        .post(s.url("/api/v1/models/acme/open/applications"))
+        .json(&application("eve@example.org"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let status_url = r.json::<Value>().await.unwrap()["status_url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Still unconfirmed: auto mode decides only once the email is confirmed.
+    let status: Value = s
+        .http
+        .get(&status_url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["status"], "unverified");
+    let confirm = s.wait_mail(1).await[0]
+        .link(&format!("{}/applications/confirm?code=", s.base))
+        .unwrap();
+    let page = s
+        .http
+        .get(&confirm)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("approved"), "{page}");
+    let status: Value = s
+        .http
+        .get(&status_url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["status"], "approved");
+    // The researcher issues their own token from the status link and downloads.
+    let token_url = status_url
+        .replacen("/applications/", "/api/v1/applications/", 1)
+        .replacen("?key=", "/tokens?key=", 1);
+    let r = s
+        .http
+        .post(&token_url)
+        .json(&json!({"ttl": "1d"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let token = r.json::<Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = s
+        .http
+        .get(s.url("/acme/open/resolve/main/config.json"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // A wrong key opens nothing.
+    let r = s
+        .http
+        .post(token_url.replace("key=", "key=x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let approved = s
+        .wait_audit("auto approval", |e| e["kind"] == "application_approved")
+        .await;
+    assert_eq!(approved["actor"], "auto:auto");
+}
+
 on_both_backends!(
+    auto_gating_approves_at_confirmation,
     full_flow,
     denials,
     bad_applications,
