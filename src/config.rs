@@ -39,6 +39,7 @@ pub struct Settings {
     pub mail: MailSettings,
     pub tokens: TokenSettings,
     pub audit: AuditSettings,
+    pub integrity: IntegritySettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -122,6 +123,32 @@ pub struct TokenSettings {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct IntegritySettings {
+    /// How often `serve` re-verifies every stored file, e.g. "24h"; "off" disables it.
+    pub scrub_interval: String,
+}
+
+impl Default for IntegritySettings {
+    fn default() -> Self {
+        IntegritySettings {
+            scrub_interval: "24h".into(),
+        }
+    }
+}
+
+impl IntegritySettings {
+    /// The scrub period, or `None` when scheduled scrubs are off.
+    pub fn scrub_every(&self) -> Option<std::time::Duration> {
+        if self.scrub_interval.trim().eq_ignore_ascii_case("off") {
+            None
+        } else {
+            crate::util::parse_duration(&self.scrub_interval).ok()
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct AuditSettings {
     /// Most download events committed in one transaction by the batching writer.
     pub batch_max: usize,
@@ -137,6 +164,7 @@ impl Default for Settings {
             mail: MailSettings::default(),
             tokens: TokenSettings::default(),
             audit: AuditSettings::default(),
+            integrity: IntegritySettings::default(),
         }
     }
 }
@@ -323,6 +351,15 @@ impl Settings {
         }
         crate::util::parse_duration(&self.tokens.default_ttl)
             .map_err(|e| bad("tokens.default_ttl", e))?;
+        if !self
+            .integrity
+            .scrub_interval
+            .trim()
+            .eq_ignore_ascii_case("off")
+        {
+            crate::util::parse_duration(&self.integrity.scrub_interval)
+                .map_err(|e| bad("integrity.scrub_interval", format!("{e} (or \"off\")")))?;
+        }
         if self.audit.batch_max == 0 {
             return Err(bad("audit.batch_max", "must be at least 1"));
         }

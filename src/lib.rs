@@ -11,6 +11,8 @@ pub mod config;
 pub mod countries;
 pub mod db;
 pub mod error;
+pub mod integrity;
+pub mod jobs;
 pub mod mail;
 pub mod paths;
 pub mod routes;
@@ -142,6 +144,10 @@ pub async fn run(
     let addr = listener.local_addr()?;
     let server = http_server(state.clone(), listener, settings.server.workers)?;
     let handle = server.handle();
+    let scrub_task = settings
+        .integrity
+        .scrub_every()
+        .map(|every| tokio::spawn(jobs::scrub_loop(state.clone(), every, stop_tx.subscribe())));
     tracing::info!(%addr, public_url = %settings.public_url(), "weightgate is serving");
 
     let server_task = tokio::spawn(server);
@@ -151,6 +157,9 @@ pub async fn run(
     let _ = server_task.await;
     let _ = stop_tx.send(true);
     let _ = mail_task.await;
+    if let Some(t) = scrub_task {
+        let _ = t.await;
+    }
     drop(state);
     // Everything queued before this point is committed when flush returns; the writer task
     // itself ends once the last handle (held by dropped workers) is gone.

@@ -50,6 +50,12 @@ enum Command {
     /// The tamper-evident audit log
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Check a downloaded folder against the SHA256SUMS in it (exit 1 on any mismatch)
+    Verify {
+        dir: PathBuf,
+        #[command(flatten)]
+        out: JsonFlag,
+    },
 }
 
 #[derive(Args)]
@@ -79,6 +85,13 @@ enum ModelsCmd {
     },
     /// List models with their main commit
     List {
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+    /// Re-verify stored files (all, or one model's); quarantine what fails, release what
+    /// verifies again. Exits 1 when anything failed.
+    Scrub {
+        repo: Option<String>,
         #[command(flatten)]
         out: JsonFlag,
     },
@@ -235,7 +248,41 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCo
                 core.db.migrated
             );
         }
+        Command::Models(ModelsCmd::Scrub { repo, out }) => {
+            let core = open(&settings).await?;
+            let report = weightgate::integrity::scrub(
+                &core.db,
+                &core.store,
+                &settings.mail.admin_emails,
+                repo.as_deref(),
+                settings.storage.chunk_size,
+            )
+            .await?;
+            deliver_mail(&settings, &core).await;
+            if out.json {
+                print_json(&report)?;
+            } else {
+                println!(
+                    "checked {} files: {} ok, {} quarantined now, {} released, {} unreadable",
+                    report.checked,
+                    report.ok,
+                    report.quarantined.len(),
+                    report.restored.len(),
+                    report.unreadable.len()
+                );
+                for (sha, problem) in &report.quarantined {
+                    println!("QUARANTINED {sha}: {problem}");
+                }
+                for (sha, problem) in &report.unreadable {
+                    println!("UNREADABLE {sha}: {problem}");
+                }
+            }
+            if !report.quarantined.is_empty() || !report.unreadable.is_empty() {
+                return Ok(ExitCode::from(1));
+            }
+        }
         Command::Models(cmd) => models(cmd, &settings).await?,
+        Command::Verify { dir, out } => return verify_dir(&dir, out.json),
         Command::Applications(cmd) => applications_cmd(cmd, &settings).await?,
         Command::Tokens(cmd) => tokens(cmd, &settings).await?,
         Command::Keys(KeysCmd::Rotate { out }) => {
@@ -360,6 +407,7 @@ async fn models(cmd: ModelsCmd, settings: &Settings) -> anyhow::Result<()> {
                 );
             }
         }
+        ModelsCmd::Scrub { .. } => unreachable!("handled in dispatch"),
         ModelsCmd::List { out } => {
             let rows = core
                 .db
@@ -568,4 +616,76 @@ fn csv_cell(s: &str) -> String {
     } else {
         s
     }
+}
+
+/// `weightgate verify DIR`: hashes every file listed in DIR/SHA256SUMS.
+fn verify_dir(dir: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
+    use std::io::{IsTerminal, Read};
+    let sums_path = dir.join("SHA256SUMS");
+    let text =
+        std::fs::read_to_string(&sums_path).with_context(|| format!("{}", sums_path.display()))?;
+    let sums = import::parse_sha256sums(&text)?;
+    let mut entries: Vec<(String, String)> = sums.into_iter().collect();
+    entries.sort();
+    let total: u64 = entries
+        .iter()
+        .filter_map(|(p, _)| std::fs::metadata(dir.join(p)).ok())
+        .map(|m| m.len())
+        .sum();
+    let bar = if std::io::stderr().is_terminal() && !json {
+        let b = indicatif::ProgressBar::new(total);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut bad = Vec::new();
+    for (path, expected) in &entries {
+        bar.set_message(path.clone());
+        let problem = match std::fs::File::open(dir.join(path)) {
+            Err(e) => Some(format!("cannot read: {e}")),
+            Ok(mut f) => {
+                let mut sha = <sha2::Sha256 as sha2::Digest>::new();
+                let mut buf = vec![0u8; 1 << 20];
+                loop {
+                    let n = f.read(&mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    sha2::Digest::update(&mut sha, &buf[..n]);
+                    bar.inc(n as u64);
+                }
+                let actual = hex::encode(sha2::Digest::finalize(sha));
+                (actual != *expected).then(|| format!("SHA-256 is {actual}, expected {expected}"))
+            }
+        };
+        if let Some(p) = problem {
+            bad.push((path.clone(), p));
+        }
+    }
+    bar.finish_and_clear();
+    if json {
+        print_json(
+            &serde_json::json!({"checked": entries.len(), "bad": bad.iter().map(|(p, why)| serde_json::json!({"path": p, "problem": why})).collect::<Vec<_>>()}),
+        )?;
+    } else {
+        for (p, why) in &bad {
+            println!("FAILED {p}: {why}");
+        }
+        println!(
+            "{} of {} files verified",
+            entries.len() - bad.len(),
+            entries.len()
+        );
+    }
+    Ok(if bad.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

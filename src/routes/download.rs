@@ -19,7 +19,7 @@ use crate::auth::access::{self, Principal};
 use crate::db::models::catalog::{self, BLOB_QUARANTINED, Blob, FileRow};
 use crate::error::{Error, HubCode, Result};
 use crate::storage::verify::{self, Chunks, Failure, Plan};
-use crate::{mail, paths, util};
+use crate::{paths, util};
 
 /// What is known about a fetch so far; becomes its audit event.
 #[derive(Debug, Clone, Default)]
@@ -137,17 +137,21 @@ async fn serve(
     log.path = Some(path.clone());
 
     let (m, rev, p) = (model.clone(), revision.clone(), path.clone());
-    let (commit, found) = state
+    let (commit, modified, found) = state
         .db
         .read(move |c| {
             catalog::require_model(c, &m)?;
             let commit = catalog::resolve_revision(c, &m, &rev)?;
+            let modified = catalog::revision_created_at(c, &m, &commit)?;
             let found = catalog::find_file(c, &m, &commit, &p)?;
-            Ok((commit, found))
+            Ok((commit, modified, found))
         })
         .await?;
     log.commit = Some(commit.clone());
     let Some((file, blob)) = found else {
+        if path == SUMS_FILE {
+            return sha256sums(state, &model, &commit, modified).await;
+        }
         return Err(Error::not_found(
             "entry_not_found",
             format!("File {path} does not exist in revision {revision} of model {model}."),
@@ -168,30 +172,30 @@ async fn serve(
     log.jti = Some(principal.jti.clone());
 
     if blob.status == BLOB_QUARANTINED {
-        return Err(Error::unavailable(
-            "quarantined",
-            format!(
-                "File {path} of model {model} failed an integrity check and is withheld until an administrator restores it. Try again later."
-            ),
-        ));
+        return Err(withheld(&model, &path));
     }
 
     let size = blob.size as u64;
+    let mut resp = HttpResponse::build(StatusCode::OK);
+    identity_headers(&mut resp, &file, &blob, &commit, &principal, &model);
+    resp.insert_header((header::LAST_MODIFIED, http_date(modified)));
+    if etag_matches(req, &blob.sha256) {
+        log.status = 304;
+        state
+            .audit
+            .record(log.event("not_modified", 0, started, None));
+        return Ok(resp.status(StatusCode::NOT_MODIFIED).finish());
+    }
+
     let range = byte_range(req, &blob, size)?;
     log.range = req
         .headers()
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-
-    let mut resp = HttpResponse::build(if range.is_some() {
-        StatusCode::PARTIAL_CONTENT
-    } else {
-        StatusCode::OK
-    });
-    identity_headers(&mut resp, &file, &blob, &commit, &principal, &model);
     let (start, end) = range.unwrap_or((0, size));
     if let Some((s, e)) = range {
+        resp.status(StatusCode::PARTIAL_CONTENT);
         resp.insert_header((header::CONTENT_RANGE, format!("bytes {s}-{}/{size}", e - 1)));
     }
     let len = end - start;
@@ -220,8 +224,19 @@ async fn serve(
         file.path.clone(),
         blob.sha256.clone(),
     );
-    let chunks = verify::stream(state.store.clone(), plan, on_failure);
+    let mut chunks = verify::stream(state.store.clone(), plan, on_failure);
+    // Nothing has been sent yet: when the very first block fails, answer with a clean 503
+    // instead of headers followed by a broken body.
+    let first = chunks.rx.recv().await;
+    if let Some(Err(_)) = first {
+        log.status = 503;
+        let mut e = log.event("integrity_failure", 0, started, Some("integrity_failure"));
+        e.detail["blocks_verified"] = json!(0);
+        state.audit.record(e);
+        return Err(withheld(&model, &path));
+    }
     let body = AuditedBody {
+        first: first.and_then(Result::ok),
         chunks,
         sent: 0,
         log: log.clone(),
@@ -230,6 +245,62 @@ async fn serve(
         failed: false,
     };
     Ok(resp.no_chunking(len).streaming(body))
+}
+
+/// Each revision's checksum list, generated (never stored): works with `sha256sum -c`.
+const SUMS_FILE: &str = "SHA256SUMS";
+
+async fn sha256sums(
+    state: &web::Data<State>,
+    model: &str,
+    commit: &str,
+    modified: i64,
+) -> Result<HttpResponse> {
+    let (m, c) = (model.to_string(), commit.to_string());
+    let files = state
+        .db
+        .read(move |conn| catalog::list_files(conn, &m, &c))
+        .await?;
+    let body: String = files
+        .iter()
+        .map(|f| format!("{}  {}\n", f.sha256, f.path))
+        .collect();
+    let etag = format!("\"{}\"", util::sha256_hex(&body));
+    Ok(HttpResponse::Ok()
+        .content_type("text/plain; charset=utf-8")
+        .insert_header(("X-Repo-Commit", commit.to_string()))
+        .insert_header((header::ETAG, etag))
+        .insert_header((header::LAST_MODIFIED, http_date(modified)))
+        .body(body))
+}
+
+fn withheld(model: &str, path: &str) -> Error {
+    Error::unavailable(
+        "quarantined",
+        format!(
+            "File {path} of model {model} failed an integrity check and is withheld until an administrator restores it. Try again later."
+        ),
+    )
+}
+
+/// `If-None-Match` against the strong ETag (weak comparison, as RFC 9110 asks for GET/HEAD).
+fn etag_matches(req: &HttpRequest, sha256: &str) -> bool {
+    let Some(v) = req
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    v.split(',')
+        .map(str::trim)
+        .any(|tag| tag == "*" || tag.trim_start_matches("W/").trim_matches('"') == sha256)
+}
+
+fn http_date(secs: i64) -> String {
+    chrono::DateTime::from_timestamp(secs, 0)
+        .map(|t| t.format("%a, %d %b %Y %H:%M:%S GMT").to_string())
+        .unwrap_or_default()
 }
 
 fn repo_not_found(model: &str) -> Error {
@@ -309,7 +380,7 @@ fn byte_range(req: &HttpRequest, blob: &Blob, size: u64) -> Result<Option<(u64, 
         }
     }
     let unsatisfiable = |why: &str| {
-        Error::new(StatusCode::RANGE_NOT_SATISFIABLE, "bad_range", format!("{why} This server accepts one range: bytes=N-, bytes=N-M or bytes=-K, within 0..{size}."))
+        Error::new(StatusCode::RANGE_NOT_SATISFIABLE, "bad_range", format!("{why} This server accepts bytes=N-, bytes=N-M or bytes=-K within 0..{size} (of several ranges, only the first is served)."))
             .with_header(header::CONTENT_RANGE, format!("bytes */{size}"))
     };
     let value = value
@@ -324,10 +395,10 @@ pub fn parse_range(value: &str, size: u64) -> Result<(u64, u64), &'static str> {
         .trim()
         .strip_prefix("bytes=")
         .ok_or("The Range unit must be bytes.")?;
-    if spec.contains(',') {
-        return Err("Multiple ranges in one request are not supported.");
-    }
-    let (a, b) = spec
+    // Several ranges are reduced to the first one (answered as a single 206 whose
+    // Content-Range says which bytes these are); multipart/byteranges is not produced.
+    let first = spec.split(',').next().unwrap_or("");
+    let (a, b) = first
         .trim()
         .split_once('-')
         .ok_or("The Range header is malformed.")?;
@@ -378,26 +449,11 @@ fn quarantine_on_failure(
             let result = state
                 .db
                 .write(move |c| {
-                    if catalog::quarantine_blob(c, &sha256, &problem)? {
-                        crate::audit::append(
-                            c,
-                            &[Event::new("integrity_failure", "quarantined")
-                                .model(&model)
-                                .detail(
-                                    json!({"path": path, "sha256": sha256, "problem": problem}),
-                                )],
-                        )?;
-                        let msg =
-                            mail::templates::integrity_failure(&model, &path, &sha256, &problem);
-                        for admin in &admins {
-                            mail::queue(c, admin, &msg)?;
-                        }
-                    }
-                    Ok(())
+                    crate::integrity::quarantine_in(c, &admins, &model, &path, &sha256, &problem)
                 })
                 .await;
             match result {
-                Ok(()) => state.mail_queued(),
+                Ok(_) => state.mail_queued(),
                 Err(e) => tracing::error!(error = %e, "could not record a quarantine"),
             }
         });
@@ -407,6 +463,8 @@ fn quarantine_on_failure(
 /// The response body: verified chunks, counted; its audit event is recorded when it ends,
 /// completed or not.
 struct AuditedBody {
+    /// The first chunk, read before the headers were sent.
+    first: Option<Bytes>,
     chunks: Chunks,
     sent: u64,
     log: FetchLog,
@@ -419,7 +477,11 @@ impl Stream for AuditedBody {
     type Item = std::io::Result<Bytes>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
-        match self.chunks.poll_recv(cx) {
+        if let Some(b) = self.first.take() {
+            self.sent += b.len() as u64;
+            return Poll::Ready(Some(Ok(b)));
+        }
+        match self.chunks.rx.poll_recv(cx) {
             Poll::Ready(Some(Ok(b))) => {
                 self.sent += b.len() as u64;
                 Poll::Ready(Some(Ok(b)))
@@ -437,13 +499,21 @@ impl Drop for AuditedBody {
     fn drop(&mut self) {
         let outcome = if self.failed {
             "integrity_failure"
-        } else if self.sent == self.log.expected {
-            "complete"
+        } else if self.sent < self.log.expected {
+            "aborted_by_client"
+        } else if self.log.status == 206 {
+            "partial"
         } else {
-            "aborted"
+            "complete"
         };
-        self.sink
-            .record(self.log.event(outcome, self.sent, self.started, None));
+        let mut event = self.log.event(outcome, self.sent, self.started, None);
+        event.detail["first_block"] = json!(self.chunks.first_block);
+        event.detail["blocks_verified"] = json!(
+            self.chunks
+                .blocks_verified
+                .load(std::sync::atomic::Ordering::Relaxed)
+        );
+        self.sink.record(event);
     }
 }
 
@@ -458,12 +528,13 @@ mod tests {
         assert_eq!(parse_range("bytes=3-500", 10), Ok((3, 10)));
         assert_eq!(parse_range("bytes=-4", 10), Ok((6, 10)));
         assert_eq!(parse_range("bytes=-40", 10), Ok((0, 10)));
+        assert_eq!(parse_range("bytes=1-2, 5-6", 10), Ok((1, 3)));
+        assert!(parse_range("bytes=1-2x,5-6", 10).is_err());
         for bad in [
             "bytes=10-",
             "bytes=5-3",
             "bytes=-0",
             "bytes=a-b",
-            "bytes=1-2,4-5",
             "items=0-1",
             "bytes=",
             "bytes=-",

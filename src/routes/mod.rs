@@ -2,6 +2,7 @@
 
 mod apply;
 mod download;
+mod manifest;
 mod ops;
 
 use actix_web::{HttpRequest, web};
@@ -15,6 +16,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route(
             "/api/v1/models/{org}/{name}/applications",
             web::post().to(apply::submit),
+        )
+        .route(
+            "/api/v1/models/{org}/{name}/manifest",
+            web::get().to(manifest::manifest),
         )
         .route("/applications/confirm", web::get().to(apply::confirm))
         .route("/applications/{id}", web::get().to(apply::status))

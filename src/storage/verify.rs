@@ -5,6 +5,8 @@
 
 use std::io;
 use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use object_store::ObjectStoreExt;
@@ -56,7 +58,13 @@ pub struct Plan {
 }
 
 /// The consumer side of a verified stream.
-pub type Chunks = mpsc::Receiver<Result<Bytes, io::Error>>;
+pub struct Chunks {
+    pub rx: mpsc::Receiver<Result<Bytes, io::Error>>,
+    /// How many blocks have passed verification so far.
+    pub blocks_verified: Arc<AtomicU64>,
+    /// Index of the first block the range touches.
+    pub first_block: u64,
+}
 
 /// Starts the producer task and returns the receiving end; `on_failure` is called once,
 /// from the producer, when verification or reading fails.
@@ -64,24 +72,32 @@ pub fn stream<F>(store: Store, plan: Plan, on_failure: F) -> Chunks
 where
     F: FnOnce(Failure) + Send + 'static,
 {
+    let blocks_verified = Arc::new(AtomicU64::new(0));
+    let counter = blocks_verified.clone();
+    let first_block = plan.range.start / plan.block_size;
     // Room for one block's chunks: the block in the channel drains to the socket while the
     // producer reads and hashes the next one.
     let per_block = plan.block_size.div_ceil(plan.chunk_size as u64).max(1) as usize;
     let (tx, rx) = mpsc::channel(per_block);
     tokio::spawn(async move {
-        if let Err(failure) = produce(&store, &plan, &tx).await {
+        if let Err(failure) = produce(&store, &plan, &tx, &counter).await {
             let msg = failure.describe();
             on_failure(failure);
             let _ = tx.send(Err(io::Error::other(msg))).await;
         }
     });
-    rx
+    Chunks {
+        rx,
+        blocks_verified,
+        first_block,
+    }
 }
 
 async fn produce(
     store: &Store,
     plan: &Plan,
     tx: &mpsc::Sender<Result<Bytes, io::Error>>,
+    verified: &AtomicU64,
 ) -> Result<(), Failure> {
     if plan.range.is_empty() {
         return Ok(());
@@ -124,6 +140,7 @@ async fn produce(
         let data = verify_block(data, expected)
             .await
             .ok_or(Failure::Mismatch { block })?;
+        verified.fetch_add(1, Ordering::Relaxed);
         // Hand on only the wanted part of the verified block, in socket-sized pieces.
         let from = plan.range.start.max(start) - start;
         let to = plan.range.end.min(end) - start;

@@ -92,6 +92,8 @@ pub struct TestServer {
     pub db: TestDb,
     pub settings: Settings,
     pub http: reqwest::Client,
+    /// The extra `WEIGHTGATE__…` settings, passed to CLI runs too.
+    extra: Vec<(String, String)>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -122,7 +124,11 @@ impl TestServer {
                 "4".to_string(),
             ),
         ];
-        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let extra: Vec<(String, String)> = extra
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        env.extend(extra.iter().cloned());
         let settings = Settings::load_from(None, env).expect("settings");
         let (tx, rx) = oneshot::channel::<()>();
         let s = settings.clone();
@@ -142,6 +148,7 @@ impl TestServer {
             db,
             settings,
             http,
+            extra,
             stop: Some(tx),
             task: Some(task),
         };
@@ -185,6 +192,7 @@ impl TestServer {
             .env("WEIGHTGATE__DATA_DIR", self.data_dir())
             .env("WEIGHTGATE__DATABASE__URL", &self.db.url)
             .env("WEIGHTGATE__SERVER__PUBLIC_URL", &self.base)
+            .envs(self.extra.iter().map(|(k, v)| (k, v)))
             .output()
             .expect("run weightgate")
     }
@@ -391,4 +399,63 @@ pub async fn raw_request(
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
     (status, text)
+}
+
+/// A model with a multi-block file (block size 64 KiB in these tests), a small file and a
+/// nested name that needs percent-encoding.
+pub fn sample_files() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("model.safetensors", pseudo_random(300_000, 1)),
+        ("config.json", br#"{"hidden_size": 8}"#.to_vec()),
+        ("tokenizer/vocab é+1.txt", b"a\nb\nc\n".to_vec()),
+    ]
+}
+
+pub const SMALL_BLOCKS: &[(&str, &str)] = &[
+    ("WEIGHTGATE__STORAGE__BLOCK_SIZE", "65536"),
+    ("WEIGHTGATE__STORAGE__CHUNK_SIZE", "16384"),
+];
+
+pub async fn server_with_model(backend: Backend, model: &str) -> TestServer {
+    let s = TestServer::start_with(backend, SMALL_BLOCKS).await;
+    let src = s.dir.path().join("src");
+    write_model_dir(&src, &sample_files());
+    s.cli_ok(&["models", "add", model, "--from", src.to_str().unwrap()]);
+    s
+}
+
+pub fn application(email: &str) -> serde_json::Value {
+    serde_json::json!({
+        "name": "Ada Lovelace", "email": email, "affiliation": "Analytical Engines",
+        "country": "GB", "intended_use": "Evaluating tokenizer robustness.", "accept_license": true,
+        "answers": {"Team size": "3"}
+    })
+}
+
+/// Applies, confirms through the emailed link, approves on the CLI and issues a token.
+pub async fn approved_token(s: &TestServer, model: &str, email: &str) -> String {
+    let before = s.wait_mail(0).await.len();
+    let (org, name) = model.split_once('/').unwrap();
+    let r = s
+        .http
+        .post(s.url(&format!("/api/v1/models/{org}/{name}/applications")))
+        .json(&application(email))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let body: serde_json::Value = r.json().await.unwrap();
+    let id = body["id"].as_str().unwrap().to_string();
+    let mails = s.wait_mail(before + 1).await;
+    let confirm = mails
+        .iter()
+        .rev()
+        .find_map(|m| m.link(&format!("{}/applications/confirm?code=", s.base)))
+        .expect("confirmation link");
+    let r = s.http.get(&confirm).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    s.cli_ok(&["applications", "approve", &id]);
+    s.cli_ok(&["tokens", "issue", "--email", email, "--model", model])
+        .trim()
+        .to_string()
 }

@@ -272,3 +272,47 @@ pub fn clear_quarantine(conn: &mut AnyConnection, sha256: &str, now: i64) -> Res
         .execute(conn)?;
     Ok(())
 }
+
+/// Every blob (or those one model uses), each with one `(model, path)` that refers to it.
+pub fn blobs_for(
+    conn: &mut AnyConnection,
+    model: Option<&str>,
+) -> Result<Vec<(Blob, (String, String))>> {
+    let mut q = files::table
+        .inner_join(blobs::table.on(blobs::sha256.eq(files::sha256)))
+        .select((Blob::as_select(), (files::model_id, files::path)))
+        .order((
+            blobs::sha256.asc(),
+            files::model_id.asc(),
+            files::path.asc(),
+        ))
+        .into_boxed();
+    if let Some(m) = model {
+        q = q.filter(files::model_id.eq(m.to_string()));
+    }
+    let mut rows: Vec<(Blob, (String, String))> = q.load(conn)?;
+    rows.dedup_by(|a, b| a.0.sha256 == b.0.sha256);
+    Ok(rows)
+}
+
+pub fn mark_verified(conn: &mut AnyConnection, sha256: &str, now: i64) -> Result<()> {
+    diesel::update(blobs::table.find(sha256))
+        .set(blobs::verified_at.eq(Some(now)))
+        .execute(conn)?;
+    Ok(())
+}
+
+/// Every file of a revision with its blob, in path order.
+pub fn files_with_blobs(
+    conn: &mut AnyConnection,
+    model: &str,
+    commit: &str,
+) -> Result<Vec<(FileRow, Blob)>> {
+    Ok(files::table
+        .inner_join(blobs::table.on(blobs::sha256.eq(files::sha256)))
+        .filter(files::model_id.eq(model))
+        .filter(files::commit_sha.eq(commit))
+        .order(files::path.asc())
+        .select((FileRow::as_select(), Blob::as_select()))
+        .load(conn)?)
+}

@@ -1,0 +1,44 @@
+//! Background loops started by `serve`: the scheduled scrub.
+
+use std::time::Duration;
+
+use actix_web::web;
+use tokio::sync::watch;
+
+use crate::State;
+
+/// Re-verifies every stored blob once per `interval`, until `stop` fires.
+pub async fn scrub_loop(
+    state: web::Data<State>,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.changed() => return,
+        }
+        let admins = state.ctx.admin_emails.clone();
+        let chunk = state.settings.storage.chunk_size;
+        let run = crate::integrity::scrub(&state.db, &state.store, &admins, None, chunk);
+        // Stopping mid-scrub is safe: each blob's verdict is committed on its own.
+        let result = tokio::select! {
+            r = run => r,
+            _ = stop.changed() => return,
+        };
+        match result {
+            Ok(r) => {
+                tracing::info!(
+                    checked = r.checked,
+                    quarantined = r.quarantined.len(),
+                    restored = r.restored.len(),
+                    "scheduled scrub finished"
+                );
+                if !r.quarantined.is_empty() {
+                    state.mail_queued();
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "scheduled scrub failed"),
+        }
+    }
+}
