@@ -508,3 +508,37 @@ async fn conditional_and_range_rules() {
     s.wait_audit("aborted", |e| e["outcome"] == "aborted_by_client")
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduled_scrub_finds_damage_nobody_downloaded() {
+    let scrub = [("WEIGHTGATE__INTEGRITY__SCRUB_INTERVAL", "200ms")];
+    let s = TestServer::start_with(Backend::Sqlite, &[SMALL_BLOCKS, &scrub].concat()).await;
+    let src = s.dir.path().join("src");
+    write_model_dir(&src, &sample_files());
+    s.cli_ok(&[
+        "models",
+        "add",
+        "acme/tiny",
+        "--from",
+        src.to_str().unwrap(),
+    ]);
+    s.wait_audit("a clean scheduled scrub", |e| {
+        e["kind"] == "scrub_completed" && e["detail"]["ok"] == 3
+    })
+    .await;
+    let stored = stored_path(&s, &sample_files()[1].1);
+    std::fs::write(&stored, b"{\"hidden_size\": 9}").unwrap(); // same size, other bytes
+    let e = s
+        .wait_audit("scrub quarantine", |e| e["kind"] == "integrity_failure")
+        .await;
+    assert_eq!(e["detail"]["path"], "config.json");
+    let token = approved_token(&s, "acme/tiny", "ada@example.org").await;
+    let r = s
+        .http
+        .get(s.url("/acme/tiny/resolve/main/config.json"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+}

@@ -166,3 +166,127 @@ async fn verify_block(data: Bytes, expected: Vec<u8>) -> Option<Bytes> {
     .ok()
     .flatten()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+
+    use object_store::ObjectStoreExt;
+    use object_store::memory::InMemory;
+
+    use super::*;
+    use crate::storage::manifest::Hasher;
+
+    const BS: u64 = 64 * 1024;
+
+    async fn blob(data: &[u8]) -> (Store, Plan) {
+        let store = Store {
+            inner: Arc::new(InMemory::new()),
+        };
+        store
+            .inner
+            .put(&Store::path("b"), data.to_vec().into())
+            .await
+            .unwrap();
+        let mut h = Hasher::new(BS);
+        h.update(data);
+        let d = h.finish();
+        let plan = Plan {
+            key: "b".into(),
+            size: d.size,
+            block_size: BS,
+            block_hashes: d.block_hashes,
+            range: 0..d.size,
+            chunk_size: 16 * 1024,
+        };
+        (store, plan)
+    }
+
+    /// Lets the producer run as far ahead as it can before the next observation.
+    async fn let_producer_run() {
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+            let _ = tokio::task::spawn_blocking(|| ()).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_slow_reader_holds_the_producer_at_most_three_blocks_ahead() {
+        let data: Vec<u8> = (0..40 * BS).map(|i| (i % 251) as u8).collect();
+        let (store, plan) = blob(&data).await;
+        let mut chunks = stream(store, plan, |f| panic!("unexpected failure {f:?}"));
+        let mut received = 0u64;
+        let mut max_lead = 0;
+        loop {
+            let_producer_run().await;
+            let verified = chunks.blocks_verified.load(Ordering::Relaxed);
+            let consumed = received / BS;
+            max_lead = max_lead.max(verified - consumed);
+            assert!(
+                verified <= consumed + 3,
+                "producer ran {verified} blocks ahead of {consumed}"
+            );
+            match chunks.rx.recv().await {
+                Some(Ok(b)) => {
+                    assert_eq!(
+                        &b[..],
+                        &data[received as usize..received as usize + b.len()]
+                    );
+                    received += b.len() as u64;
+                }
+                Some(Err(e)) => panic!("{e}"),
+                None => break,
+            }
+        }
+        assert_eq!(received, data.len() as u64);
+        assert!(max_lead >= 1, "the producer does read ahead (pipelining)");
+    }
+
+    #[tokio::test]
+    async fn a_range_verifies_only_the_blocks_it_touches() {
+        let data: Vec<u8> = (0..10 * BS).map(|i| (i % 13) as u8).collect();
+        let (store, mut plan) = blob(&data).await;
+        plan.range = 3 * BS - 1..5 * BS + 1; // blocks 2..=5
+        let mut chunks = stream(store, plan, |f| panic!("unexpected failure {f:?}"));
+        let mut got = Vec::new();
+        while let Some(piece) = chunks.rx.recv().await {
+            got.extend_from_slice(&piece.unwrap());
+        }
+        assert_eq!(
+            &got[..],
+            &data[(3 * BS - 1) as usize..(5 * BS + 1) as usize]
+        );
+        assert_eq!(chunks.first_block, 2);
+        assert_eq!(chunks.blocks_verified.load(Ordering::Relaxed), 4);
+    }
+
+    #[tokio::test]
+    async fn a_bad_block_stops_the_stream_before_any_of_its_bytes() {
+        let data: Vec<u8> = (0..4 * BS).map(|i| (i % 7) as u8).collect();
+        let (store, plan) = blob(&data).await;
+        let mut bad = data.clone();
+        bad[(2 * BS + 5) as usize] ^= 1;
+        store
+            .inner
+            .put(&Store::path("b"), bad.into())
+            .await
+            .unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut chunks = stream(store, plan, move |f| {
+            let _ = tx.send(f);
+        });
+        let mut got = Vec::new();
+        let mut failed = false;
+        while let Some(piece) = chunks.rx.recv().await {
+            match piece {
+                Ok(b) => got.extend_from_slice(&b),
+                Err(_) => failed = true,
+            }
+        }
+        assert!(failed);
+        assert_eq!(got.len() as u64, 2 * BS);
+        assert_eq!(&got[..], &data[..got.len()]);
+        assert_eq!(rx.await.unwrap(), Failure::Mismatch { block: 2 });
+    }
+}
