@@ -2,5 +2,6 @@
 //! still opens a model's files.
 
 pub mod access;
+pub mod admin;
 pub mod keys;
 pub mod tokens;

@@ -2,6 +2,7 @@
 
 mod apply;
 mod download;
+mod hub;
 mod manifest;
 mod ops;
 
@@ -27,6 +28,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             "/api/v1/applications/{id}/tokens",
             web::post().to(apply::issue_token),
         )
+        // Hugging Face Hub API (HF_ENDPOINT clients)
+        .route("/api/agent-harnesses", web::get().to(hub::agent_harnesses))
+        .route("/api/models/{org}/{name}", web::get().to(hub::model_info))
+        .route("/api/models/{org}/{name}/revision/{tail:.*}", web::get().to(hub::revision_info))
+        .route("/api/models/{org}/{name}/tree/{tail:.*}", web::get().to(hub::tree))
         .service(
             web::resource("/{org}/{name}/resolve/{tail:.*}")
                 .route(web::get().to(download::resolve))

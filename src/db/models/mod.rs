@@ -1,6 +1,7 @@
 //! Rows and the queries that touch them, one file per group of tables.
 
 pub mod access;
+pub mod admins;
 pub mod audit;
 pub mod catalog;
 pub mod kv;
