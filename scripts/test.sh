@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one command that runs every test from a fresh machine: it brings up what the tests
-# need (PostgreSQL on 127.0.0.1:5432), then runs formatting, lint and the whole test suite.
+# need (PostgreSQL on 127.0.0.1:5432, the Hugging Face client in .venv), then runs formatting, lint and the whole test suite.
 # .ci/run calls exactly this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +32,21 @@ ensure_postgres() {
   su postgres -c "psql -qtAc \"ALTER ROLE postgres CREATEDB\"" >/dev/null 2>&1 || true
 }
 
+# The official Hugging Face client, pinned, in a virtualenv of the project's own.
+ensure_hf_client() {
+  local venv=.venv want="huggingface-hub==2.4.0"
+  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import huggingface_hub, sys; sys.exit(huggingface_hub.__version__ != "2.4.0")' 2>/dev/null; then
+    log "Hugging Face client 2.4.0 is in $venv"
+  else
+    log "installing $want into $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check "$want"
+  fi
+  export WEIGHTGATE_TEST_VENV="$PWD/$venv"
+}
+
 ensure_postgres
+ensure_hf_client
 export WEIGHTGATE_TEST_PG="${WEIGHTGATE_TEST_PG:-postgres://postgres@127.0.0.1:5432/postgres}"
 
 log "cargo fmt --check"

@@ -352,6 +352,57 @@ pub async fn approve(
         .await
 }
 
+/// Rejects an application inside the caller's transaction. A pending one is simply decided;
+/// an approved one loses its grant too (an admin changing their mind).
+pub fn reject_in(
+    c: &mut AnyConnection,
+    ctx: &Context,
+    id: &str,
+    actor: &str,
+    reason: &str,
+) -> Result<Application> {
+    let reason = text_field("reason", reason, 1, 1000)?;
+    let now = util::now();
+    let app = people::find_application(c, id)?.ok_or_else(|| {
+        Error::not_found("application_not_found", format!("No application {id}."))
+    })?;
+    let from = match app.status.as_str() {
+        PENDING => PENDING,
+        APPROVED => {
+            revoke_grants_of(c, &app, actor, "rejected after approval")?;
+            APPROVED
+        }
+        other => {
+            return Err(Error::conflict(
+                "not_pending",
+                format!("Application {id} is {other}, not pending."),
+            ));
+        }
+    };
+    if !people::transition(c, id, from, REJECTED, now)? {
+        return Err(Error::conflict(
+            "not_pending",
+            format!("Application {id} changed meanwhile; try again."),
+        ));
+    }
+    people::record_decision(c, id, actor, Some(&reason), now)?;
+    let model = catalog::require_model(c, &app.model_id)?;
+    audit::append(
+        c,
+        &[Event::new("application_rejected", "ok")
+            .actor(actor)
+            .model(&app.model_id)
+            .detail(json!({"application": id, "user": app.user_id, "reason": reason}))],
+    )?;
+    let url = status_url(c, ctx, id)?;
+    mail::queue(
+        c,
+        &app.email,
+        &templates::rejected(&app.model_id, &reason, model.allow_reapply, &url),
+    )?;
+    people::find_application(c, id)?.ok_or_else(|| Error::internal("application vanished"))
+}
+
 pub async fn reject(
     db: &Db,
     ctx: &Context,
@@ -359,37 +410,170 @@ pub async fn reject(
     actor: &str,
     reason: &str,
 ) -> Result<Application> {
-    let reason = text_field("reason", reason, 1, 1000)?;
-    let (ctx, id, actor) = (ctx.clone(), id.to_string(), actor.to_string());
-    db.write(move |c| {
-        let now = util::now();
-        let app = people::find_application(c, &id)?.ok_or_else(|| {
-            Error::not_found("application_not_found", format!("No application {id}."))
-        })?;
-        if !people::transition(c, &id, PENDING, REJECTED, now)? {
-            return Err(Error::conflict(
-                "not_pending",
-                format!("Application {id} is {}, not pending.", app.status),
-            ));
-        }
-        people::record_decision(c, &id, &actor, Some(&reason), now)?;
-        let model = catalog::require_model(c, &app.model_id)?;
+    let (ctx, id, actor, reason) = (
+        ctx.clone(),
+        id.to_string(),
+        actor.to_string(),
+        reason.to_string(),
+    );
+    db.write(move |c| reject_in(c, &ctx, &id, &actor, &reason))
+        .await
+}
+
+/// Revokes the active grant an application created, with its audit event.
+fn revoke_grants_of(
+    c: &mut AnyConnection,
+    app: &Application,
+    actor: &str,
+    reason: &str,
+) -> Result<()> {
+    let now = util::now();
+    if let Some(g) = people::active_grant(c, &app.user_id, &app.model_id, now)?
+        && people::revoke_grant(c, &g.id, reason, now)?
+    {
         audit::append(
             c,
-            &[Event::new("application_rejected", "ok")
-                .actor(&actor)
+            &[Event::new("grant_revoked", "ok")
+                .actor(actor)
                 .model(&app.model_id)
-                .detail(json!({"application": id, "user": app.user_id, "reason": reason}))],
+                .detail(json!({"grant": g.id, "user": app.user_id, "reason": reason}))],
         )?;
-        let url = status_url(c, &ctx, &id)?;
-        mail::queue(
-            c,
-            &app.email,
-            &templates::rejected(&app.model_id, &reason, model.allow_reapply, &url),
-        )?;
-        people::find_application(c, &id)?.ok_or_else(|| Error::internal("application vanished"))
-    })
-    .await
+    }
+    Ok(())
+}
+
+/// Puts a decided application back in the review queue (`cancel_access_request`), revoking
+/// the grant an approval made.
+pub fn reopen_in(c: &mut AnyConnection, id: &str, actor: &str) -> Result<Application> {
+    let now = util::now();
+    let app = people::find_application(c, id)?.ok_or_else(|| {
+        Error::not_found("application_not_found", format!("No application {id}."))
+    })?;
+    match app.status.as_str() {
+        APPROVED => revoke_grants_of(c, &app, actor, "moved back to review")?,
+        REJECTED => {}
+        other => {
+            return Err(Error::not_found(
+                "not_decided",
+                format!("Application {id} is {other}; only decided ones can go back to pending."),
+            ));
+        }
+    }
+    if !people::transition(c, id, &app.status, PENDING, now)? {
+        return Err(Error::conflict(
+            "changed",
+            format!("Application {id} changed meanwhile; try again."),
+        ));
+    }
+    audit::append(
+        c,
+        &[Event::new("application_reopened", "ok")
+            .actor(actor)
+            .model(&app.model_id)
+            .detail(json!({"application": id, "from": app.status}))],
+    )?;
+    people::find_application(c, id)?.ok_or_else(|| Error::internal("application vanished"))
+}
+
+/// Accepts an application whatever its decided state (`accept_access_request`): a rejected
+/// one goes back through pending so the approval is recorded like any other.
+pub fn accept_in(c: &mut AnyConnection, ctx: &Context, id: &str, actor: &str) -> Result<Grant> {
+    let app = people::find_application(c, id)?.ok_or_else(|| {
+        Error::not_found("application_not_found", format!("No application {id}."))
+    })?;
+    match app.status.as_str() {
+        PENDING => {}
+        REJECTED => {
+            reopen_in(c, id, actor)?;
+        }
+        APPROVED => {
+            return Err(Error::not_found(
+                "already_accepted",
+                format!("Application {id} is already accepted."),
+            ));
+        }
+        other => {
+            return Err(Error::conflict(
+                "not_pending",
+                format!(
+                    "Application {id} is {other}: the researcher must confirm their email first."
+                ),
+            ));
+        }
+    }
+    approve_in(c, ctx, id, actor, None)
+}
+
+/// Grants access directly to an email address (`grant_access`): the researcher gets an
+/// approved application of its own, so every list and email treats them like the others.
+pub fn grant_in(
+    c: &mut AnyConnection,
+    ctx: &Context,
+    model_id: &str,
+    email: &str,
+    actor: &str,
+) -> Result<Grant> {
+    let email = email.trim().to_ascii_lowercase();
+    if email.len() > 254 || email.parse::<lettre::Address>().is_err() {
+        return Err(Error::invalid_field(
+            "user",
+            "must be the researcher's email address",
+        ));
+    }
+    let model = catalog::require_model(c, model_id)?;
+    let now = util::now();
+    let user = match people::find_user_by_email(c, &email)? {
+        Some(u) => u,
+        None => {
+            let u = User {
+                id: util::random_hex(12),
+                email: email.clone(),
+                name: String::new(),
+                affiliation: String::new(),
+                country: String::new(),
+                created_at: now,
+                deleted_at: None,
+            };
+            people::insert_user(c, &u)?;
+            u
+        }
+    };
+    if people::active_grant(c, &user.id, &model.id, now)?.is_some() {
+        return Err(Error::bad_request(
+            "already_granted",
+            format!("{email} already has access to {}.", model.id),
+        ));
+    }
+    let id = util::random_hex(16);
+    let key = status_key(c, &id)?;
+    people::insert_application(
+        c,
+        &Application {
+            id: id.clone(),
+            model_id: model.id.clone(),
+            user_id: user.id.clone(),
+            status: PENDING.into(),
+            name: if user.name.is_empty() {
+                email.clone()
+            } else {
+                user.name.clone()
+            },
+            email: email.clone(),
+            affiliation: user.affiliation.clone(),
+            country: user.country.clone(),
+            intended_use: "Access granted directly by an administrator.".into(),
+            answers: "{}".into(),
+            confirm_hash: None,
+            status_key_hash: util::sha256_hex(&key),
+            reason: None,
+            decided_by: None,
+            decided_at: None,
+            created_at: now,
+            confirmed_at: Some(now),
+            updated_at: now,
+        },
+    )?;
+    approve_in(c, ctx, &id, actor, None)
 }
 
 /// What the researcher's status page shows.

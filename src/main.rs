@@ -47,6 +47,9 @@ enum Command {
     /// Signing keys
     #[command(subcommand)]
     Keys(KeysCmd),
+    /// Administrators and their API tokens
+    #[command(subcommand)]
+    Admin(AdminCmd),
     /// The tamper-evident audit log
     #[command(subcommand)]
     Audit(AuditCmd),
@@ -148,6 +151,33 @@ enum TokensCmd {
     /// Revoke a token by its jti
     Revoke {
         jti: String,
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCmd {
+    /// Create an administrator; the password is read from standard input (one line)
+    Create {
+        #[arg(long)]
+        email: String,
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+    /// Administrator API tokens (wg_admin_…), for automation and HfApi
+    #[command(subcommand)]
+    Token(AdminTokenCmd),
+}
+
+#[derive(Subcommand)]
+enum AdminTokenCmd {
+    /// Issue an API token for an administrator; prints it once
+    Create {
+        #[arg(long)]
+        email: String,
+        #[arg(long, default_value = "")]
+        label: String,
         #[command(flatten)]
         out: JsonFlag,
     },
@@ -282,6 +312,7 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCo
             }
         }
         Command::Models(cmd) => models(cmd, &settings).await?,
+        Command::Admin(cmd) => admin_cmd(cmd, &settings).await?,
         Command::Verify { dir, out } => return verify_dir(&dir, out.json),
         Command::Applications(cmd) => applications_cmd(cmd, &settings).await?,
         Command::Tokens(cmd) => tokens(cmd, &settings).await?,
@@ -688,4 +719,40 @@ fn verify_dir(dir: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+async fn admin_cmd(cmd: AdminCmd, settings: &Settings) -> anyhow::Result<()> {
+    use weightgate::auth::admin;
+    let core = open(settings).await?;
+    match cmd {
+        AdminCmd::Create { email, out } => {
+            if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                eprint!("Password for {email} (at least 12 characters; input is shown): ");
+            }
+            let mut password = String::new();
+            std::io::stdin().read_line(&mut password)?;
+            let password = password.trim_end_matches(['\n', '\r']).to_string();
+            let created = core
+                .db
+                .write(move |c| admin::create(c, &email, &password, "cli"))
+                .await?;
+            if out.json {
+                print_json(&serde_json::json!({"id": created.id, "email": created.email}))?;
+            } else {
+                println!("administrator {} created", created.email);
+            }
+        }
+        AdminCmd::Token(AdminTokenCmd::Create { email, label, out }) => {
+            let (raw, row) = core
+                .db
+                .write(move |c| admin::issue_token(c, &email, &label, "cli"))
+                .await?;
+            if out.json {
+                print_json(&serde_json::json!({"token": raw, "id": row.id, "label": row.label}))?;
+            } else {
+                println!("{raw}");
+            }
+        }
+    }
+    Ok(())
 }

@@ -372,7 +372,7 @@ async fn denials(backend: Backend) {
         Some("GatedRepo"),
         "scope",
     );
-    assert_eq!(body(r).await["error"], "token_scope");
+    assert_eq!(body(r).await["error"], "not_applied");
     // HEAD denials carry the message in the header (HEAD has no body).
     let r = check(
         s.http.head(&file).send().await.unwrap(),

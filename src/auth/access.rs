@@ -57,32 +57,73 @@ pub async fn authorize(
     };
     let claims = tokens::verify(keys, raw, &policy.issuer, &policy.audience, policy.leeway)
         .map_err(|e| e.hub(HubCode::GatedRepo))?;
-    if !claims.models.iter().any(|m| m == model) {
-        return Err(gated(
-            StatusCode::FORBIDDEN,
-            "token_scope",
-            format!(
-                "Access to model {model} is restricted and this token is not for it. Apply for access at {apply_url}"
-            ),
-        ));
-    }
     let hash = util::sha256_hex(raw);
     let jti = claims.jti.clone();
     let model = model.to_string();
-    db.read(move |c| check_rows(c, &claims, &jti, &hash, &model, &apply_url))
-        .await
+    db.read(move |c| {
+        if !claims.models.contains(&model) {
+            // A genuine token for another model: say where this researcher stands here.
+            token_row(c, &claims, &jti, &hash, &model, &apply_url)?;
+            return Err(standing(c, &claims.sub, &model, &apply_url)?);
+        }
+        check_rows(c, &claims, &jti, &hash, &model, &apply_url)
+    })
+    .await
 }
 
-fn check_rows(
+/// Why a researcher with no token for `model` cannot read it, in the Hub's words where the
+/// Hub has words for it.
+fn standing(c: &mut AnyConnection, user_id: &str, model: &str, apply_url: &str) -> Result<Error> {
+    use actix_web::http::StatusCode;
+    let apps = people::applications_of(c, user_id, model)?;
+    let (code, msg) = match apps.first().map(|a| a.status.as_str()) {
+        None | Some(people::WITHDRAWN) => (
+            "not_applied",
+            format!(
+                "Access to model {model} is restricted and you are not in the authorized list. Visit {apply_url} to ask for access."
+            ),
+        ),
+        Some(people::UNVERIFIED) => (
+            "application_unconfirmed",
+            format!(
+                "Your request to access model {model} is waiting for you to confirm your email address: use the link in the email we sent."
+            ),
+        ),
+        Some(people::PENDING) => (
+            "application_pending",
+            format!(
+                "Your request to access model {model} is awaiting a review from the repo authors."
+            ),
+        ),
+        Some(people::REJECTED) => {
+            let reason = apps[0].reason.clone().unwrap_or_default();
+            (
+                "application_rejected",
+                format!(
+                    "Your request to access model {model} has been rejected by the repo's authors. Reason: {reason}"
+                ),
+            )
+        }
+        Some(_) => (
+            "token_scope",
+            format!(
+                "You have access to model {model}, but this token is for another model. Issue a token for {model} from your application's status page."
+            ),
+        ),
+    };
+    Ok(gated(StatusCode::FORBIDDEN, code, msg))
+}
+
+/// The token's own row: known, the same secret, not revoked.
+fn token_row(
     c: &mut AnyConnection,
     claims: &Claims,
     jti: &str,
     hash: &str,
     model: &str,
     apply_url: &str,
-) -> Result<Principal> {
+) -> Result<TokenRow> {
     use actix_web::http::StatusCode;
-    let now = util::now();
     let row = token_rows::find(c, jti)?
         .filter(|r| {
             util::ct_eq(r.token_hash.as_bytes(), hash.as_bytes()) && r.user_id == claims.sub
@@ -100,6 +141,21 @@ fn check_rows(
             ),
         ));
     }
+    Ok(row)
+}
+
+/// The token and then its grant and user, as they stand now.
+fn check_rows(
+    c: &mut AnyConnection,
+    claims: &Claims,
+    jti: &str,
+    hash: &str,
+    model: &str,
+    apply_url: &str,
+) -> Result<Principal> {
+    use actix_web::http::StatusCode;
+    let now = util::now();
+    let row = token_row(c, claims, jti, hash, model, apply_url)?;
     let grant = people::find_grant(c, &row.grant_id)?
         .ok_or_else(|| Error::internal("token without grant"))?;
     let user = people::find_user(c, &row.user_id)?;

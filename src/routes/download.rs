@@ -85,25 +85,6 @@ pub async fn resolve(req: HttpRequest, state: web::Data<State>) -> Result<HttpRe
     }
 }
 
-/// The bearer token from `Authorization`, else from `?token=` (signed-URL style).
-fn bearer(req: &HttpRequest) -> Option<String> {
-    if let Some(v) = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    {
-        let v = v.trim();
-        let token = v
-            .strip_prefix("Bearer ")
-            .or_else(|| v.strip_prefix("bearer "))
-            .unwrap_or("");
-        return Some(token.trim().to_string());
-    }
-    web::Query::<std::collections::HashMap<String, String>>::from_query(req.query_string())
-        .ok()
-        .and_then(|q| q.get("token").cloned())
-}
-
 async fn serve(
     req: &HttpRequest,
     state: &web::Data<State>,
@@ -164,7 +145,7 @@ async fn serve(
         &state.db,
         &state.keys,
         &state.policy,
-        bearer(req).as_deref(),
+        super::bearer(req).as_deref(),
         &model,
     )
     .await?;

@@ -21,8 +21,11 @@ use crate::{paths, util};
 fn repo_id(org: &str, name: &str) -> Result<String> {
     let id = format!("{org}/{name}");
     paths::validate_repo_id(&id).map_err(|_| {
-        Error::not_found("repo_not_found", format!("Model {id} does not exist on this server."))
-            .hub(HubCode::RepoNotFound)
+        Error::not_found(
+            "repo_not_found",
+            format!("Model {id} does not exist on this server."),
+        )
+        .hub(HubCode::RepoNotFound)
     })?;
     Ok(id)
 }
@@ -108,15 +111,32 @@ fn flag(v: Option<&str>) -> bool {
 }
 
 /// `GET /api/models/{org}/{name}`: the `main` revision.
-pub async fn model_info(state: web::Data<State>, path: web::Path<(String, String)>, q: web::Query<InfoQuery>) -> Result<HttpResponse> {
+pub async fn model_info(
+    state: web::Data<State>,
+    path: web::Path<(String, String)>,
+    q: web::Query<InfoQuery>,
+) -> Result<HttpResponse> {
     let (org, name) = path.into_inner();
-    info(&state, &repo_id(&org, &name)?, "main", flag(q.blobs.as_deref())).await
+    info(
+        &state,
+        &repo_id(&org, &name)?,
+        "main",
+        flag(q.blobs.as_deref()),
+    )
+    .await
 }
 
 /// `GET /api/models/{org}/{name}/revision/{revision}` (the revision is one encoded segment).
-pub async fn revision_info(req: HttpRequest, state: web::Data<State>, q: web::Query<InfoQuery>) -> Result<HttpResponse> {
+pub async fn revision_info(
+    req: HttpRequest,
+    state: web::Data<State>,
+    q: web::Query<InfoQuery>,
+) -> Result<HttpResponse> {
     let model = repo_of(&req)?;
-    let rev = paths::decode(raw_tail(&req, "revision")?.trim_end_matches('/'), "revision")?;
+    let rev = paths::decode(
+        raw_tail(&req, "revision")?.trim_end_matches('/'),
+        "revision",
+    )?;
     info(&state, &model, &rev, flag(q.blobs.as_deref())).await
 }
 
@@ -129,26 +149,43 @@ pub struct TreeQuery {
 }
 
 /// `GET /api/models/{org}/{name}/tree/{revision}[/{path}]?recursive=&expand=&cursor=`.
-pub async fn tree(req: HttpRequest, state: web::Data<State>, q: web::Query<TreeQuery>) -> Result<HttpResponse> {
+pub async fn tree(
+    req: HttpRequest,
+    state: web::Data<State>,
+    q: web::Query<TreeQuery>,
+) -> Result<HttpResponse> {
     let model = repo_of(&req)?;
     let tail = raw_tail(&req, "tree")?;
     let (rev_raw, dir_raw) = tail.split_once('/').unwrap_or((tail, ""));
     let rev = paths::decode(rev_raw, "revision")?;
-    let dir = paths::decode(dir_raw, "path")?.trim_matches('/').to_string();
+    let dir = paths::decode(dir_raw, "path")?
+        .trim_matches('/')
+        .to_string();
     if !dir.is_empty() {
         paths::validate_file_path(&dir)?;
     }
     let recursive = flag(q.recursive.as_deref());
     let expand = flag(q.expand.as_deref());
     let page = match q.limit.as_deref().map(str::parse::<usize>) {
-        None => if expand { 50 } else { 1000 },
+        None => {
+            if expand {
+                50
+            } else {
+                1000
+            }
+        }
         Some(Ok(n)) if (1..=1000).contains(&n) => n,
         Some(_) => return Err(Error::invalid_field("limit", "must be 1 to 1000")),
     };
     let offset = match q.cursor.as_deref().map(str::parse::<usize>) {
         None => 0,
         Some(Ok(n)) => n,
-        Some(Err(_)) => return Err(Error::invalid_field("cursor", "not a cursor this server gave out")),
+        Some(Err(_)) => {
+            return Err(Error::invalid_field(
+                "cursor",
+                "not a cursor this server gave out",
+            ));
+        }
     };
 
     let (m, r) = (model.clone(), rev.clone());
@@ -158,16 +195,24 @@ pub async fn tree(req: HttpRequest, state: web::Data<State>, q: web::Query<TreeQ
             catalog::require_model(c, &m)?;
             let commit = catalog::resolve_revision(c, &m, &r)?;
             let created = catalog::revision_created_at(c, &m, &commit)?;
-            Ok((commit.clone(), created, catalog::list_files(c, &m, &commit)?))
+            Ok((
+                commit.clone(),
+                created,
+                catalog::list_files(c, &m, &commit)?,
+            ))
         })
         .await?;
     let entries = tree_entries(&files, &commit, &dir, recursive);
     if entries.is_empty() && !dir.is_empty() {
-        return Err(Error::not_found("entry_not_found", format!("{dir} does not exist in revision {rev} of model {model}."))
-            .hub(HubCode::EntryNotFound)
-            .with_header(header::HeaderName::from_static("x-repo-commit"), commit));
+        return Err(Error::not_found(
+            "entry_not_found",
+            format!("{dir} does not exist in revision {rev} of model {model}."),
+        )
+        .hub(HubCode::EntryNotFound)
+        .with_header(header::HeaderName::from_static("x-repo-commit"), commit));
     }
-    let last_commit = json!({"id": commit, "title": "weightgate import", "date": util::rfc3339(created)});
+    let last_commit =
+        json!({"id": commit, "title": "weightgate import", "date": util::rfc3339(created)});
     let body: Vec<Value> = entries
         .iter()
         .skip(offset)
@@ -182,12 +227,19 @@ pub async fn tree(req: HttpRequest, state: web::Data<State>, q: web::Query<TreeQ
         .collect();
     let mut resp = HttpResponse::Ok();
     if offset + page < entries.len() {
-        let mut next = format!("{}/api/models/{model}/tree/{}", state.settings.public_url(), utf8_percent_encode(&rev, NON_ALPHANUMERIC));
+        let mut next = format!(
+            "{}/api/models/{model}/tree/{}",
+            state.settings.public_url(),
+            utf8_percent_encode(&rev, NON_ALPHANUMERIC)
+        );
         if !dir.is_empty() {
             next.push('/');
             next.push_str(&utf8_percent_encode(&dir, NON_ALPHANUMERIC).to_string());
         }
-        next.push_str(&format!("?recursive={recursive}&expand={expand}&limit={page}&cursor={}", offset + page));
+        next.push_str(&format!(
+            "?recursive={recursive}&expand={expand}&limit={page}&cursor={}",
+            offset + page
+        ));
         resp.insert_header((header::LINK, format!("<{next}>; rel=\"next\"")));
     }
     Ok(resp.json(body))
@@ -195,7 +247,11 @@ pub async fn tree(req: HttpRequest, state: web::Data<State>, q: web::Query<TreeQ
 
 /// Files and directories under `dir` (all of them, or only its direct children).
 fn tree_entries(files: &[FileRow], commit: &str, dir: &str, recursive: bool) -> Vec<Value> {
-    let prefix = if dir.is_empty() { String::new() } else { format!("{dir}/") };
+    let prefix = if dir.is_empty() {
+        String::new()
+    } else {
+        format!("{dir}/")
+    };
     let mut dirs = BTreeSet::new();
     let mut out = Vec::new();
     for f in files.iter().filter(|f| f.path.starts_with(&prefix)) {
@@ -230,7 +286,9 @@ fn tree_entries(files: &[FileRow], commit: &str, dir: &str, recursive: bool) -> 
 /// `GET /api/agent-harnesses`: the client's telemetry probe, answered with an empty registry
 /// (which also stops it asking again).
 pub async fn agent_harnesses() -> HttpResponse {
-    HttpResponse::Ok().insert_header((header::CACHE_CONTROL, "public, max-age=86400")).json(json!({"standardEnvVars": [], "harnesses": {}}))
+    HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "public, max-age=86400"))
+        .json(json!({"standardEnvVars": [], "harnesses": {}}))
 }
 
 #[cfg(test)]
@@ -238,17 +296,53 @@ mod tests {
     use super::*;
 
     fn file(path: &str) -> FileRow {
-        FileRow { model_id: "o/m".into(), commit_sha: "c".into(), path: path.into(), size: 1, sha256: "s".into(), git_oid: "g".into() }
+        FileRow {
+            model_id: "o/m".into(),
+            commit_sha: "c".into(),
+            path: path.into(),
+            size: 1,
+            sha256: "s".into(),
+            git_oid: "g".into(),
+        }
     }
 
     #[test]
     fn tree_listing() {
         let files = vec![file("a.bin"), file("t/v.txt"), file("t/deep/x.bin")];
-        let paths = |v: Vec<Value>| v.iter().map(|e| format!("{}:{}", e["type"].as_str().unwrap(), e["path"].as_str().unwrap())).collect::<Vec<_>>();
-        assert_eq!(paths(tree_entries(&files, "c", "", false)), ["file:a.bin", "directory:t"]);
-        assert_eq!(paths(tree_entries(&files, "c", "", true)), ["file:a.bin", "directory:t", "directory:t/deep", "file:t/deep/x.bin", "file:t/v.txt"]);
-        assert_eq!(paths(tree_entries(&files, "c", "t", false)), ["directory:t/deep", "file:t/v.txt"]);
+        let paths = |v: Vec<Value>| {
+            v.iter()
+                .map(|e| {
+                    format!(
+                        "{}:{}",
+                        e["type"].as_str().unwrap(),
+                        e["path"].as_str().unwrap()
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            paths(tree_entries(&files, "c", "", false)),
+            ["file:a.bin", "directory:t"]
+        );
+        assert_eq!(
+            paths(tree_entries(&files, "c", "", true)),
+            [
+                "file:a.bin",
+                "directory:t",
+                "directory:t/deep",
+                "file:t/deep/x.bin",
+                "file:t/v.txt"
+            ]
+        );
+        assert_eq!(
+            paths(tree_entries(&files, "c", "t", false)),
+            ["directory:t/deep", "file:t/v.txt"]
+        );
         assert!(tree_entries(&files, "c", "nope", true).is_empty());
-        assert!(tree_entries(&files, "c", "", true).iter().all(|e| e.get("xetHash").is_none()));
+        assert!(
+            tree_entries(&files, "c", "", true)
+                .iter()
+                .all(|e| e.get("xetHash").is_none())
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! The one route table: every URL path the server answers is written here.
 
+mod access_requests;
 mod apply;
 mod download;
 mod hub;
@@ -31,8 +32,30 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         // Hugging Face Hub API (HF_ENDPOINT clients)
         .route("/api/agent-harnesses", web::get().to(hub::agent_harnesses))
         .route("/api/models/{org}/{name}", web::get().to(hub::model_info))
-        .route("/api/models/{org}/{name}/revision/{tail:.*}", web::get().to(hub::revision_info))
-        .route("/api/models/{org}/{name}/tree/{tail:.*}", web::get().to(hub::tree))
+        .route(
+            "/api/models/{org}/{name}/revision/{tail:.*}",
+            web::get().to(hub::revision_info),
+        )
+        .route(
+            "/api/models/{org}/{name}/tree/{tail:.*}",
+            web::get().to(hub::tree),
+        )
+        .route(
+            "/api/models/{org}/{name}/user-access-request/handle",
+            web::post().to(access_requests::handle),
+        )
+        .route(
+            "/api/models/{org}/{name}/user-access-request/grant",
+            web::post().to(access_requests::grant),
+        )
+        .route(
+            "/api/models/{org}/{name}/user-access-request/{status}",
+            web::get().to(access_requests::list),
+        )
+        .route(
+            "/api/models/{org}/{name}/settings",
+            web::put().to(access_requests::settings),
+        )
         .service(
             web::resource("/{org}/{name}/resolve/{tail:.*}")
                 .route(web::get().to(download::resolve))
@@ -72,4 +95,23 @@ pub fn query_config() -> web::QueryConfig {
     web::QueryConfig::default().error_handler(|err, _req: &HttpRequest| {
         Error::bad_request("bad_query", format!("The query string is not valid: {err}")).into()
     })
+}
+
+/// The bearer token from `Authorization`, else from `?token=` (signed-URL style).
+pub(crate) fn bearer(req: &HttpRequest) -> Option<String> {
+    if let Some(v) = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        let v = v.trim();
+        let token = v
+            .strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))
+            .unwrap_or("");
+        return Some(token.trim().to_string());
+    }
+    web::Query::<std::collections::HashMap<String, String>>::from_query(req.query_string())
+        .ok()
+        .and_then(|q| q.get("token").cloned())
 }

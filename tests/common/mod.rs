@@ -238,6 +238,32 @@ impl TestServer {
         }
     }
 
+    /// Waits for a message that satisfies `pred` (mail is delivered by a background worker).
+    pub async fn wait_for_mail(&self, what: &str, pred: impl Fn(&Mail) -> bool) -> Mail {
+        let dir = self.data_dir().join("outbox");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(m) = read_mails(&dir).into_iter().find(|m| pred(m)) {
+                return m;
+            }
+            assert!(Instant::now() < deadline, "no mail: {what}");
+            tokio::time::sleep(Duration::from_millis(25)).await; // poll interval while waiting for the outbox worker
+        }
+    }
+
+    /// The confirmation link sent to `email` for `model`.
+    pub async fn confirmation_link(&self, email: &str, model: &str) -> String {
+        let prefix = format!("{}/applications/confirm?code=", self.base);
+        let m = self
+            .wait_for_mail(&format!("confirmation for {email}"), |m| {
+                m.header("To").as_deref() == Some(email)
+                    && m.header("Subject")
+                        .is_some_and(|s| s.contains("Confirm") && s.contains(model))
+            })
+            .await;
+        m.link(&prefix).expect("a confirmation link")
+    }
+
     /// Every audit event, via `weightgate audit export`.
     pub fn audit(&self) -> Vec<serde_json::Value> {
         self.cli_ok(&["audit", "export", "--format", "jsonl"])
@@ -434,7 +460,6 @@ pub fn application(email: &str) -> serde_json::Value {
 
 /// Applies, confirms through the emailed link, approves on the CLI and issues a token.
 pub async fn approved_token(s: &TestServer, model: &str, email: &str) -> String {
-    let before = s.wait_mail(0).await.len();
     let (org, name) = model.split_once('/').unwrap();
     let r = s
         .http
@@ -446,12 +471,9 @@ pub async fn approved_token(s: &TestServer, model: &str, email: &str) -> String 
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
     let body: serde_json::Value = r.json().await.unwrap();
     let id = body["id"].as_str().unwrap().to_string();
-    let mails = s.wait_mail(before + 1).await;
-    let confirm = mails
-        .iter()
-        .rev()
-        .find_map(|m| m.link(&format!("{}/applications/confirm?code=", s.base)))
-        .expect("confirmation link");
+    let confirm = s
+        .confirmation_link(&email.to_ascii_lowercase(), model)
+        .await;
     let r = s.http.get(&confirm).send().await.unwrap();
     assert_eq!(r.status(), 200);
     s.cli_ok(&["applications", "approve", &id]);

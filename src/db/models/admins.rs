@@ -30,12 +30,18 @@ pub struct AdminToken {
 }
 
 pub fn insert(conn: &mut AnyConnection, admin: &Admin) -> Result<()> {
-    diesel::insert_into(admins::table).values(admin).execute(conn)?;
+    diesel::insert_into(admins::table)
+        .values(admin)
+        .execute(conn)?;
     Ok(())
 }
 
 pub fn find_by_email(conn: &mut AnyConnection, email: &str) -> Result<Option<Admin>> {
-    Ok(admins::table.filter(admins::email.eq(email)).select(Admin::as_select()).first(conn).optional()?)
+    Ok(admins::table
+        .filter(admins::email.eq(email))
+        .select(Admin::as_select())
+        .first(conn)
+        .optional()?)
 }
 
 pub fn count(conn: &mut AnyConnection) -> Result<i64> {
@@ -43,7 +49,9 @@ pub fn count(conn: &mut AnyConnection) -> Result<i64> {
 }
 
 pub fn insert_token(conn: &mut AnyConnection, t: &AdminToken) -> Result<()> {
-    diesel::insert_into(admin_api_tokens::table).values(t).execute(conn)?;
+    diesel::insert_into(admin_api_tokens::table)
+        .values(t)
+        .execute(conn)?;
     Ok(())
 }
 
@@ -60,8 +68,12 @@ pub fn find_token(conn: &mut AnyConnection, hash: &str) -> Result<Option<(AdminT
 }
 
 pub fn revoke_token(conn: &mut AnyConnection, id: &str, now: i64) -> Result<bool> {
-    let n = diesel::update(admin_api_tokens::table.find(id).filter(admin_api_tokens::revoked_at.is_null()))
-        .set(admin_api_tokens::revoked_at.eq(Some(now)))
-        .execute(conn)?;
+    let n = diesel::update(
+        admin_api_tokens::table
+            .find(id)
+            .filter(admin_api_tokens::revoked_at.is_null()),
+    )
+    .set(admin_api_tokens::revoked_at.eq(Some(now)))
+    .execute(conn)?;
     Ok(n == 1)
 }
