@@ -586,7 +586,22 @@ pub struct Status {
     pub may_reapply: bool,
     pub grant_expires_at: Option<i64>,
     pub grant_active: bool,
-    pub tokens: Vec<crate::db::models::tokens::TokenRow>,
+    pub tokens: Vec<TokenView>,
+}
+
+/// One token as its owner sees it (never the token itself).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TokenView {
+    pub jti: String,
+    pub label: String,
+    pub issued_at: i64,
+    pub expires_at: i64,
+    pub last_used_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+    pub max_downloads: Option<i64>,
+    /// Files downloaded completely with this token.
+    pub downloads_completed: i64,
+    pub downloads_remaining: Option<i64>,
 }
 
 /// The application behind `id`, if `key` is its status key.
@@ -616,10 +631,25 @@ pub async fn status(db: &Db, id: &str, key: &str) -> Result<Status> {
         let now = util::now();
         let grant = people::active_grant(c, &app.user_id, &app.model_id, now)?
             .filter(|g| g.application_id.as_deref() == Some(app.id.as_str()));
-        let tokens = match &grant {
+        let rows = match &grant {
             Some(g) => crate::db::models::tokens::list_for_grant(c, &g.id)?,
             None => Vec::new(),
         };
+        let mut tokens = Vec::with_capacity(rows.len());
+        for t in rows {
+            let done = crate::db::models::tokens::completed_count(c, &t.jti)?;
+            tokens.push(TokenView {
+                downloads_remaining: t.max_downloads.map(|m| (m - done).max(0)),
+                downloads_completed: done,
+                jti: t.jti,
+                label: t.label,
+                issued_at: t.issued_at,
+                expires_at: t.expires_at,
+                last_used_at: t.last_used_at,
+                revoked_at: t.revoked_at,
+                max_downloads: t.max_downloads,
+            });
+        }
         Ok(Status {
             id: app.id.clone(),
             model: app.model_id.clone(),

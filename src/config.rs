@@ -119,6 +119,11 @@ pub struct TokenSettings {
     pub default_ttl: String,
     /// Clock skew tolerated on `exp` and `nbf`, in seconds.
     pub leeway_secs: u64,
+    /// Seconds a verified token is trusted before it is checked again; how late a revocation
+    /// made by another process or replica can take effect (0 checks every request).
+    pub revocation_refresh_secs: u64,
+    /// Lifetime of a signed link when none is asked for, e.g. "1h".
+    pub link_ttl: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -221,6 +226,8 @@ impl Default for TokenSettings {
             audience: "weightgate".into(),
             default_ttl: "7d".into(),
             leeway_secs: 30,
+            revocation_refresh_secs: 5,
+            link_ttl: "1h".into(),
         }
     }
 }
@@ -351,6 +358,14 @@ impl Settings {
         }
         crate::util::parse_duration(&self.tokens.default_ttl)
             .map_err(|e| bad("tokens.default_ttl", e))?;
+        crate::util::parse_duration(&self.tokens.link_ttl)
+            .map_err(|e| bad("tokens.link_ttl", e))?;
+        if self.tokens.leeway_secs > 300 {
+            return Err(bad("tokens.leeway_secs", "at most 300 seconds"));
+        }
+        if self.tokens.revocation_refresh_secs > 60 {
+            return Err(bad("tokens.revocation_refresh_secs", "at most 60 seconds"));
+        }
         if !self
             .integrity
             .scrub_interval

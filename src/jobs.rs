@@ -42,3 +42,28 @@ pub async fn scrub_loop(
         }
     }
 }
+
+/// Re-reads the signing keys every `every`, so a key retired by another process stops
+/// verifying within that time.
+pub async fn reload_keys(
+    keys: crate::auth::keys::Keyring,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let every = every.max(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+        if let Err(e) = tokio::task::spawn_blocking({
+            let keys = keys.clone();
+            move || keys.reload()
+        })
+        .await
+        .unwrap_or_else(|e| Err(anyhow::anyhow!("{e}")))
+        {
+            tracing::error!(error = %e, "could not reload signing keys");
+        }
+    }
+}

@@ -27,7 +27,7 @@ use actix_web::{App, HttpServer, web};
 
 use crate::applications::Context;
 use crate::audit::AuditSink;
-use crate::auth::access::TokenPolicy;
+use crate::auth::access::{Gate, TokenPolicy};
 use crate::auth::keys::Keyring;
 use crate::config::Settings;
 use crate::db::Db;
@@ -44,6 +44,8 @@ pub struct State {
     pub mailer: Arc<Mailer>,
     pub policy: TokenPolicy,
     pub ctx: Context,
+    /// Token checks, their cache, signed links and quotas.
+    pub gate: Gate,
 }
 
 impl State {
@@ -82,6 +84,7 @@ pub fn token_policy(settings: &Settings) -> TokenPolicy {
         audience: settings.tokens.audience.clone(),
         leeway: settings.tokens.leeway_secs,
         public_url: settings.public_url(),
+        refresh: std::time::Duration::from_secs(settings.tokens.revocation_refresh_secs),
     }
 }
 
@@ -129,7 +132,14 @@ pub async fn run(
     let mailer = Arc::new(Mailer::new(&settings, core.db.clone())?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mail_task = tokio::spawn(mailer.clone().run(stop_rx));
+    let gate = Gate::new(core.db.clone(), core.keys.clone(), token_policy(&settings));
+    let keys_task = tokio::spawn(jobs::reload_keys(
+        core.keys.clone(),
+        gate.policy.refresh,
+        stop_tx.subscribe(),
+    ));
     let state = web::Data::new(State {
+        gate,
         policy: token_policy(&settings),
         ctx: context(&settings),
         settings: settings.clone(),
@@ -157,6 +167,7 @@ pub async fn run(
     let _ = server_task.await;
     let _ = stop_tx.send(true);
     let _ = mail_task.await;
+    let _ = keys_task.await;
     if let Some(t) = scrub_task {
         let _ = t.await;
     }

@@ -50,6 +50,9 @@ enum Command {
     /// Administrators and their API tokens
     #[command(subcommand)]
     Admin(AdminCmd),
+    /// Researchers
+    #[command(subcommand)]
+    Users(UsersCmd),
     /// The tamper-evident audit log
     #[command(subcommand)]
     Audit(AuditCmd),
@@ -181,6 +184,8 @@ enum AdminTokenCmd {
         #[command(flatten)]
         out: JsonFlag,
     },
+    /// Revoke an API token by its id
+    Revoke { id: String },
 }
 
 #[derive(Subcommand)]
@@ -189,6 +194,22 @@ enum KeysCmd {
     Rotate {
         #[command(flatten)]
         out: JsonFlag,
+    },
+    /// Stop a key verifying (tokens it signed stop working)
+    Retire { kid: String },
+    /// List keys
+    List {
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+}
+
+#[derive(Subcommand)]
+enum UsersCmd {
+    /// Delete a researcher: grants and tokens stop working, personal data is removed
+    Delete {
+        #[arg(long)]
+        email: String,
     },
 }
 
@@ -313,6 +334,47 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCo
         }
         Command::Models(cmd) => models(cmd, &settings).await?,
         Command::Admin(cmd) => admin_cmd(cmd, &settings).await?,
+        Command::Users(UsersCmd::Delete { email }) => {
+            let core = open(&settings).await?;
+            core.db
+                .write(move |c| access::delete_user(c, &email, "cli"))
+                .await?;
+            println!("deleted; their grants and tokens no longer work");
+        }
+        Command::Keys(KeysCmd::Retire { kid }) => {
+            let core = open(&settings).await?;
+            core.keys.retire(&kid)?;
+            let k = kid.clone();
+            core.db
+                .write(move |c| {
+                    audit::append(
+                        c,
+                        &[audit::Event::new("key_retired", "ok")
+                            .actor("cli")
+                            .detail(serde_json::json!({"kid": k}))],
+                    )
+                })
+                .await?;
+            println!("retired {kid}: tokens it signed no longer verify");
+        }
+        Command::Keys(KeysCmd::List { out }) => {
+            let core = open(&settings).await?;
+            let keys = core.keys.list()?;
+            if out.json {
+                print_json(&keys.iter().map(|(kid, created, retired, signs)| serde_json::json!({"kid": kid, "created_at": created / 1000, "retired_at": retired.map(|r| r / 1000), "signing": signs})).collect::<Vec<_>>())?;
+            } else {
+                for (kid, created, retired, signs) in keys {
+                    let state = if signs {
+                        "signing"
+                    } else if retired.is_some() {
+                        "retired"
+                    } else {
+                        "verifying"
+                    };
+                    println!("{kid}\t{state}\tcreated {}", util::rfc3339(created / 1000));
+                }
+            }
+        }
         Command::Verify { dir, out } => return verify_dir(&dir, out.json),
         Command::Applications(cmd) => applications_cmd(cmd, &settings).await?,
         Command::Tokens(cmd) => tokens(cmd, &settings).await?,
@@ -366,9 +428,9 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let core = open(&settings).await?;
     let models = core.db.read(catalog::list_models).await?;
     drop(core);
+    let bound = listener.local_addr()?;
     eprintln!(
-        "weightgate listening on {} (public URL {})",
-        addr,
+        "weightgate listening on {bound} (public URL {})",
         settings.public_url()
     );
     if models.is_empty() {
@@ -752,6 +814,16 @@ async fn admin_cmd(cmd: AdminCmd, settings: &Settings) -> anyhow::Result<()> {
             } else {
                 println!("{raw}");
             }
+        }
+        AdminCmd::Token(AdminTokenCmd::Revoke { id }) => {
+            let revoked = core
+                .db
+                .write(move |c| weightgate::db::models::admins::revoke_token(c, &id, util::now()))
+                .await?;
+            if !revoked {
+                anyhow::bail!("no live administrator token with that id");
+            }
+            println!("revoked");
         }
     }
     Ok(())

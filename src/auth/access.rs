@@ -1,10 +1,13 @@
 //! May this request read this model's files? And issuing the tokens that say so.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
 use super::keys::Keyring;
+use super::links;
 use super::tokens::{self, Claims};
 use crate::audit::{self, Event};
 use crate::db::models::access as people;
@@ -20,6 +23,9 @@ pub struct TokenPolicy {
     pub audience: String,
     pub leeway: u64,
     pub public_url: String,
+    /// How long a verified token is trusted before its signature, grant and revocation are
+    /// checked again; the bound on how late another process's revocation takes effect.
+    pub refresh: Duration,
 }
 
 /// Who a request acts for, once its token checked out.
@@ -29,46 +35,210 @@ pub struct Principal {
     pub jti: String,
     pub grant_id: String,
     pub grant_expires_at: Option<i64>,
+    pub token_expires_at: i64,
+    pub max_downloads: Option<i64>,
 }
 
 fn gated(status: actix_web::http::StatusCode, code: &'static str, msg: String) -> Error {
     Error::new(status, code, msg).hub(HubCode::GatedRepo)
 }
 
-/// Checks `raw` (the bearer token, if any) for reading `model`: signature, times, audience,
-/// scope, then the token's row and its grant in the database.
-pub async fn authorize(
-    db: &Db,
-    keys: &Keyring,
-    policy: &TokenPolicy,
-    raw: Option<&str>,
-    model: &str,
-) -> Result<Principal> {
-    use actix_web::http::StatusCode;
-    let apply_url = format!("{}/models/{model}", policy.public_url);
-    let Some(raw) = raw.filter(|t| !t.is_empty()) else {
-        return Err(gated(
-            StatusCode::UNAUTHORIZED,
-            "token_missing",
-            format!(
-                "Access to model {model} is restricted. You must have access to it and be authenticated to access it. Send your weightgate token as 'Authorization: Bearer <token>' (or HF_TOKEN). Apply for access at {apply_url}"
-            ),
-        ));
-    };
-    let claims = tokens::verify(keys, raw, &policy.issuer, &policy.audience, policy.leeway)
-        .map_err(|e| e.hub(HubCode::GatedRepo))?;
-    let hash = util::sha256_hex(raw);
-    let jti = claims.jti.clone();
-    let model = model.to_string();
-    db.read(move |c| {
-        if !claims.models.contains(&model) {
-            // A genuine token for another model: say where this researcher stands here.
-            token_row(c, &claims, &jti, &hash, &model, &apply_url)?;
-            return Err(standing(c, &claims.sub, &model, &apply_url)?);
+struct Cached {
+    models: Vec<String>,
+    principal: Principal,
+    checked: Instant,
+}
+
+/// Verified tokens by the SHA-256 of their text, so steady-state requests do neither a
+/// signature check nor a database read. Entries live `policy.refresh`; a revocation made by
+/// this process clears the cache at once.
+#[derive(Default)]
+pub struct TokenCache {
+    map: RwLock<HashMap<String, Cached>>,
+}
+
+const CACHE_MAX: usize = 100_000;
+
+impl TokenCache {
+    fn get(&self, hash: &str, refresh: Duration) -> Option<(Vec<String>, Principal)> {
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        let hit = map.get(hash)?;
+        (hit.checked.elapsed() < refresh).then(|| (hit.models.clone(), hit.principal.clone()))
+    }
+
+    fn put(&self, hash: String, models: Vec<String>, principal: Principal) {
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= CACHE_MAX {
+            map.clear();
         }
-        check_rows(c, &claims, &jti, &hash, &model, &apply_url)
-    })
-    .await
+        map.insert(
+            hash,
+            Cached {
+                models,
+                principal,
+                checked: Instant::now(),
+            },
+        );
+    }
+
+    /// Forgets everything (after any revocation, grant change or user deletion here).
+    pub fn clear(&self) {
+        self.map.write().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
+/// The download gate: token checks with their cache, and signed links.
+#[derive(Clone)]
+pub struct Gate {
+    pub db: Db,
+    pub keys: Keyring,
+    pub policy: TokenPolicy,
+    pub cache: Arc<TokenCache>,
+}
+
+impl Gate {
+    pub fn new(db: Db, keys: Keyring, policy: TokenPolicy) -> Gate {
+        Gate {
+            db,
+            keys,
+            policy,
+            cache: Arc::new(TokenCache::default()),
+        }
+    }
+
+    fn apply_url(&self, model: &str) -> String {
+        format!("{}/models/{model}", self.policy.public_url)
+    }
+
+    /// Checks `raw` (the bearer token, if any) for reading `model`: signature, times,
+    /// audience, scope, then the token's row and its grant (from the cache while fresh).
+    pub async fn authorize(&self, raw: Option<&str>, model: &str) -> Result<Principal> {
+        use actix_web::http::StatusCode;
+        let apply_url = self.apply_url(model);
+        let Some(raw) = raw.filter(|t| !t.is_empty()) else {
+            return Err(gated(
+                StatusCode::UNAUTHORIZED,
+                "token_missing",
+                format!(
+                    "Access to model {model} is restricted. You must have access to it and be authenticated to access it. Send your weightgate token as 'Authorization: Bearer <token>' (or HF_TOKEN). Apply for access at {apply_url}"
+                ),
+            ));
+        };
+        if raw.len() > tokens::MAX_TOKEN_LEN {
+            return Err(
+                Error::unauthorized("invalid_token", tokens::INVALID_CREDENTIALS)
+                    .hub(HubCode::GatedRepo),
+            );
+        }
+        let hash = util::sha256_hex(raw);
+        let now = util::now();
+        if let Some((models, p)) = self.cache.get(&hash, self.policy.refresh)
+            && models.iter().any(|m| m == model)
+            && p.token_expires_at + self.policy.leeway as i64 > now
+            && p.grant_expires_at.is_none_or(|e| e > now)
+        {
+            return Ok(p);
+        }
+        let claims = tokens::verify(
+            &self.keys,
+            raw,
+            &self.policy.issuer,
+            &self.policy.audience,
+            self.policy.leeway,
+        )
+        .map_err(|e| e.hub(HubCode::GatedRepo))?;
+        let jti = claims.jti.clone();
+        let m = model.to_string();
+        let h = hash.clone();
+        let c2 = claims.clone();
+        let principal = self
+            .db
+            .read(move |c| {
+                if !c2.models.contains(&m) {
+                    // A genuine token for another model: say where this researcher stands here.
+                    token_row(c, &c2, &jti, &h, &m, &apply_url)?;
+                    return Err(standing(c, &c2.sub, &m, &apply_url)?);
+                }
+                check_rows(c, &c2, &jti, &h, &m, &apply_url)
+            })
+            .await?;
+        self.cache.put(hash, claims.models, principal.clone());
+        // Remember when the token was last used, off the request path.
+        let (db, jti) = (self.db.clone(), principal.jti.clone());
+        tokio::spawn(async move {
+            let _ = db
+                .write(move |c| token_rows::touch(c, &jti, util::now()))
+                .await;
+        });
+        Ok(principal)
+    }
+
+    /// Checks a signed link (`?link=`) for this exact model, commit and path; it is honoured
+    /// only while the token that minted it still is.
+    pub async fn authorize_link(
+        &self,
+        link: &str,
+        model: &str,
+        commit: &str,
+        path: &str,
+    ) -> Result<Principal> {
+        let claims = links::verify(&self.keys, link, &self.policy)?;
+        if claims.model != model || claims.rev != commit || claims.path != path {
+            return Err(gated(
+                actix_web::http::StatusCode::FORBIDDEN,
+                "link_scope",
+                "This signed link is for another file; mint one for this file.".into(),
+            ));
+        }
+        let (tok, m, apply_url) = (claims.tok.clone(), model.to_string(), self.apply_url(model));
+        self.db
+            .read(move |c| {
+                let row = token_rows::find(c, &tok)?.ok_or_else(|| Error::unauthorized("invalid_link", "This signed link is not valid.").hub(HubCode::GatedRepo))?;
+                let parent = Claims {
+                    iss: String::new(), aud: String::new(), sub: row.user_id.clone(), iat: 0, nbf: 0,
+                    exp: row.expires_at, jti: row.jti.clone(), models: vec![row.model_id.clone()], max_downloads: row.max_downloads,
+                };
+                if row.expires_at <= util::now() {
+                    return Err(gated(actix_web::http::StatusCode::UNAUTHORIZED, "token_expired", "The token that made this link has expired; issue a new one and mint a new link.".into()));
+                }
+                check_rows(c, &parent, &row.jti, &row.token_hash, &m, &apply_url)
+            })
+            .await
+    }
+
+    /// Whether this principal may start (or continue) downloading the file `sha256`:
+    /// a file it already completed is free; otherwise the quota must have room. Returns the
+    /// downloads left, for tokens that have a quota.
+    pub async fn check_quota(
+        &self,
+        p: &Principal,
+        sha256: &str,
+        model: &str,
+    ) -> Result<Option<i64>> {
+        let Some(max) = p.max_downloads else {
+            return Ok(None);
+        };
+        let (jti, sha) = (p.jti.clone(), sha256.to_string());
+        let (used, done) = self
+            .db
+            .read(move |c| {
+                Ok((
+                    token_rows::completed_count(c, &jti)?,
+                    token_rows::is_completed(c, &jti, &sha)?,
+                ))
+            })
+            .await?;
+        if !done && used >= max {
+            return Err(gated(
+                actix_web::http::StatusCode::FORBIDDEN,
+                "quota_exhausted",
+                format!(
+                    "This token's quota of {max} completed file downloads for model {model} is used up (files already downloaded can be fetched again). Issue a new token from your application's status page."
+                ),
+            ));
+        }
+        Ok(Some(max - used))
+    }
 }
 
 /// Why a researcher with no token for `model` cannot read it, in the Hub's words where the
@@ -195,6 +365,8 @@ fn check_rows(
         jti: row.jti,
         grant_id: grant.id,
         grant_expires_at: grant.expires_at,
+        token_expires_at: row.expires_at,
+        max_downloads: row.max_downloads,
     })
 }
 
@@ -268,6 +440,7 @@ pub fn issue(
             expires_at: exp,
             revoked_at: None,
             max_downloads: req.max_downloads,
+            last_used_at: None,
         },
     )?;
     audit::append(c, &[Event::new("token_issued", "ok")
@@ -301,4 +474,22 @@ pub fn revoke(c: &mut AnyConnection, jti: &str, actor: &str) -> Result<TokenRow>
             .detail(json!({"jti": jti, "user": row.user_id}))],
     )?;
     Ok(row)
+}
+
+/// Deletes a researcher (an admin's decision): their grants and tokens stop working, and
+/// their email address is freed (replaced by a placeholder) so the row keeps no personal data.
+pub fn delete_user(c: &mut AnyConnection, email: &str, actor: &str) -> Result<()> {
+    let email = email.trim().to_ascii_lowercase();
+    let user = people::find_user_by_email(c, &email)?.ok_or_else(|| {
+        Error::not_found("user_not_found", "No researcher with that email address.")
+    })?;
+    let now = util::now();
+    let (grants, toks) = people::erase_user(c, &user.id, now)?;
+    audit::append(
+        c,
+        &[Event::new("user_deleted", "ok")
+            .actor(actor)
+            .detail(json!({"user": user.id, "grants_revoked": grants, "tokens_revoked": toks}))],
+    )?;
+    Ok(())
 }

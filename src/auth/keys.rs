@@ -139,6 +139,41 @@ impl Keyring {
         Ok(kid)
     }
 
+    /// Every key on disk: (kid, created_at ms, retired_at ms, signs now).
+    pub fn list(&self) -> anyhow::Result<Vec<(String, i64, Option<i64>, bool)>> {
+        let signing = self.signing().map(|(k, _)| k);
+        Ok(self
+            .read_files()?
+            .into_iter()
+            .map(|k| {
+                let signs = signing.as_deref() == Some(k.kid.as_str());
+                (k.kid, k.created_at, k.retired_at, signs)
+            })
+            .collect())
+    }
+
+    /// Retires a key: it stops verifying (here at once, elsewhere within the reload period).
+    /// The last unretired key cannot be retired.
+    pub fn retire(&self, kid: &str) -> anyhow::Result<()> {
+        let files = self.read_files()?;
+        let live = files.iter().filter(|k| k.retired_at.is_none()).count();
+        let mut kf = files
+            .into_iter()
+            .find(|k| k.kid == kid)
+            .ok_or_else(|| anyhow::anyhow!("no key {kid}"))?;
+        if kf.retired_at.is_some() {
+            anyhow::bail!("key {kid} is already retired");
+        }
+        if live <= 1 {
+            anyhow::bail!("key {kid} is the only live key; rotate first");
+        }
+        kf.retired_at = Some(util::now_ms());
+        let tmp = self.dir.join(format!(".{kid}.retire.tmp"));
+        write_private(&tmp, serde_json::to_string_pretty(&kf)?.as_bytes())?;
+        std::fs::rename(&tmp, self.dir.join(format!("{kid}.json")))?;
+        self.reload()
+    }
+
     /// The key id and key that sign new tokens.
     pub fn signing(&self) -> Option<(String, EncodingKey)> {
         self.inner

@@ -4,4 +4,5 @@
 pub mod access;
 pub mod admin;
 pub mod keys;
+pub mod links;
 pub mod tokens;

@@ -37,6 +37,9 @@ pub fn sign(keys: &Keyring, claims: &Claims) -> Result<(String, String)> {
 
 pub const INVALID_CREDENTIALS: &str = "Invalid credentials in Authorization header";
 
+/// Longer bearer values are refused before any parsing.
+pub const MAX_TOKEN_LEN: usize = 4096;
+
 /// Checks signature, key id, times (with `leeway` seconds), issuer and audience.
 pub fn verify(
     keys: &Keyring,
@@ -46,7 +49,7 @@ pub fn verify(
     leeway: u64,
 ) -> Result<Claims> {
     let invalid = || Error::unauthorized("invalid_token", INVALID_CREDENTIALS);
-    if token.len() > 8192 {
+    if token.len() > MAX_TOKEN_LEN {
         return Err(invalid());
     }
     let header = jsonwebtoken::decode_header(token).map_err(|_| invalid())?;

@@ -121,6 +121,16 @@ diesel::table! {
         expires_at -> BigInt,
         revoked_at -> Nullable<BigInt>,
         max_downloads -> Nullable<BigInt>,
+        last_used_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    download_progress (jti, sha256) {
+        jti -> Text,
+        sha256 -> Text,
+        ranges -> Text,
+        updated_at -> BigInt,
     }
 }
 

@@ -173,6 +173,7 @@ pub async fn handle(
             }
         })
         .await?;
+    state.gate.cache.clear();
     state.mail_queued();
     Ok(HttpResponse::Ok().json(json!({})))
 }
@@ -199,6 +200,7 @@ pub async fn grant(
         .db
         .write(move |c| applications::grant_in(c, &ctx, &model, &user, &actor))
         .await?;
+    state.gate.cache.clear();
     state.mail_queued();
     Ok(HttpResponse::Ok().json(json!({})))
 }

@@ -144,3 +144,37 @@ pub async fn issue_token(
         .insert_header(("Cache-Control", "no-store"))
         .json(issued))
 }
+
+#[derive(Deserialize)]
+pub struct TokenPath {
+    id: String,
+    jti: String,
+}
+
+/// A researcher revokes one of their own tokens (authenticated by the status key).
+pub async fn revoke_token(
+    state: web::Data<State>,
+    path: web::Path<TokenPath>,
+    q: web::Query<KeyQuery>,
+) -> Result<HttpResponse> {
+    let TokenPath { id, jti } = path.into_inner();
+    let key = q.into_inner().key;
+    let row = state
+        .db
+        .write(move |c| {
+            let app = applications::authenticate(c, &id, &key)?;
+            match crate::db::models::tokens::find(c, &jti)? {
+                Some(t) if t.user_id == app.user_id && t.model_id == app.model_id => {}
+                _ => {
+                    return Err(Error::not_found(
+                        "token_not_found",
+                        "No such token on this application.",
+                    ));
+                }
+            }
+            access::revoke(c, &jti, &format!("user:{}", app.user_id))
+        })
+        .await?;
+    state.gate.cache.clear();
+    Ok(HttpResponse::Ok().json(serde_json::json!({"jti": row.jti, "revoked": true})))
+}

@@ -15,7 +15,7 @@ use serde_json::json;
 
 use crate::State;
 use crate::audit::{AuditSink, Event};
-use crate::auth::access::{self, Principal};
+use crate::auth::access::Principal;
 use crate::db::models::catalog::{self, BLOB_QUARANTINED, Blob, FileRow};
 use crate::error::{Error, HubCode, Result};
 use crate::storage::verify::{self, Chunks, Failure, Plan};
@@ -141,14 +141,17 @@ async fn serve(
         .with_header(HeaderName::from_static("x-repo-commit"), commit));
     };
 
-    let principal = access::authorize(
-        &state.db,
-        &state.keys,
-        &state.policy,
-        super::bearer(req).as_deref(),
-        &model,
-    )
-    .await?;
+    // A bearer token (header or ?token=) wins; otherwise a signed link (?link=).
+    let bearer = super::bearer(req);
+    let principal = match (bearer.as_deref(), query_param(req, "link")) {
+        (None, Some(link)) => {
+            state
+                .gate
+                .authorize_link(&link, &model, &commit, &path)
+                .await?
+        }
+        (token, _) => state.gate.authorize(token, &model).await?,
+    };
     log.user = Some(principal.user_id.clone());
     log.jti = Some(principal.jti.clone());
 
@@ -156,8 +159,20 @@ async fn serve(
         return Err(withheld(&model, &path));
     }
 
+    let quota_left = if req.method() == Method::GET {
+        state
+            .gate
+            .check_quota(&principal, &blob.sha256, &model)
+            .await?
+    } else {
+        None
+    };
+
     let size = blob.size as u64;
     let mut resp = HttpResponse::build(StatusCode::OK);
+    if let Some(left) = quota_left {
+        resp.insert_header(("X-Weightgate-Quota-Remaining", left.to_string()));
+    }
     identity_headers(&mut resp, &file, &blob, &commit, &principal, &model);
     resp.insert_header((header::LAST_MODIFIED, http_date(modified)));
     if etag_matches(req, &blob.sha256) {
@@ -217,6 +232,14 @@ async fn serve(
         return Err(withheld(&model, &path));
     }
     let body = AuditedBody {
+        delivery: Delivery {
+            state: state.clone(),
+            jti: principal.jti.clone(),
+            sha256: blob.sha256.clone(),
+            path: file.path.clone(),
+            size,
+            start,
+        },
         first: first.and_then(Result::ok),
         chunks,
         sent: 0,
@@ -443,7 +466,18 @@ fn quarantine_on_failure(
 
 /// The response body: verified chunks, counted; its audit event is recorded when it ends,
 /// completed or not.
+/// Where a stream's delivered bytes are recorded, for quotas and per-token counts.
+struct Delivery {
+    state: web::Data<State>,
+    jti: String,
+    sha256: String,
+    path: String,
+    size: u64,
+    start: u64,
+}
+
 struct AuditedBody {
+    delivery: Delivery,
     /// The first chunk, read before the headers were sent.
     first: Option<Bytes>,
     chunks: Chunks,
@@ -495,7 +529,44 @@ impl Drop for AuditedBody {
                 .load(std::sync::atomic::Ordering::Relaxed)
         );
         self.sink.record(event);
+        if self.sent > 0 && !self.failed {
+            let d = &self.delivery;
+            let (db, jti, sha, path, size, start, end) = (
+                d.state.db.clone(),
+                d.jti.clone(),
+                d.sha256.clone(),
+                d.path.clone(),
+                d.size,
+                d.start,
+                d.start + self.sent,
+            );
+            tokio::spawn(async move {
+                let r = db
+                    .write(move |c| {
+                        crate::db::models::tokens::record_delivery(
+                            c,
+                            &jti,
+                            &sha,
+                            &path,
+                            size,
+                            start,
+                            end,
+                            util::now(),
+                        )
+                    })
+                    .await;
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "could not record a delivery for quota accounting");
+                }
+            });
+        }
     }
+}
+
+fn query_param(req: &HttpRequest, name: &str) -> Option<String> {
+    web::Query::<std::collections::HashMap<String, String>>::from_query(req.query_string())
+        .ok()
+        .and_then(|q| q.get(name).cloned())
 }
 
 #[cfg(test)]

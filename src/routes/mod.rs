@@ -4,6 +4,7 @@ mod access_requests;
 mod apply;
 mod download;
 mod hub;
+mod links;
 mod manifest;
 mod ops;
 
@@ -29,6 +30,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             "/api/v1/applications/{id}/tokens",
             web::post().to(apply::issue_token),
         )
+        .route(
+            "/api/v1/applications/{id}/tokens/{jti}",
+            web::delete().to(apply::revoke_token),
+        )
+        .route("/api/v1/links", web::post().to(links::mint))
         // Hugging Face Hub API (HF_ENDPOINT clients)
         .route("/api/agent-harnesses", web::get().to(hub::agent_harnesses))
         .route("/api/models/{org}/{name}", web::get().to(hub::model_info))

@@ -3,7 +3,7 @@
 use diesel::prelude::*;
 
 use crate::db::AnyConnection;
-use crate::db::schema::{applications, grants, users};
+use crate::db::schema::{applications, grants, tokens, users};
 use crate::error::Result;
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]
@@ -239,4 +239,35 @@ pub fn revoke_grant(conn: &mut AnyConnection, id: &str, reason: &str, now: i64) 
         ))
         .execute(conn)?;
     Ok(n == 1)
+}
+
+/// Marks a user deleted, frees their email address, and revokes their grants and tokens;
+/// returns how many grants and tokens were revoked.
+pub fn erase_user(conn: &mut AnyConnection, user_id: &str, now: i64) -> Result<(usize, usize)> {
+    diesel::update(users::table.find(user_id))
+        .set((
+            users::deleted_at.eq(Some(now)),
+            users::email.eq(format!("deleted+{user_id}@deleted.invalid")),
+            users::name.eq(""),
+            users::affiliation.eq(""),
+        ))
+        .execute(conn)?;
+    let g = diesel::update(
+        grants::table
+            .filter(grants::user_id.eq(user_id))
+            .filter(grants::revoked_at.is_null()),
+    )
+    .set((
+        grants::revoked_at.eq(Some(now)),
+        grants::revoked_reason.eq(Some("account deleted")),
+    ))
+    .execute(conn)?;
+    let t = diesel::update(
+        tokens::table
+            .filter(tokens::user_id.eq(user_id))
+            .filter(tokens::revoked_at.is_null()),
+    )
+    .set(tokens::revoked_at.eq(Some(now)))
+    .execute(conn)?;
+    Ok((g, t))
 }

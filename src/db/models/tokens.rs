@@ -3,7 +3,7 @@
 use diesel::prelude::*;
 
 use crate::db::AnyConnection;
-use crate::db::schema::tokens;
+use crate::db::schema::{download_progress, token_downloads, tokens};
 use crate::error::Result;
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable, serde::Serialize)]
@@ -21,6 +21,7 @@ pub struct TokenRow {
     pub expires_at: i64,
     pub revoked_at: Option<i64>,
     pub max_downloads: Option<i64>,
+    pub last_used_at: Option<i64>,
 }
 
 pub fn insert(conn: &mut AnyConnection, row: &TokenRow) -> Result<()> {
@@ -52,4 +53,111 @@ pub fn list_for_grant(conn: &mut AnyConnection, grant_id: &str) -> Result<Vec<To
         .order(tokens::issued_at.desc())
         .select(TokenRow::as_select())
         .load(conn)?)
+}
+
+pub fn touch(conn: &mut AnyConnection, jti: &str, now: i64) -> Result<()> {
+    diesel::update(tokens::table.find(jti))
+        .set(tokens::last_used_at.eq(Some(now)))
+        .execute(conn)?;
+    Ok(())
+}
+
+/// How many distinct files this token has downloaded completely.
+pub fn completed_count(conn: &mut AnyConnection, jti: &str) -> Result<i64> {
+    Ok(token_downloads::table
+        .filter(token_downloads::jti.eq(jti))
+        .count()
+        .get_result(conn)?)
+}
+
+pub fn is_completed(conn: &mut AnyConnection, jti: &str, sha256: &str) -> Result<bool> {
+    let n: i64 = token_downloads::table
+        .find((jti, sha256))
+        .count()
+        .get_result(conn)?;
+    Ok(n > 0)
+}
+
+/// Adds a delivered byte range `[start, end)` of a file; returns true when this completes
+/// the file for this token (it then counts against the quota, once).
+pub fn record_delivery(
+    conn: &mut AnyConnection,
+    jti: &str,
+    sha256: &str,
+    path: &str,
+    size: u64,
+    start: u64,
+    end: u64,
+    now: i64,
+) -> Result<bool> {
+    if is_completed(conn, jti, sha256)? {
+        return Ok(false);
+    }
+    let existing: Option<String> = download_progress::table
+        .find((jti, sha256))
+        .select(download_progress::ranges)
+        .first(conn)
+        .optional()?;
+    let mut ranges: Vec<(u64, u64)> = existing
+        .as_deref()
+        .and_then(|t| serde_json::from_str(t).ok())
+        .unwrap_or_default();
+    ranges.push((start, end));
+    let merged = merge(ranges);
+    if merged.first() == Some(&(0, size)) || size == 0 {
+        diesel::delete(download_progress::table.find((jti, sha256))).execute(conn)?;
+        diesel::insert_into(token_downloads::table)
+            .values((
+                token_downloads::jti.eq(jti),
+                token_downloads::sha256.eq(sha256),
+                token_downloads::path.eq(path),
+                token_downloads::completed_at.eq(now),
+            ))
+            .execute(conn)?;
+        return Ok(true);
+    }
+    let text = serde_json::to_string(&merged).unwrap_or_else(|_| "[]".into());
+    if existing.is_some() {
+        diesel::update(download_progress::table.find((jti, sha256)))
+            .set((
+                download_progress::ranges.eq(&text),
+                download_progress::updated_at.eq(now),
+            ))
+            .execute(conn)?;
+    } else {
+        diesel::insert_into(download_progress::table)
+            .values((
+                download_progress::jti.eq(jti),
+                download_progress::sha256.eq(sha256),
+                download_progress::ranges.eq(&text),
+                download_progress::updated_at.eq(now),
+            ))
+            .execute(conn)?;
+    }
+    Ok(false)
+}
+
+/// Sorted, non-overlapping, with touching ranges joined.
+fn merge(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.retain(|(a, b)| a < b);
+    ranges.sort();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (a, b) in ranges {
+        match out.last_mut() {
+            Some(last) if a <= last.1 => last.1 = last.1.max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn merging_ranges() {
+        assert_eq!(
+            super::merge(vec![(10, 20), (0, 10), (30, 40), (15, 25), (5, 5)]),
+            vec![(0, 25), (30, 40)]
+        );
+    }
 }
