@@ -361,17 +361,21 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCo
             let core = open(&settings).await?;
             let keys = core.keys.list()?;
             if out.json {
-                print_json(&keys.iter().map(|(kid, created, retired, signs)| serde_json::json!({"kid": kid, "created_at": created / 1000, "retired_at": retired.map(|r| r / 1000), "signing": signs})).collect::<Vec<_>>())?;
+                print_json(&keys)?;
             } else {
-                for (kid, created, retired, signs) in keys {
-                    let state = if signs {
+                for k in keys {
+                    let state = if k.signing {
                         "signing"
-                    } else if retired.is_some() {
+                    } else if k.retired_at.is_some() {
                         "retired"
                     } else {
                         "verifying"
                     };
-                    println!("{kid}\t{state}\tcreated {}", util::rfc3339(created / 1000));
+                    println!(
+                        "{}\t{state}\tcreated {}",
+                        k.kid,
+                        util::rfc3339(k.created_at)
+                    );
                 }
             }
         }

@@ -1,7 +1,22 @@
 //! Names that come from outside: repo ids, revision names and file paths inside a repo.
 //! Everything is checked here before it reaches the database or storage.
 
-use percent_encoding::percent_decode_str;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+
+/// What a URL path segment must escape: everything but RFC 3986's unreserved characters.
+pub const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Encodes a repo path for a URL, segment by segment (slashes kept).
+pub fn encode_path(path: &str) -> String {
+    path.split('/')
+        .map(|s| utf8_percent_encode(s, SEGMENT).to_string())
+        .collect::<Vec<_>>()
+        .join("/")
+}
 
 use crate::error::{Error, Result};
 

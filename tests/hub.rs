@@ -556,6 +556,46 @@ async fn every_denial_raises_the_right_exception() {
         )["class"],
         Value::Null
     );
+
+    // Quota used up: one completed file, then the next one is refused with GatedRepoError.
+    let quota = s.cli_json(&[
+        "tokens",
+        "issue",
+        "--email",
+        "dave@example.org",
+        "--model",
+        "acme/tiny",
+        "--max-downloads",
+        "1",
+    ])["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = s
+        .http
+        .get(s.url("/acme/tiny/resolve/main/config.json"))
+        .bearer_auth(&quota)
+        .send()
+        .await
+        .unwrap();
+    r.bytes().await.unwrap();
+    common::eventually(
+        &s.http,
+        &s.url("/acme/tiny/resolve/main/model.safetensors"),
+        &quota,
+        403,
+    )
+    .await;
+    check(
+        &hf(
+            &s,
+            &quota,
+            "error",
+            json!({"repo": "acme/tiny", "filename": "model.safetensors"}),
+        ),
+        "GatedRepoError",
+        "quota",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

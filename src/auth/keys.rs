@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
 
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
@@ -26,6 +25,16 @@ struct KeyFile {
     private_pkcs8: String,
 }
 
+/// A key as `keys list` shows it (times in Unix seconds).
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyInfo {
+    pub kid: String,
+    pub created_at: i64,
+    pub retired_at: Option<i64>,
+    /// Whether it signs new tokens now.
+    pub signing: bool,
+}
+
 /// A verification key as published in the JWKS.
 #[derive(Clone)]
 pub struct PublicKey {
@@ -38,7 +47,9 @@ pub struct PublicKey {
 struct Loaded {
     signing: Option<(String, EncodingKey)>,
     public: HashMap<String, PublicKey>,
-    loaded_at: Instant,
+    /// The folder's modification time when it was read (keys are written by rename, which
+    /// changes it).
+    dir_mtime: Option<std::time::SystemTime>,
 }
 
 #[derive(Clone)]
@@ -57,7 +68,7 @@ impl Keyring {
             inner: Arc::new(RwLock::new(Loaded {
                 signing: None,
                 public: HashMap::new(),
-                loaded_at: Instant::now(),
+                dir_mtime: None,
             })),
         };
         ring.reload()?;
@@ -87,6 +98,7 @@ impl Keyring {
 
     /// Re-reads the folder.
     pub fn reload(&self) -> anyhow::Result<()> {
+        let dir_mtime = self.dir_mtime();
         let files = self.read_files()?;
         let mut public = HashMap::new();
         let mut signing = None;
@@ -112,7 +124,7 @@ impl Keyring {
         *inner = Loaded {
             signing,
             public,
-            loaded_at: Instant::now(),
+            dir_mtime,
         };
         Ok(())
     }
@@ -139,15 +151,17 @@ impl Keyring {
         Ok(kid)
     }
 
-    /// Every key on disk: (kid, created_at ms, retired_at ms, signs now).
-    pub fn list(&self) -> anyhow::Result<Vec<(String, i64, Option<i64>, bool)>> {
+    /// Every key on disk, oldest first.
+    pub fn list(&self) -> anyhow::Result<Vec<KeyInfo>> {
         let signing = self.signing().map(|(k, _)| k);
         Ok(self
             .read_files()?
             .into_iter()
-            .map(|k| {
-                let signs = signing.as_deref() == Some(k.kid.as_str());
-                (k.kid, k.created_at, k.retired_at, signs)
+            .map(|k| KeyInfo {
+                signing: signing.as_deref() == Some(k.kid.as_str()),
+                created_at: k.created_at / 1000,
+                retired_at: k.retired_at.map(|r| r / 1000),
+                kid: k.kid,
             })
             .collect())
     }
@@ -183,14 +197,19 @@ impl Keyring {
             .clone()
     }
 
-    /// The verification key for `kid`; re-reads the folder (at most once a second) when unknown.
+    fn dir_mtime(&self) -> Option<std::time::SystemTime> {
+        std::fs::metadata(&self.dir).and_then(|m| m.modified()).ok()
+    }
+
+    /// The verification key for `kid`; when unknown, re-reads the folder if it changed since
+    /// it was read (one `stat`, so a made-up kid costs no more than that).
     pub fn public(&self, kid: &str) -> Option<PublicKey> {
         let stale = {
             let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
             if let Some(k) = inner.public.get(kid) {
                 return Some(k.clone());
             }
-            inner.loaded_at.elapsed() > Duration::from_secs(1)
+            self.dir_mtime() != inner.dir_mtime
         };
         if stale && self.reload().is_ok() {
             return self

@@ -17,6 +17,7 @@ use crate::State;
 use crate::audit::{AuditSink, Event};
 use crate::auth::access::Principal;
 use crate::db::models::catalog::{self, BLOB_QUARANTINED, Blob, FileRow};
+use crate::db::models::tokens::{Delivered, record_delivery};
 use crate::error::{Error, HubCode, Result};
 use crate::storage::verify::{self, Chunks, Failure, Plan};
 use crate::{paths, util};
@@ -366,7 +367,7 @@ fn content_disposition(name: &str) -> String {
     if ascii == name {
         format!("inline; filename=\"{name}\"")
     } else {
-        let enc = percent_encoding::utf8_percent_encode(name, percent_encoding::NON_ALPHANUMERIC);
+        let enc = percent_encoding::utf8_percent_encode(name, paths::SEGMENT);
         format!("inline; filename=\"{ascii}\"; filename*=UTF-8''{enc}")
     }
 }
@@ -531,29 +532,17 @@ impl Drop for AuditedBody {
         self.sink.record(event);
         if self.sent > 0 && !self.failed {
             let d = &self.delivery;
-            let (db, jti, sha, path, size, start, end) = (
-                d.state.db.clone(),
-                d.jti.clone(),
-                d.sha256.clone(),
-                d.path.clone(),
-                d.size,
-                d.start,
-                d.start + self.sent,
-            );
+            let db = d.state.db.clone();
+            let delivered = Delivered {
+                jti: d.jti.clone(),
+                sha256: d.sha256.clone(),
+                path: d.path.clone(),
+                size: d.size,
+                range: d.start..d.start + self.sent,
+            };
             tokio::spawn(async move {
                 let r = db
-                    .write(move |c| {
-                        crate::db::models::tokens::record_delivery(
-                            c,
-                            &jti,
-                            &sha,
-                            &path,
-                            size,
-                            start,
-                            end,
-                            util::now(),
-                        )
-                    })
+                    .write(move |c| record_delivery(c, &delivered, util::now()))
                     .await;
                 if let Err(e) = r {
                     tracing::warn!(error = %e, "could not record a delivery for quota accounting");

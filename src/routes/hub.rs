@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
-use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+use percent_encoding::utf8_percent_encode;
 use serde_json::{Value, json};
 use sha1::{Digest, Sha1};
 
@@ -230,11 +230,11 @@ pub async fn tree(
         let mut next = format!(
             "{}/api/models/{model}/tree/{}",
             state.settings.public_url(),
-            utf8_percent_encode(&rev, NON_ALPHANUMERIC)
+            utf8_percent_encode(&rev, paths::SEGMENT)
         );
         if !dir.is_empty() {
             next.push('/');
-            next.push_str(&utf8_percent_encode(&dir, NON_ALPHANUMERIC).to_string());
+            next.push_str(&utf8_percent_encode(&dir, paths::SEGMENT).to_string());
         }
         next.push_str(&format!(
             "?recursive={recursive}&expand={expand}&limit={page}&cursor={}",

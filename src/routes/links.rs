@@ -2,7 +2,6 @@
 //! file, for `wget` or a browser, instead of pasting its long-lived token into a URL.
 
 use actix_web::{HttpRequest, HttpResponse, web};
-use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -77,16 +76,11 @@ pub async fn mint(
         path: body.path.clone(),
     };
     let link = links::sign(&state.keys, &claims)?;
-    let encoded: Vec<String> = body
-        .path
-        .split('/')
-        .map(|seg| utf8_percent_encode(seg, NON_ALPHANUMERIC).to_string())
-        .collect();
     let url = format!(
         "{}/{}/resolve/{commit}/{}?link={link}",
         state.settings.public_url(),
         body.model,
-        encoded.join("/")
+        paths::encode_path(&body.path)
     );
     state.audit.record(
         crate::audit::Event::new("link_minted", "ok")

@@ -460,6 +460,12 @@ pub fn application(email: &str) -> serde_json::Value {
 
 /// Applies, confirms through the emailed link, approves on the CLI and issues a token.
 pub async fn approved_token(s: &TestServer, model: &str, email: &str) -> String {
+    approved(s, model, email).await.0
+}
+
+/// Applies, confirms through the emailed link, approves on the CLI and issues a token;
+/// returns the token and the application's status URL.
+pub async fn approved(s: &TestServer, model: &str, email: &str) -> (String, String) {
     let (org, name) = model.split_once('/').unwrap();
     let r = s
         .http
@@ -468,7 +474,7 @@ pub async fn approved_token(s: &TestServer, model: &str, email: &str) -> String 
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    assert_eq!(r.status(), 201);
     let body: serde_json::Value = r.json().await.unwrap();
     let id = body["id"].as_str().unwrap().to_string();
     let confirm = s
@@ -477,7 +483,37 @@ pub async fn approved_token(s: &TestServer, model: &str, email: &str) -> String 
     let r = s.http.get(&confirm).send().await.unwrap();
     assert_eq!(r.status(), 200);
     s.cli_ok(&["applications", "approve", &id]);
-    s.cli_ok(&["tokens", "issue", "--email", email, "--model", model])
+    let token = s
+        .cli_ok(&["tokens", "issue", "--email", email, "--model", model])
         .trim()
-        .to_string()
+        .to_string();
+    (token, body["status_url"].as_str().unwrap().to_string())
+}
+
+/// GETs `url` with `token` until the answer has `status` (e.g. a revocation made by another
+/// process reaching the server's token cache); gives up after 15 s.
+pub async fn eventually(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    status: u16,
+) -> reqwest::Response {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = http
+            .get(url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("request");
+        if r.status().as_u16() == status {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still {} after 15 s, expected {status}",
+            r.status()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await; // poll interval until the cache refreshes
+    }
 }

@@ -80,16 +80,19 @@ pub fn is_completed(conn: &mut AnyConnection, jti: &str, sha256: &str) -> Result
 
 /// Adds a delivered byte range `[start, end)` of a file; returns true when this completes
 /// the file for this token (it then counts against the quota, once).
-pub fn record_delivery(
-    conn: &mut AnyConnection,
-    jti: &str,
-    sha256: &str,
-    path: &str,
-    size: u64,
-    start: u64,
-    end: u64,
-    now: i64,
-) -> Result<bool> {
+/// Bytes of one file that a stream delivered under one token.
+#[derive(Debug, Clone)]
+pub struct Delivered {
+    pub jti: String,
+    pub sha256: String,
+    pub path: String,
+    pub size: u64,
+    pub range: std::ops::Range<u64>,
+}
+
+pub fn record_delivery(conn: &mut AnyConnection, d: &Delivered, now: i64) -> Result<bool> {
+    let (jti, sha256, path, size) = (d.jti.as_str(), d.sha256.as_str(), d.path.as_str(), d.size);
+    let (start, end) = (d.range.start, d.range.end);
     if is_completed(conn, jti, sha256)? {
         return Ok(false);
     }
