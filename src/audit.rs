@@ -28,6 +28,15 @@ pub struct Event {
     pub model_id: Option<String>,
     pub detail: Value,
     pub ts_ms: i64,
+    /// For downloads: opens or closes an entry in `open_downloads`, in the same transaction.
+    pub track: Option<Track>,
+}
+
+/// A download's life in the audit log: its `started` event opens it, its final event closes it.
+#[derive(Debug, Clone)]
+pub enum Track {
+    Start(String),
+    End(String),
 }
 
 impl Event {
@@ -39,6 +48,7 @@ impl Event {
             model_id: None,
             detail: json!({}),
             ts_ms: util::now_ms(),
+            track: None,
         }
     }
 
@@ -54,6 +64,11 @@ impl Event {
 
     pub fn detail(mut self, detail: Value) -> Event {
         self.detail = detail;
+        self
+    }
+
+    pub fn track(mut self, track: Track) -> Event {
+        self.track = Some(track);
         self
     }
 }
@@ -96,6 +111,13 @@ pub fn append(conn: &mut AnyConnection, events: &[Event]) -> Result<()> {
         };
         row.hash = row_hash(&row);
         prev = row.hash.clone();
+        match &e.track {
+            Some(Track::Start(id)) => {
+                rows::open_download(conn, id, e.ts_ms, e.model_id.as_deref(), &row.detail)?
+            }
+            Some(Track::End(id)) => rows::close_download(conn, id)?,
+            None => {}
+        }
         out.push(row);
     }
     rows::insert(conn, &out)
@@ -105,55 +127,263 @@ pub fn append(conn: &mut AnyConnection, events: &[Event]) -> Result<()> {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Verdict {
     pub rows: i64,
+    /// Sequence number and hash of the last row that verified.
+    pub head_seq: i64,
     pub head: String,
     pub broken_at: Option<i64>,
     pub problem: Option<String>,
+    /// When older rows were archived and no archive was given: where this log takes over.
+    pub starts_after: Option<(i64, String)>,
 }
 
-/// Walks the whole chain in order and reports the first broken link.
-pub fn verify(conn: &mut AnyConnection) -> Result<Verdict> {
-    let mut prev = GENESIS.to_string();
-    let mut expect_seq = 1;
-    let mut count = 0;
+/// Checks rows one after another against the chain rules.
+pub struct Walker {
+    prev: String,
+    next_seq: i64,
+    rows: i64,
+    broken: Option<(i64, String)>,
+    starts_after: Option<(i64, String)>,
+}
+
+impl Walker {
+    /// A chain that starts at the beginning.
+    pub fn new() -> Walker {
+        Walker::after(0, GENESIS.to_string())
+    }
+
+    /// A chain that continues after row `seq` whose hash is `hash` (e.g. after an archive).
+    pub fn after(seq: i64, hash: String) -> Walker {
+        Walker { prev: hash, next_seq: seq + 1, rows: 0, broken: None, starts_after: None }
+    }
+
+    /// Checks one row; false once the chain is broken.
+    pub fn step(&mut self, r: &AuditRow) -> bool {
+        if self.broken.is_some() {
+            return false;
+        }
+        let problem = if r.seq != self.next_seq {
+            Some(format!("expected row {}, found row {} (a row is missing or was inserted)", self.next_seq, r.seq))
+        } else if r.prev_hash != self.prev {
+            Some("prev_hash does not match the previous row's hash (rows deleted, swapped or inserted)".to_string())
+        } else if row_hash(r) != r.hash {
+            Some("the row's content does not match its hash (the row was edited)".to_string())
+        } else {
+            None
+        };
+        if let Some(p) = problem {
+            self.broken = Some((r.seq, p));
+            return false;
+        }
+        self.prev = r.hash.clone();
+        self.next_seq += 1;
+        self.rows += 1;
+        true
+    }
+
+    pub fn head(&self) -> (i64, &str) {
+        (self.next_seq - 1, &self.prev)
+    }
+
+    pub fn verdict(self) -> Verdict {
+        let (broken_at, problem) = match self.broken {
+            Some((seq, p)) => (Some(seq), Some(p)),
+            None => (None, None),
+        };
+        Verdict { rows: self.rows, head_seq: self.next_seq - 1, head: self.prev, broken_at, problem, starts_after: self.starts_after }
+    }
+}
+
+impl Default for Walker {
+    fn default() -> Self {
+        Walker::new()
+    }
+}
+
+/// Walks the whole chain in the database, in order, and reports the first broken link.
+/// `from` is where an archive ended; without one, a log whose older rows were archived is
+/// checked from its first row on and says so in `starts_after`.
+pub fn verify(conn: &mut AnyConnection, from: Option<(i64, String)>) -> Result<Verdict> {
+    let mut walker = match from {
+        Some((seq, hash)) => Walker::after(seq, hash),
+        None => match rows::page(conn, 0, 1)?.first() {
+            Some(first) if first.seq > 1 => {
+                let mut w = Walker::after(first.seq - 1, first.prev_hash.clone());
+                w.starts_after = Some((first.seq - 1, first.prev_hash.clone()));
+                w
+            }
+            _ => Walker::new(),
+        },
+    };
     let mut after = 0;
     loop {
         let page = rows::page(conn, after, 1000)?;
-        if page.is_empty() {
-            break;
-        }
-        for r in page {
-            after = r.seq;
-            let problem = if r.seq != expect_seq {
-                Some(format!(
-                    "expected row {expect_seq}, found row {} (a row is missing or was inserted)",
-                    r.seq
-                ))
-            } else if r.prev_hash != prev {
-                Some("prev_hash does not match the previous row's hash (rows deleted, swapped or inserted)".to_string())
-            } else if row_hash(&r) != r.hash {
-                Some("the row's content does not match its hash (the row was edited)".to_string())
-            } else {
-                None
-            };
-            if let Some(problem) = problem {
-                return Ok(Verdict {
-                    rows: count,
-                    head: prev,
-                    broken_at: Some(r.seq),
-                    problem: Some(problem),
-                });
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        for r in &page {
+            if !walker.step(r) {
+                return Ok(walker.verdict());
             }
-            prev = r.hash;
-            expect_seq += 1;
-            count += 1;
         }
     }
-    Ok(Verdict {
-        rows: count,
-        head: prev,
-        broken_at: None,
-        problem: None,
+    Ok(walker.verdict())
+}
+
+/// Walks an archive file written by [`archive`]; returns its verdict.
+pub fn verify_archive(path: &std::path::Path) -> std::io::Result<Verdict> {
+    use std::io::BufRead;
+    let file = std::fs::File::open(path)?;
+    let mut walker = Walker::new();
+    for line in std::io::BufReader::new(file).lines() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let row: AuditRow = serde_json::from_str(&line).map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))?;
+        if !walker.step(&row) {
+            break;
+        }
+    }
+    Ok(walker.verdict())
+}
+
+/// The head of the chain, as written to checkpoint files and webhooks.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub seq: i64,
+    pub hash: String,
+    pub ts: String,
+}
+
+pub fn checkpoint(conn: &mut AnyConnection) -> Result<Checkpoint> {
+    let (seq, hash) = rows::head(conn)?.unwrap_or((0, GENESIS.to_string()));
+    Ok(Checkpoint { seq, hash, ts: util::rfc3339(util::now()) })
+}
+
+/// Checks recorded checkpoints against the log: each must still be there, unchanged; one
+/// beyond the head means the tail was cut off. Returns the problems found.
+pub fn check_checkpoints(conn: &mut AnyConnection, checkpoints: &[Checkpoint]) -> Result<Vec<String>> {
+    let head = rows::head(conn)?.map(|(s, _)| s).unwrap_or(0);
+    let first = rows::page(conn, 0, 1)?.first().map(|r| r.seq).unwrap_or(1);
+    let mut problems = Vec::new();
+    for cp in checkpoints {
+        if cp.seq == 0 || cp.seq < first {
+            continue; // before the log's start (archived), checked with the archive
+        }
+        if cp.seq > head {
+            problems.push(format!("checkpoint of {} names row {}, but the log ends at row {head}: its tail was removed", cp.ts, cp.seq));
+            continue;
+        }
+        match rows::by_seq(conn, cp.seq)? {
+            Some(r) if r.hash == cp.hash => {}
+            Some(_) => problems.push(format!("row {} no longer has the hash checkpointed at {}", cp.seq, cp.ts)),
+            None => problems.push(format!("row {} checkpointed at {} is missing", cp.seq, cp.ts)),
+        }
+    }
+    Ok(problems)
+}
+
+/// Reads a checkpoint file (one JSON object a line).
+pub fn read_checkpoints(path: &std::path::Path) -> std::io::Result<Vec<Checkpoint>> {
+    let text = std::fs::read_to_string(path)?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).map_err(|e| std::io::Error::other(format!("{}: {e}", path.display()))))
+        .collect()
+}
+
+/// Appends a checkpoint line to `path` and syncs it.
+pub fn append_checkpoint(path: &std::path::Path, cp: &Checkpoint) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    writeln!(f, "{}", serde_json::to_string(cp).map_err(std::io::Error::other)?)?;
+    f.sync_all()
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ArchiveReport {
+    pub rows: i64,
+    pub through_seq: i64,
+    pub last_hash: String,
+}
+
+/// Moves the rows up to and including `through_seq` into a JSONL file (written, synced and
+/// verified first), then deletes them from the database and records the archive in the log.
+/// The remaining log's first row points at the archive's last hash, so both stay verifiable.
+pub async fn archive(db: &Db, through_seq: i64, out: &std::path::Path) -> Result<ArchiveReport> {
+    use std::io::Write;
+    if out.exists() {
+        return Err(crate::error::Error::conflict("archive_exists", format!("{} already exists; archives are never overwritten", out.display())));
+    }
+    let first = db.read(|c| Ok(rows::page(c, 0, 1)?.first().map(|r| r.seq))).await?;
+    if first != Some(1) {
+        return Err(crate::error::Error::conflict("already_archived", "older rows were archived before; archive the log in one file per step from its first row (archive again from an unarchived copy)"));
+    }
+    let tmp = out.with_extension("partial");
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+    let mut after = 0;
+    let mut walker = Walker::new();
+    loop {
+        let page = db.read(move |c| rows::page(c, after, 1000)).await?;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        for r in page.iter().filter(|r| r.seq <= through_seq) {
+            if !walker.step(r) {
+                let v = walker.verdict();
+                let _ = std::fs::remove_file(&tmp);
+                return Err(crate::error::Error::conflict("chain_broken", format!("the chain is broken at row {}: {}; fix that before archiving", v.broken_at.unwrap_or(0), v.problem.unwrap_or_default())));
+            }
+            writeln!(file, "{}", serde_json::to_string(r).map_err(std::io::Error::other)?)?;
+        }
+        if after >= through_seq {
+            break;
+        }
+    }
+    let file = file.into_inner().map_err(|e| crate::error::Error::from(e.into_error()))?;
+    file.sync_all()?;
+    drop(file);
+    let written = verify_archive(&tmp)?;
+    let (last_seq, last_hash) = walker.head();
+    let (last_seq, last_hash) = (last_seq, last_hash.to_string());
+    if written.broken_at.is_some() || written.head != last_hash {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(crate::error::Error::internal("the archive did not read back as written"));
+    }
+    std::fs::rename(&tmp, out)?;
+    let name = out.display().to_string();
+    let h = last_hash.clone();
+    db.write(move |c| {
+        rows::delete_through(c, last_seq)?;
+        append(c, &[Event::new("audit_archived", "ok").actor("cli").detail(json!({"through_seq": last_seq, "last_hash": h, "file": name}))])
     })
+    .await?;
+    Ok(ArchiveReport { rows: written.rows, through_seq: last_seq, last_hash })
+}
+
+pub const CSV_HEADER: &str = "seq,ts,kind,outcome,actor,model,detail,prev_hash,hash";
+
+/// One row as a CSV line (RFC 4180).
+pub fn csv_line(r: &AuditRow) -> String {
+    let cells = [
+        r.seq.to_string(),
+        util::rfc3339(r.ts_ms / 1000),
+        r.kind.clone(),
+        r.outcome.clone(),
+        r.actor.clone().unwrap_or_default(),
+        r.model_id.clone().unwrap_or_default(),
+        r.detail.clone(),
+        r.prev_hash.clone(),
+        r.hash.clone(),
+    ];
+    cells.iter().map(|c| csv_cell(c)).collect::<Vec<_>>().join(",")
+}
+
+/// Quotes a cell when needed, and defuses cells a spreadsheet would run as a formula.
+fn csv_cell(s: &str) -> String {
+    let s = if s.starts_with(['=', '+', '-', '@']) { format!("'{s}") } else { s.to_string() };
+    if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s }
 }
 
 /// One row as exported: `detail` as a JSON object rather than text.
@@ -198,6 +428,14 @@ impl AuditSink {
         }
     }
 
+    /// Queues an event and returns a receiver that resolves once it is committed.
+    pub fn commit(&self, event: Event) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.record(event);
+        let _ = self.tx.send(Msg::Flush(tx));
+        rx
+    }
+
     /// Waits until everything queued before this call is committed.
     pub async fn flush(&self) {
         let (tx, rx) = oneshot::channel();
@@ -239,4 +477,25 @@ async fn writer(db: Db, mut rx: mpsc::UnboundedReceiver<Msg>, batch_max: usize) 
             let _ = w.send(());
         }
     }
+}
+
+/// After a crash, downloads whose `started` event was committed but whose end never was are
+/// recorded as aborted (called at start, before serving).
+pub async fn close_abandoned_downloads(db: &Db) -> Result<usize> {
+    db.write(|c| {
+        let open = rows::open_downloads(c)?;
+        let events: Vec<Event> = open
+            .iter()
+            .map(|(id, model, detail)| {
+                let mut d: Value = serde_json::from_str(detail).unwrap_or_else(|_| json!({}));
+                d["reason"] = json!("server_stopped");
+                let mut e = Event::new("file_download", "aborted").detail(d).track(Track::End(id.clone()));
+                e.model_id = model.clone();
+                e
+            })
+            .collect();
+        append(c, &events)?;
+        Ok(events.len())
+    })
+    .await
 }

@@ -157,6 +157,12 @@ impl IntegritySettings {
 pub struct AuditSettings {
     /// Most download events committed in one transaction by the batching writer.
     pub batch_max: usize,
+    /// How often `serve` records the chain's head as a checkpoint, e.g. "1h"; "off" disables.
+    pub checkpoint_interval: String,
+    /// File that checkpoints are appended to (one JSON line each); empty for none.
+    pub checkpoint_file: String,
+    /// URL that checkpoints are POSTed to as JSON; empty for none.
+    pub checkpoint_url: String,
 }
 
 impl Default for Settings {
@@ -234,7 +240,12 @@ impl Default for TokenSettings {
 
 impl Default for AuditSettings {
     fn default() -> Self {
-        AuditSettings { batch_max: 512 }
+        AuditSettings {
+            batch_max: 512,
+            checkpoint_interval: "1h".into(),
+            checkpoint_file: String::new(),
+            checkpoint_url: String::new(),
+        }
     }
 }
 
@@ -374,6 +385,16 @@ impl Settings {
         {
             crate::util::parse_duration(&self.integrity.scrub_interval)
                 .map_err(|e| bad("integrity.scrub_interval", format!("{e} (or \"off\")")))?;
+        }
+        if !self.audit.checkpoint_interval.trim().eq_ignore_ascii_case("off") {
+            crate::util::parse_duration(&self.audit.checkpoint_interval)
+                .map_err(|e| bad("audit.checkpoint_interval", format!("{e} (or \"off\")")))?;
+        }
+        if !self.audit.checkpoint_url.is_empty() {
+            let u = reqwest::Url::parse(&self.audit.checkpoint_url).map_err(|e| bad("audit.checkpoint_url", e))?;
+            if !matches!(u.scheme(), "http" | "https") {
+                return Err(bad("audit.checkpoint_url", "must be an http(s) URL"));
+            }
         }
         if self.audit.batch_max == 0 {
             return Err(bad("audit.batch_max", "must be at least 1"));

@@ -128,11 +128,21 @@ pub async fn run(
         let s = settings.clone();
         tokio::task::spawn_blocking(move || Core::open(&s)).await??
     };
+    let abandoned = audit::close_abandoned_downloads(&core.db).await?;
+    if abandoned > 0 {
+        tracing::warn!(abandoned, "recorded downloads cut off by the previous stop as aborted");
+    }
     let (audit, audit_task) = AuditSink::start(core.db.clone(), settings.audit.batch_max);
     let mailer = Arc::new(Mailer::new(&settings, core.db.clone())?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mail_task = tokio::spawn(mailer.clone().run(stop_rx));
     let gate = Gate::new(core.db.clone(), core.keys.clone(), token_policy(&settings));
+    let checkpoint_every = (!settings.audit.checkpoint_file.is_empty() || !settings.audit.checkpoint_url.is_empty())
+        .then(|| util::parse_duration(&settings.audit.checkpoint_interval).ok())
+        .flatten();
+    let checkpoint_task = checkpoint_every.map(|every| {
+        tokio::spawn(jobs::checkpoint_loop(settings.clone(), core.db.clone(), every, stop_tx.subscribe()))
+    });
     let keys_task = tokio::spawn(jobs::reload_keys(
         core.keys.clone(),
         gate.policy.refresh,
@@ -168,6 +178,9 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let _ = mail_task.await;
     let _ = keys_task.await;
+    if let Some(t) = checkpoint_task {
+        let _ = t.await;
+    }
     if let Some(t) = scrub_task {
         let _ = t.await;
     }

@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
@@ -217,13 +216,35 @@ enum UsersCmd {
 enum AuditCmd {
     /// Walk the hash chain and report the first broken link (exit 1 if broken)
     Verify {
+        /// The archive file that older rows were moved to (checked, and linked to the log)
+        #[arg(long)]
+        archive: Option<PathBuf>,
+        /// A checkpoint file: every checkpoint in it must still be in the log, unchanged
+        #[arg(long)]
+        checkpoints: Option<PathBuf>,
         #[command(flatten)]
         out: JsonFlag,
     },
-    /// Print every event in chain order
+    /// Print events in chain order
     Export {
         #[arg(long, value_parser = ["jsonl", "csv"], default_value = "jsonl")]
         format: String,
+        /// Only events from this time on (RFC 3339 or YYYY-MM-DD)
+        #[arg(long)]
+        since: Option<String>,
+        /// Only events about this model
+        #[arg(long)]
+        model: Option<String>,
+    },
+    /// Write the chain's head (row and hash) to the checkpoint file/URL now, and print it
+    Checkpoint,
+    /// Move older events into a JSONL file that stays verifiable with the rest of the log
+    Archive {
+        /// Archive events older than this time (RFC 3339 or YYYY-MM-DD)
+        #[arg(long)]
+        before: String,
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -402,25 +423,26 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCo
                 println!("new signing key {kid}; earlier keys keep verifying")
             }
         }
-        Command::Audit(AuditCmd::Verify { out }) => {
-            let core = open(&settings).await?;
-            let verdict = core.db.read(audit::verify).await?;
-            if out.json {
-                print_json(&verdict)?;
-            } else if let Some(at) = verdict.broken_at {
-                println!(
-                    "BROKEN at row {at}: {} ({} rows before it verify)",
-                    verdict.problem.clone().unwrap_or_default(),
-                    verdict.rows
-                );
-            } else {
-                println!("ok: {} rows, head {}", verdict.rows, verdict.head);
-            }
-            if verdict.broken_at.is_some() {
-                return Ok(ExitCode::from(1));
-            }
+        Command::Audit(AuditCmd::Verify { archive, checkpoints, out }) => {
+            return audit_verify(&settings, archive, checkpoints, out.json).await;
         }
-        Command::Audit(AuditCmd::Export { format }) => export(&settings, &format).await?,
+        Command::Audit(AuditCmd::Export { format, since, model }) => {
+            let since = since.as_deref().map(parse_time).transpose()?;
+            export(&settings, &format, since, model).await?
+        }
+        Command::Audit(AuditCmd::Checkpoint) => {
+            let core = open(&settings).await?;
+            let cp = weightgate::jobs::write_checkpoint(&settings, &core.db).await?;
+            print_json(&cp)?;
+        }
+        Command::Audit(AuditCmd::Archive { before, out }) => {
+            let before = parse_time(&before)?;
+            let core = open(&settings).await?;
+            let through = core.db.read(move |c| audit_rows::last_seq_before(c, before * 1000)).await?;
+            let Some(through) = through else { anyhow::bail!("no events before that time") };
+            let report = audit::archive(&core.db, through, &out).await?;
+            println!("archived rows 1..={} to {} (last hash {})", report.through_seq, out.display(), report.last_hash);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -653,66 +675,83 @@ async fn tokens(cmd: TokensCmd, settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn export(settings: &Settings, format: &str) -> anyhow::Result<()> {
+async fn export(settings: &Settings, format: &str, since: Option<i64>, model: Option<String>) -> anyhow::Result<()> {
     use std::io::Write;
     let core = open(settings).await?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     if format == "csv" {
-        writeln!(out, "seq,ts,kind,outcome,actor,model,detail,prev_hash,hash")?;
+        writeln!(out, "{}", audit::CSV_HEADER)?;
     }
     let mut after = 0;
     loop {
-        let page = core
-            .db
-            .read(move |c| audit_rows::page(c, after, 1000))
-            .await?;
+        let m = model.clone();
+        let page = core.db.read(move |c| audit_rows::page_filtered(c, after, 1000, since.map(|s| s * 1000), m.as_deref())).await?;
         let Some(last) = page.last() else { break };
         after = last.seq;
         for r in &page {
             if format == "csv" {
-                let cells = [
-                    r.seq.to_string(),
-                    util::rfc3339(r.ts_ms / 1000),
-                    r.kind.clone(),
-                    r.outcome.clone(),
-                    r.actor.clone().unwrap_or_default(),
-                    r.model_id.clone().unwrap_or_default(),
-                    r.detail.clone(),
-                    r.prev_hash.clone(),
-                    r.hash.clone(),
-                ];
-                writeln!(
-                    out,
-                    "{}",
-                    cells
-                        .iter()
-                        .map(|c| csv_cell(c))
-                        .collect::<Vec<_>>()
-                        .join(",")
-                )?;
+                writeln!(out, "{}", audit::csv_line(r))?;
             } else {
                 writeln!(out, "{}", audit::export_value(r))?;
             }
         }
     }
     out.flush()?;
-    let _ = Arc::new(());
     Ok(())
 }
 
-/// RFC 4180 quoting, and a leading quote for cells a spreadsheet would run as a formula.
-fn csv_cell(s: &str) -> String {
-    let s = if s.starts_with(['=', '+', '-', '@']) {
-        format!("'{s}")
-    } else {
-        s.to_string()
-    };
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s
+/// RFC 3339 or a plain date, as Unix seconds.
+fn parse_time(s: &str) -> anyhow::Result<i64> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.timestamp());
     }
+    chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+        .ok()
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| t.and_utc().timestamp())
+        .ok_or_else(|| anyhow::anyhow!("{s:?} is not a time like 2026-01-31 or 2026-01-31T12:00:00Z"))
+}
+
+async fn audit_verify(settings: &Settings, archive: Option<PathBuf>, checkpoints: Option<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
+    let core = open(settings).await?;
+    let mut problems = Vec::new();
+    let mut from = None;
+    let mut archived = None;
+    if let Some(path) = &archive {
+        let v = audit::verify_archive(path)?;
+        if let Some(at) = v.broken_at {
+            problems.push(format!("archive {}: broken at row {at}: {}", path.display(), v.problem.clone().unwrap_or_default()));
+        }
+        from = Some((v.head_seq, v.head.clone()));
+        archived = Some(v);
+    }
+    let verdict = core.db.read(move |c| audit::verify(c, from)).await?;
+    if let Some(at) = verdict.broken_at {
+        problems.push(format!("broken at row {at}: {}", verdict.problem.clone().unwrap_or_default()));
+    }
+    if let Some(path) = &checkpoints {
+        let cps = audit::read_checkpoints(path)?;
+        problems.extend(core.db.read(move |c| audit::check_checkpoints(c, &cps)).await?);
+    }
+    if json {
+        print_json(&serde_json::json!({
+            "rows": verdict.rows, "head_seq": verdict.head_seq, "head": verdict.head,
+            "broken_at": verdict.broken_at, "problem": verdict.problem, "starts_after": verdict.starts_after,
+            "archive_rows": archived.as_ref().map(|a| a.rows), "problems": problems,
+        }))?;
+    } else {
+        for p in &problems {
+            println!("BROKEN: {p}");
+        }
+        if let Some((seq, hash)) = &verdict.starts_after {
+            println!("note: rows 1..={seq} were archived (the log continues from hash {hash}); pass --archive FILE to check them");
+        }
+        if problems.is_empty() {
+            println!("ok: {} rows, head row {} hash {}", verdict.rows + archived.map(|a| a.rows).unwrap_or(0), verdict.head_seq, verdict.head);
+        }
+    }
+    Ok(if problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 /// `weightgate verify DIR`: hashes every file listed in DIR/SHA256SUMS.

@@ -126,6 +126,15 @@ diesel::table! {
 }
 
 diesel::table! {
+    open_downloads (id) {
+        id -> Text,
+        started_ms -> BigInt,
+        model_id -> Nullable<Text>,
+        detail -> Text,
+    }
+}
+
+diesel::table! {
     download_progress (jti, sha256) {
         jti -> Text,
         sha256 -> Text,
@@ -259,4 +268,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     mail_outbox,
     webhooks,
     webhook_outbox,
+    download_progress,
+    open_downloads,
 );

@@ -1,6 +1,7 @@
 //! `GET`/`HEAD /{org}/{name}/resolve/{revision}/{path}`: the gate in front of every weight
 //! byte. Parse → authorize → stream verified blocks, and one audit event per request.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Instant;
@@ -14,7 +15,7 @@ use futures_util::Stream;
 use serde_json::json;
 
 use crate::State;
-use crate::audit::{AuditSink, Event};
+use crate::audit::{AuditSink, Event, Track};
 use crate::auth::access::Principal;
 use crate::db::models::catalog::{self, BLOB_QUARANTINED, Blob, FileRow};
 use crate::db::models::tokens::{Delivered, record_delivery};
@@ -232,23 +233,23 @@ async fn serve(
         state.audit.record(e);
         return Err(withheld(&model, &path));
     }
-    let body = AuditedBody {
-        delivery: Delivery {
-            state: state.clone(),
-            jti: principal.jti.clone(),
-            sha256: blob.sha256.clone(),
-            path: file.path.clone(),
-            size,
-            start,
-        },
-        first: first.and_then(Result::ok),
-        chunks,
-        sent: 0,
-        log: log.clone(),
-        started,
-        sink: state.audit.clone(),
-        failed: false,
+    let delivery = Delivery {
+        state: state.clone(),
+        jti: principal.jti.clone(),
+        sha256: blob.sha256.clone(),
+        path: file.path.clone(),
+        size,
+        start,
     };
+    let body = AuditedBody::new(
+        util::random_hex(12),
+        delivery,
+        first.and_then(Result::ok),
+        chunks,
+        log.clone(),
+        started,
+        state.audit.clone(),
+    );
     Ok(resp.no_chunking(len).streaming(body))
 }
 
@@ -465,8 +466,6 @@ fn quarantine_on_failure(
     }
 }
 
-/// The response body: verified chunks, counted; its audit event is recorded when it ends,
-/// completed or not.
 /// Where a stream's delivered bytes are recorded, for quotas and per-token counts.
 struct Delivery {
     state: web::Data<State>,
@@ -477,7 +476,12 @@ struct Delivery {
     start: u64,
 }
 
+/// The response body: verified chunks, counted. Its `started` event is queued when it is
+/// created; when the last chunk is ready, the final event is committed *before* that chunk
+/// is released, so a client never sees a complete download the log does not hold. A body
+/// dropped early records `aborted_by_client` or `integrity_failure`.
 struct AuditedBody {
+    id: String,
     delivery: Delivery,
     /// The first chunk, read before the headers were sent.
     first: Option<Bytes>,
@@ -487,24 +491,70 @@ struct AuditedBody {
     started: Instant,
     sink: AuditSink,
     failed: bool,
+    /// The last chunk, held until its final event is committed.
+    held: Option<(Bytes, tokio::sync::oneshot::Receiver<()>)>,
+    finished: bool,
+}
+
+impl AuditedBody {
+    fn new(id: String, delivery: Delivery, first: Option<Bytes>, chunks: Chunks, log: FetchLog, started: Instant, sink: AuditSink) -> AuditedBody {
+        let mut e = log.event("started", 0, started, None).track(Track::Start(id.clone()));
+        e.detail["download"] = json!(id);
+        sink.record(e);
+        AuditedBody { id, delivery, first, chunks, sent: 0, log, started, sink, failed: false, held: None, finished: false }
+    }
+
+    fn final_event(&self, outcome: &str) -> Event {
+        let mut e = self.log.event(outcome, self.sent, self.started, None).track(Track::End(self.id.clone()));
+        e.detail["download"] = json!(self.id);
+        e.detail["first_block"] = json!(self.chunks.first_block);
+        e.detail["blocks_verified"] =
+            json!(self.chunks.blocks_verified.load(std::sync::atomic::Ordering::Relaxed));
+        e
+    }
+
+    /// Counts a chunk; when it is the last one, holds it until the final event commits.
+    fn pass(&mut self, b: Bytes, cx: &mut TaskContext<'_>) -> Poll<Option<std::io::Result<Bytes>>> {
+        if self.sent + b.len() as u64 >= self.log.expected && !self.finished {
+            self.sent += b.len() as u64;
+            self.finished = true;
+            let outcome = if self.log.status == 206 { "partial" } else { "complete" };
+            let ack = self.sink.commit(self.final_event(outcome));
+            self.held = Some((b, ack));
+            return self.release(cx);
+        }
+        self.sent += b.len() as u64;
+        Poll::Ready(Some(Ok(b)))
+    }
+
+    fn release(&mut self, cx: &mut TaskContext<'_>) -> Poll<Option<std::io::Result<Bytes>>> {
+        let Some((_, ack)) = self.held.as_mut() else { return Poll::Ready(None) };
+        match Pin::new(ack).poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(_) => Poll::Ready(self.held.take().map(|(b, _)| Ok(b))),
+        }
+    }
 }
 
 impl Stream for AuditedBody {
     type Item = std::io::Result<Bytes>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        if self.held.is_some() {
+            return self.release(cx);
+        }
         if let Some(b) = self.first.take() {
-            self.sent += b.len() as u64;
-            return Poll::Ready(Some(Ok(b)));
+            return self.pass(b, cx);
         }
         match self.chunks.rx.poll_recv(cx) {
-            Poll::Ready(Some(Ok(b))) => {
-                self.sent += b.len() as u64;
-                Poll::Ready(Some(Ok(b)))
-            }
+            Poll::Ready(Some(Ok(b))) => self.pass(b, cx),
             Poll::Ready(Some(Err(e))) => {
                 self.failed = true;
                 Poll::Ready(Some(Err(e)))
+            }
+            // An empty body (an empty file) ends here; it still commits its final event.
+            Poll::Ready(None) if !self.finished && !self.failed && self.sent >= self.log.expected => {
+                self.pass(Bytes::new(), cx)
             }
             other => other,
         }
@@ -513,23 +563,10 @@ impl Stream for AuditedBody {
 
 impl Drop for AuditedBody {
     fn drop(&mut self) {
-        let outcome = if self.failed {
-            "integrity_failure"
-        } else if self.sent < self.log.expected {
-            "aborted_by_client"
-        } else if self.log.status == 206 {
-            "partial"
-        } else {
-            "complete"
-        };
-        let mut event = self.log.event(outcome, self.sent, self.started, None);
-        event.detail["first_block"] = json!(self.chunks.first_block);
-        event.detail["blocks_verified"] = json!(
-            self.chunks
-                .blocks_verified
-                .load(std::sync::atomic::Ordering::Relaxed)
-        );
-        self.sink.record(event);
+        if !self.finished {
+            let outcome = if self.failed { "integrity_failure" } else { "aborted_by_client" };
+            self.sink.record(self.final_event(outcome));
+        }
         if self.sent > 0 && !self.failed {
             let d = &self.delivery;
             let db = d.state.db.clone();
@@ -541,9 +578,7 @@ impl Drop for AuditedBody {
                 range: d.start..d.start + self.sent,
             };
             tokio::spawn(async move {
-                let r = db
-                    .write(move |c| record_delivery(c, &delivered, util::now()))
-                    .await;
+                let r = db.write(move |c| record_delivery(c, &delivered, util::now())).await;
                 if let Err(e) = r {
                     tracing::warn!(error = %e, "could not record a delivery for quota accounting");
                 }

@@ -3,10 +3,10 @@
 use diesel::prelude::*;
 
 use crate::db::AnyConnection;
-use crate::db::schema::audit_events;
+use crate::db::schema::{audit_events, open_downloads};
 use crate::error::Result;
 
-#[derive(Debug, Clone, Queryable, Selectable, Insertable, serde::Serialize)]
+#[derive(Debug, Clone, Queryable, Selectable, Insertable, serde::Serialize, serde::Deserialize)]
 #[diesel(table_name = audit_events)]
 pub struct AuditRow {
     pub seq: i64,
@@ -56,4 +56,58 @@ pub fn page(conn: &mut AnyConnection, after: i64, limit: i64) -> Result<Vec<Audi
         .limit(limit)
         .select(AuditRow::as_select())
         .load(conn)?)
+}
+
+pub fn open_download(conn: &mut AnyConnection, id: &str, started_ms: i64, model: Option<&str>, detail: &str) -> Result<()> {
+    diesel::insert_into(open_downloads::table)
+        .values((
+            open_downloads::id.eq(id),
+            open_downloads::started_ms.eq(started_ms),
+            open_downloads::model_id.eq(model),
+            open_downloads::detail.eq(detail),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+pub fn close_download(conn: &mut AnyConnection, id: &str) -> Result<()> {
+    diesel::delete(open_downloads::table.find(id)).execute(conn)?;
+    Ok(())
+}
+
+/// Every download left open: `(id, model, detail of its started event)`.
+pub fn open_downloads(conn: &mut AnyConnection) -> Result<Vec<(String, Option<String>, String)>> {
+    Ok(open_downloads::table
+        .order(open_downloads::started_ms.asc())
+        .select((open_downloads::id, open_downloads::model_id, open_downloads::detail))
+        .load(conn)?)
+}
+
+pub fn by_seq(conn: &mut AnyConnection, seq: i64) -> Result<Option<AuditRow>> {
+    Ok(audit_events::table.find(seq).select(AuditRow::as_select()).first(conn).optional()?)
+}
+
+/// Removes archived rows (only `audit archive` calls this, after the archive is safe).
+pub fn delete_through(conn: &mut AnyConnection, seq: i64) -> Result<usize> {
+    Ok(diesel::delete(audit_events::table.filter(audit_events::seq.le(seq))).execute(conn)?)
+}
+
+/// The newest row at or before a time (for `--before`).
+pub fn last_seq_before(conn: &mut AnyConnection, ts_ms: i64) -> Result<Option<i64>> {
+    Ok(audit_events::table
+        .filter(audit_events::ts_ms.lt(ts_ms))
+        .select(diesel::dsl::max(audit_events::seq))
+        .first::<Option<i64>>(conn)?)
+}
+
+/// Up to `limit` rows after `after`, optionally only from `since_ms` on and for one model.
+pub fn page_filtered(conn: &mut AnyConnection, after: i64, limit: i64, since_ms: Option<i64>, model: Option<&str>) -> Result<Vec<AuditRow>> {
+    let mut q = audit_events::table.filter(audit_events::seq.gt(after)).into_boxed();
+    if let Some(t) = since_ms {
+        q = q.filter(audit_events::ts_ms.ge(t));
+    }
+    if let Some(m) = model {
+        q = q.filter(audit_events::model_id.eq(m.to_string()));
+    }
+    Ok(q.order(audit_events::seq.asc()).limit(limit).select(AuditRow::as_select()).load(conn)?)
 }
