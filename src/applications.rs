@@ -308,6 +308,15 @@ pub fn approve_in(
     let app = people::find_application(c, id)?.ok_or_else(|| {
         Error::not_found("application_not_found", format!("No application {id}."))
     })?;
+    if people::active_grant(c, &app.user_id, &app.model_id, now)?.is_some() {
+        return Err(Error::conflict(
+            "already_approved",
+            format!(
+                "{} already has an active grant for {}.",
+                app.email, app.model_id
+            ),
+        ));
+    }
     if !people::transition(c, id, PENDING, APPROVED, now)? {
         return Err(Error::conflict(
             "not_pending",
@@ -428,16 +437,16 @@ fn revoke_grants_of(
     reason: &str,
 ) -> Result<()> {
     let now = util::now();
-    if let Some(g) = people::active_grant(c, &app.user_id, &app.model_id, now)?
-        && people::revoke_grant(c, &g.id, reason, now)?
-    {
-        audit::append(
-            c,
-            &[Event::new("grant_revoked", "ok")
-                .actor(actor)
-                .model(&app.model_id)
-                .detail(json!({"grant": g.id, "user": app.user_id, "reason": reason}))],
-        )?;
+    for g in people::grants_of_application(c, &app.id)? {
+        if people::revoke_grant(c, &g.id, reason, now)? {
+            audit::append(
+                c,
+                &[Event::new("grant_revoked", "ok")
+                    .actor(actor)
+                    .model(&app.model_id)
+                    .detail(json!({"grant": g.id, "user": app.user_id, "reason": reason}))],
+            )?;
+        }
     }
     Ok(())
 }
@@ -543,6 +552,14 @@ pub fn grant_in(
             "already_granted",
             format!("{email} already has access to {}.", model.id),
         ));
+    }
+    // An application already on file is decided rather than duplicated.
+    if let Some(existing) = people::applications_of(c, &user.id, &model.id)?
+        .into_iter()
+        .next()
+        && matches!(existing.status.as_str(), PENDING | REJECTED)
+    {
+        return accept_in(c, ctx, &existing.id, actor);
     }
     let id = util::random_hex(16);
     let key = status_key(c, &id)?;

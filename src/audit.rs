@@ -35,7 +35,8 @@ pub struct Event {
 /// A download's life in the audit log: its `started` event opens it, its final event closes it.
 #[derive(Debug, Clone)]
 pub enum Track {
-    Start(String),
+    /// The download's id and the server instance serving it.
+    Start(String, String),
     End(String),
 }
 
@@ -112,9 +113,14 @@ pub fn append(conn: &mut AnyConnection, events: &[Event]) -> Result<()> {
         row.hash = row_hash(&row);
         prev = row.hash.clone();
         match &e.track {
-            Some(Track::Start(id)) => {
-                rows::open_download(conn, id, e.ts_ms, e.model_id.as_deref(), &row.detail)?
-            }
+            Some(Track::Start(id, instance)) => rows::open_download(
+                conn,
+                id,
+                instance,
+                e.ts_ms,
+                e.model_id.as_deref(),
+                &row.detail,
+            )?,
             Some(Track::End(id)) => rows::close_download(conn, id)?,
             None => {}
         }
@@ -153,7 +159,13 @@ impl Walker {
 
     /// A chain that continues after row `seq` whose hash is `hash` (e.g. after an archive).
     pub fn after(seq: i64, hash: String) -> Walker {
-        Walker { prev: hash, next_seq: seq + 1, rows: 0, broken: None, starts_after: None }
+        Walker {
+            prev: hash,
+            next_seq: seq + 1,
+            rows: 0,
+            broken: None,
+            starts_after: None,
+        }
     }
 
     /// Checks one row; false once the chain is broken.
@@ -162,7 +174,10 @@ impl Walker {
             return false;
         }
         let problem = if r.seq != self.next_seq {
-            Some(format!("expected row {}, found row {} (a row is missing or was inserted)", self.next_seq, r.seq))
+            Some(format!(
+                "expected row {}, found row {} (a row is missing or was inserted)",
+                self.next_seq, r.seq
+            ))
         } else if r.prev_hash != self.prev {
             Some("prev_hash does not match the previous row's hash (rows deleted, swapped or inserted)".to_string())
         } else if row_hash(r) != r.hash {
@@ -189,7 +204,14 @@ impl Walker {
             Some((seq, p)) => (Some(seq), Some(p)),
             None => (None, None),
         };
-        Verdict { rows: self.rows, head_seq: self.next_seq - 1, head: self.prev, broken_at, problem, starts_after: self.starts_after }
+        Verdict {
+            rows: self.rows,
+            head_seq: self.next_seq - 1,
+            head: self.prev,
+            broken_at,
+            problem,
+            starts_after: self.starts_after,
+        }
     }
 }
 
@@ -238,7 +260,8 @@ pub fn verify_archive(path: &std::path::Path) -> std::io::Result<Verdict> {
         if line.trim().is_empty() {
             continue;
         }
-        let row: AuditRow = serde_json::from_str(&line).map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))?;
+        let row: AuditRow = serde_json::from_str(&line)
+            .map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))?;
         if !walker.step(&row) {
             break;
         }
@@ -256,12 +279,19 @@ pub struct Checkpoint {
 
 pub fn checkpoint(conn: &mut AnyConnection) -> Result<Checkpoint> {
     let (seq, hash) = rows::head(conn)?.unwrap_or((0, GENESIS.to_string()));
-    Ok(Checkpoint { seq, hash, ts: util::rfc3339(util::now()) })
+    Ok(Checkpoint {
+        seq,
+        hash,
+        ts: util::rfc3339(util::now()),
+    })
 }
 
 /// Checks recorded checkpoints against the log: each must still be there, unchanged; one
 /// beyond the head means the tail was cut off. Returns the problems found.
-pub fn check_checkpoints(conn: &mut AnyConnection, checkpoints: &[Checkpoint]) -> Result<Vec<String>> {
+pub fn check_checkpoints(
+    conn: &mut AnyConnection,
+    checkpoints: &[Checkpoint],
+) -> Result<Vec<String>> {
     let head = rows::head(conn)?.map(|(s, _)| s).unwrap_or(0);
     let first = rows::page(conn, 0, 1)?.first().map(|r| r.seq).unwrap_or(1);
     let mut problems = Vec::new();
@@ -275,8 +305,14 @@ pub fn check_checkpoints(conn: &mut AnyConnection, checkpoints: &[Checkpoint]) -
         }
         match rows::by_seq(conn, cp.seq)? {
             Some(r) if r.hash == cp.hash => {}
-            Some(_) => problems.push(format!("row {} no longer has the hash checkpointed at {}", cp.seq, cp.ts)),
-            None => problems.push(format!("row {} checkpointed at {} is missing", cp.seq, cp.ts)),
+            Some(_) => problems.push(format!(
+                "row {} no longer has the hash checkpointed at {}",
+                cp.seq, cp.ts
+            )),
+            None => problems.push(format!(
+                "row {} checkpointed at {} is missing",
+                cp.seq, cp.ts
+            )),
         }
     }
     Ok(problems)
@@ -287,7 +323,10 @@ pub fn read_checkpoints(path: &std::path::Path) -> std::io::Result<Vec<Checkpoin
     let text = std::fs::read_to_string(path)?;
     text.lines()
         .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).map_err(|e| std::io::Error::other(format!("{}: {e}", path.display()))))
+        .map(|l| {
+            serde_json::from_str(l)
+                .map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))
+        })
         .collect()
 }
 
@@ -297,8 +336,15 @@ pub fn append_checkpoint(path: &std::path::Path, cp: &Checkpoint) -> std::io::Re
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-    writeln!(f, "{}", serde_json::to_string(cp).map_err(std::io::Error::other)?)?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    writeln!(
+        f,
+        "{}",
+        serde_json::to_string(cp).map_err(std::io::Error::other)?
+    )?;
     f.sync_all()
 }
 
@@ -315,11 +361,22 @@ pub struct ArchiveReport {
 pub async fn archive(db: &Db, through_seq: i64, out: &std::path::Path) -> Result<ArchiveReport> {
     use std::io::Write;
     if out.exists() {
-        return Err(crate::error::Error::conflict("archive_exists", format!("{} already exists; archives are never overwritten", out.display())));
+        return Err(crate::error::Error::conflict(
+            "archive_exists",
+            format!(
+                "{} already exists; archives are never overwritten",
+                out.display()
+            ),
+        ));
     }
-    let first = db.read(|c| Ok(rows::page(c, 0, 1)?.first().map(|r| r.seq))).await?;
+    let first = db
+        .read(|c| Ok(rows::page(c, 0, 1)?.first().map(|r| r.seq)))
+        .await?;
     if first != Some(1) {
-        return Err(crate::error::Error::conflict("already_archived", "older rows were archived before; archive the log in one file per step from its first row (archive again from an unarchived copy)"));
+        return Err(crate::error::Error::conflict(
+            "already_archived",
+            "older rows were archived before; archive the log in one file per step from its first row (archive again from an unarchived copy)",
+        ));
     }
     let tmp = out.with_extension("partial");
     let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
@@ -333,15 +390,28 @@ pub async fn archive(db: &Db, through_seq: i64, out: &std::path::Path) -> Result
             if !walker.step(r) {
                 let v = walker.verdict();
                 let _ = std::fs::remove_file(&tmp);
-                return Err(crate::error::Error::conflict("chain_broken", format!("the chain is broken at row {}: {}; fix that before archiving", v.broken_at.unwrap_or(0), v.problem.unwrap_or_default())));
+                return Err(crate::error::Error::conflict(
+                    "chain_broken",
+                    format!(
+                        "the chain is broken at row {}: {}; fix that before archiving",
+                        v.broken_at.unwrap_or(0),
+                        v.problem.unwrap_or_default()
+                    ),
+                ));
             }
-            writeln!(file, "{}", serde_json::to_string(r).map_err(std::io::Error::other)?)?;
+            writeln!(
+                file,
+                "{}",
+                serde_json::to_string(r).map_err(std::io::Error::other)?
+            )?;
         }
         if after >= through_seq {
             break;
         }
     }
-    let file = file.into_inner().map_err(|e| crate::error::Error::from(e.into_error()))?;
+    let file = file
+        .into_inner()
+        .map_err(|e| crate::error::Error::from(e.into_error()))?;
     file.sync_all()?;
     drop(file);
     let written = verify_archive(&tmp)?;
@@ -349,17 +419,28 @@ pub async fn archive(db: &Db, through_seq: i64, out: &std::path::Path) -> Result
     let (last_seq, last_hash) = (last_seq, last_hash.to_string());
     if written.broken_at.is_some() || written.head != last_hash {
         let _ = std::fs::remove_file(&tmp);
-        return Err(crate::error::Error::internal("the archive did not read back as written"));
+        return Err(crate::error::Error::internal(
+            "the archive did not read back as written",
+        ));
     }
     std::fs::rename(&tmp, out)?;
     let name = out.display().to_string();
     let h = last_hash.clone();
     db.write(move |c| {
         rows::delete_through(c, last_seq)?;
-        append(c, &[Event::new("audit_archived", "ok").actor("cli").detail(json!({"through_seq": last_seq, "last_hash": h, "file": name}))])
+        append(
+            c,
+            &[Event::new("audit_archived", "ok")
+                .actor("cli")
+                .detail(json!({"through_seq": last_seq, "last_hash": h, "file": name}))],
+        )
     })
     .await?;
-    Ok(ArchiveReport { rows: written.rows, through_seq: last_seq, last_hash })
+    Ok(ArchiveReport {
+        rows: written.rows,
+        through_seq: last_seq,
+        last_hash,
+    })
 }
 
 pub const CSV_HEADER: &str = "seq,ts,kind,outcome,actor,model,detail,prev_hash,hash";
@@ -377,13 +458,25 @@ pub fn csv_line(r: &AuditRow) -> String {
         r.prev_hash.clone(),
         r.hash.clone(),
     ];
-    cells.iter().map(|c| csv_cell(c)).collect::<Vec<_>>().join(",")
+    cells
+        .iter()
+        .map(|c| csv_cell(c))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Quotes a cell when needed, and defuses cells a spreadsheet would run as a formula.
 fn csv_cell(s: &str) -> String {
-    let s = if s.starts_with(['=', '+', '-', '@']) { format!("'{s}") } else { s.to_string() };
-    if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s }
+    let s = if s.starts_with(['=', '+', '-', '@']) {
+        format!("'{s}")
+    } else {
+        s.to_string()
+    };
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s
+    }
 }
 
 /// One row as exported: `detail` as a JSON object rather than text.
@@ -481,15 +574,18 @@ async fn writer(db: Db, mut rx: mpsc::UnboundedReceiver<Msg>, batch_max: usize) 
 
 /// After a crash, downloads whose `started` event was committed but whose end never was are
 /// recorded as aborted (called at start, before serving).
-pub async fn close_abandoned_downloads(db: &Db) -> Result<usize> {
-    db.write(|c| {
-        let open = rows::open_downloads(c)?;
+pub async fn close_abandoned_downloads(db: &Db, instance: &str) -> Result<usize> {
+    let instance = instance.to_string();
+    db.write(move |c| {
+        let open = rows::open_downloads(c, &instance)?;
         let events: Vec<Event> = open
             .iter()
             .map(|(id, model, detail)| {
                 let mut d: Value = serde_json::from_str(detail).unwrap_or_else(|_| json!({}));
                 d["reason"] = json!("server_stopped");
-                let mut e = Event::new("file_download", "aborted").detail(d).track(Track::End(id.clone()));
+                let mut e = Event::new("file_download", "aborted")
+                    .detail(d)
+                    .track(Track::End(id.clone()));
                 e.model_id = model.clone();
                 e
             })

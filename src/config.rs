@@ -386,12 +386,18 @@ impl Settings {
             crate::util::parse_duration(&self.integrity.scrub_interval)
                 .map_err(|e| bad("integrity.scrub_interval", format!("{e} (or \"off\")")))?;
         }
-        if !self.audit.checkpoint_interval.trim().eq_ignore_ascii_case("off") {
+        if !self
+            .audit
+            .checkpoint_interval
+            .trim()
+            .eq_ignore_ascii_case("off")
+        {
             crate::util::parse_duration(&self.audit.checkpoint_interval)
                 .map_err(|e| bad("audit.checkpoint_interval", format!("{e} (or \"off\")")))?;
         }
         if !self.audit.checkpoint_url.is_empty() {
-            let u = reqwest::Url::parse(&self.audit.checkpoint_url).map_err(|e| bad("audit.checkpoint_url", e))?;
+            let u = reqwest::Url::parse(&self.audit.checkpoint_url)
+                .map_err(|e| bad("audit.checkpoint_url", e))?;
             if !matches!(u.scheme(), "http" | "https") {
                 return Err(bad("audit.checkpoint_url", "must be an http(s) URL"));
             }

@@ -163,6 +163,13 @@ impl From<diesel::result::Error> for Error {
     fn from(e: diesel::result::Error) -> Self {
         match e {
             diesel::result::Error::NotFound => Error::not_found("not_found", "Not found."),
+            diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::UniqueViolation,
+                _,
+            ) => Error::conflict(
+                "conflict",
+                "This conflicts with a change made at the same moment; try again.",
+            ),
             other => Error::internal(format!("database: {other}")),
         }
     }

@@ -69,22 +69,38 @@ pub async fn reload_keys(
 }
 
 /// Records the chain's head to the configured file and URL; returns it.
-pub async fn write_checkpoint(settings: &crate::config::Settings, db: &crate::db::Db) -> anyhow::Result<crate::audit::Checkpoint> {
+pub async fn write_checkpoint(
+    settings: &crate::config::Settings,
+    db: &crate::db::Db,
+) -> anyhow::Result<crate::audit::Checkpoint> {
     let cp = db.read(crate::audit::checkpoint).await?;
     if !settings.audit.checkpoint_file.is_empty() {
         let path = std::path::PathBuf::from(&settings.audit.checkpoint_file);
         let line = cp.clone();
-        tokio::task::spawn_blocking(move || crate::audit::append_checkpoint(&path, &line)).await??;
+        tokio::task::spawn_blocking(move || crate::audit::append_checkpoint(&path, &line))
+            .await??;
     }
     if !settings.audit.checkpoint_url.is_empty() {
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
-        client.post(&settings.audit.checkpoint_url).json(&cp).send().await?.error_for_status()?;
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        client
+            .post(&settings.audit.checkpoint_url)
+            .json(&cp)
+            .send()
+            .await?
+            .error_for_status()?;
     }
     Ok(cp)
 }
 
 /// Writes a checkpoint every `every` until `stop` fires.
-pub async fn checkpoint_loop(settings: crate::config::Settings, db: crate::db::Db, every: Duration, mut stop: watch::Receiver<bool>) {
+pub async fn checkpoint_loop(
+    settings: crate::config::Settings,
+    db: crate::db::Db,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}

@@ -46,6 +46,7 @@ pub struct State {
     pub ctx: Context,
     /// Token checks, their cache, signed links and quotas.
     pub gate: Gate,
+    pub instance: String,
 }
 
 impl State {
@@ -57,6 +58,9 @@ impl State {
 
 /// The parts every command opens: database (migrated), storage and keys.
 pub struct Core {
+    /// This server's instance name, kept in the data dir, so a replica that restarts
+    /// recognises the downloads it left open and no other replica's.
+    pub instance: String,
     pub db: Db,
     pub store: Store,
     pub keys: Keyring,
@@ -71,10 +75,24 @@ impl Core {
             )
         })?;
         Ok(Core {
+            instance: instance_id(&settings.data_dir)?,
             db: Db::open(settings)?,
             store: Store::open(settings)?,
             keys: Keyring::open(&settings.data_dir)?,
         })
+    }
+}
+
+/// Reads (or creates) `<data_dir>/instance-id`.
+fn instance_id(data_dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = data_dir.join("instance-id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+        _ => {
+            let id = util::random_hex(8);
+            std::fs::write(&path, &id)?;
+            Ok(id)
+        }
     }
 }
 
@@ -128,20 +146,29 @@ pub async fn run(
         let s = settings.clone();
         tokio::task::spawn_blocking(move || Core::open(&s)).await??
     };
-    let abandoned = audit::close_abandoned_downloads(&core.db).await?;
+    let abandoned = audit::close_abandoned_downloads(&core.db, &core.instance).await?;
     if abandoned > 0 {
-        tracing::warn!(abandoned, "recorded downloads cut off by the previous stop as aborted");
+        tracing::warn!(
+            abandoned,
+            "recorded downloads cut off by the previous stop as aborted"
+        );
     }
     let (audit, audit_task) = AuditSink::start(core.db.clone(), settings.audit.batch_max);
     let mailer = Arc::new(Mailer::new(&settings, core.db.clone())?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mail_task = tokio::spawn(mailer.clone().run(stop_rx));
     let gate = Gate::new(core.db.clone(), core.keys.clone(), token_policy(&settings));
-    let checkpoint_every = (!settings.audit.checkpoint_file.is_empty() || !settings.audit.checkpoint_url.is_empty())
-        .then(|| util::parse_duration(&settings.audit.checkpoint_interval).ok())
-        .flatten();
+    let checkpoint_every = (!settings.audit.checkpoint_file.is_empty()
+        || !settings.audit.checkpoint_url.is_empty())
+    .then(|| util::parse_duration(&settings.audit.checkpoint_interval).ok())
+    .flatten();
     let checkpoint_task = checkpoint_every.map(|every| {
-        tokio::spawn(jobs::checkpoint_loop(settings.clone(), core.db.clone(), every, stop_tx.subscribe()))
+        tokio::spawn(jobs::checkpoint_loop(
+            settings.clone(),
+            core.db.clone(),
+            every,
+            stop_tx.subscribe(),
+        ))
     });
     let keys_task = tokio::spawn(jobs::reload_keys(
         core.keys.clone(),
@@ -149,6 +176,7 @@ pub async fn run(
         stop_tx.subscribe(),
     ));
     let state = web::Data::new(State {
+        instance: core.instance.clone(),
         gate,
         policy: token_policy(&settings),
         ctx: context(&settings),

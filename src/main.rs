@@ -423,10 +423,18 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCo
                 println!("new signing key {kid}; earlier keys keep verifying")
             }
         }
-        Command::Audit(AuditCmd::Verify { archive, checkpoints, out }) => {
+        Command::Audit(AuditCmd::Verify {
+            archive,
+            checkpoints,
+            out,
+        }) => {
             return audit_verify(&settings, archive, checkpoints, out.json).await;
         }
-        Command::Audit(AuditCmd::Export { format, since, model }) => {
+        Command::Audit(AuditCmd::Export {
+            format,
+            since,
+            model,
+        }) => {
             let since = since.as_deref().map(parse_time).transpose()?;
             export(&settings, &format, since, model).await?
         }
@@ -438,10 +446,20 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCo
         Command::Audit(AuditCmd::Archive { before, out }) => {
             let before = parse_time(&before)?;
             let core = open(&settings).await?;
-            let through = core.db.read(move |c| audit_rows::last_seq_before(c, before * 1000)).await?;
-            let Some(through) = through else { anyhow::bail!("no events before that time") };
+            let through = core
+                .db
+                .read(move |c| audit_rows::last_seq_before(c, before * 1000))
+                .await?;
+            let Some(through) = through else {
+                anyhow::bail!("no events before that time")
+            };
             let report = audit::archive(&core.db, through, &out).await?;
-            println!("archived rows 1..={} to {} (last hash {})", report.through_seq, out.display(), report.last_hash);
+            println!(
+                "archived rows 1..={} to {} (last hash {})",
+                report.through_seq,
+                out.display(),
+                report.last_hash
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -675,7 +693,12 @@ async fn tokens(cmd: TokensCmd, settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn export(settings: &Settings, format: &str, since: Option<i64>, model: Option<String>) -> anyhow::Result<()> {
+async fn export(
+    settings: &Settings,
+    format: &str,
+    since: Option<i64>,
+    model: Option<String>,
+) -> anyhow::Result<()> {
     use std::io::Write;
     let core = open(settings).await?;
     let stdout = std::io::stdout();
@@ -686,7 +709,12 @@ async fn export(settings: &Settings, format: &str, since: Option<i64>, model: Op
     let mut after = 0;
     loop {
         let m = model.clone();
-        let page = core.db.read(move |c| audit_rows::page_filtered(c, after, 1000, since.map(|s| s * 1000), m.as_deref())).await?;
+        let page = core
+            .db
+            .read(move |c| {
+                audit_rows::page_filtered(c, after, 1000, since.map(|s| s * 1000), m.as_deref())
+            })
+            .await?;
         let Some(last) = page.last() else { break };
         after = last.seq;
         for r in &page {
@@ -710,10 +738,17 @@ fn parse_time(s: &str) -> anyhow::Result<i64> {
         .ok()
         .and_then(|d| d.and_hms_opt(0, 0, 0))
         .map(|t| t.and_utc().timestamp())
-        .ok_or_else(|| anyhow::anyhow!("{s:?} is not a time like 2026-01-31 or 2026-01-31T12:00:00Z"))
+        .ok_or_else(|| {
+            anyhow::anyhow!("{s:?} is not a time like 2026-01-31 or 2026-01-31T12:00:00Z")
+        })
 }
 
-async fn audit_verify(settings: &Settings, archive: Option<PathBuf>, checkpoints: Option<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
+async fn audit_verify(
+    settings: &Settings,
+    archive: Option<PathBuf>,
+    checkpoints: Option<PathBuf>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let core = open(settings).await?;
     let mut problems = Vec::new();
     let mut from = None;
@@ -721,18 +756,29 @@ async fn audit_verify(settings: &Settings, archive: Option<PathBuf>, checkpoints
     if let Some(path) = &archive {
         let v = audit::verify_archive(path)?;
         if let Some(at) = v.broken_at {
-            problems.push(format!("archive {}: broken at row {at}: {}", path.display(), v.problem.clone().unwrap_or_default()));
+            problems.push(format!(
+                "archive {}: broken at row {at}: {}",
+                path.display(),
+                v.problem.clone().unwrap_or_default()
+            ));
         }
         from = Some((v.head_seq, v.head.clone()));
         archived = Some(v);
     }
     let verdict = core.db.read(move |c| audit::verify(c, from)).await?;
     if let Some(at) = verdict.broken_at {
-        problems.push(format!("broken at row {at}: {}", verdict.problem.clone().unwrap_or_default()));
+        problems.push(format!(
+            "broken at row {at}: {}",
+            verdict.problem.clone().unwrap_or_default()
+        ));
     }
     if let Some(path) = &checkpoints {
         let cps = audit::read_checkpoints(path)?;
-        problems.extend(core.db.read(move |c| audit::check_checkpoints(c, &cps)).await?);
+        problems.extend(
+            core.db
+                .read(move |c| audit::check_checkpoints(c, &cps))
+                .await?,
+        );
     }
     if json {
         print_json(&serde_json::json!({
@@ -745,13 +791,24 @@ async fn audit_verify(settings: &Settings, archive: Option<PathBuf>, checkpoints
             println!("BROKEN: {p}");
         }
         if let Some((seq, hash)) = &verdict.starts_after {
-            println!("note: rows 1..={seq} were archived (the log continues from hash {hash}); pass --archive FILE to check them");
+            println!(
+                "note: rows 1..={seq} were archived (the log continues from hash {hash}); pass --archive FILE to check them"
+            );
         }
         if problems.is_empty() {
-            println!("ok: {} rows, head row {} hash {}", verdict.rows + archived.map(|a| a.rows).unwrap_or(0), verdict.head_seq, verdict.head);
+            println!(
+                "ok: {} rows, head row {} hash {}",
+                verdict.rows + archived.map(|a| a.rows).unwrap_or(0),
+                verdict.head_seq,
+                verdict.head
+            );
         }
     }
-    Ok(if problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// `weightgate verify DIR`: hashes every file listed in DIR/SHA256SUMS.

@@ -437,13 +437,7 @@ async fn denials(backend: Backend) {
     }
 
     // Malformed and unsatisfiable ranges: 416 with the size.
-    for range in [
-        "bytes=abc",
-        "bytes=5-1",
-        "bytes=999999-",
-        "bytes=0-1x,4-5",
-        "lines=1-2",
-    ] {
+    for range in ["bytes=abc", "bytes=5-1", "bytes=999999-", "bytes=0-1x,4-5"] {
         let r = s
             .http
             .get(&file)

@@ -464,6 +464,9 @@ async fn conditional_and_range_rules() {
     .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.bytes().await.unwrap().len(), data.len());
+    // A unit this server does not know is ignored (RFC 9110): the whole file.
+    let r = get(&[("Range", "items=0-1".into())]).await.unwrap();
+    assert_eq!(r.status(), 200);
     // Several ranges: the first one is served as a single 206.
     let r = get(&[("Range", "bytes=100-109, 200-209".into())])
         .await

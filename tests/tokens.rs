@@ -193,7 +193,11 @@ async fn quotas_count_completed_files(backend: Backend) {
         200
     );
     let r = get(big.clone(), Some("bytes=0-99999")).await.unwrap();
-    assert_eq!(r.headers()["x-weightgate-quota-remaining"], "2");
+    assert_eq!(
+        r.headers()["x-weightgate-quota-remaining"],
+        "1",
+        "places left besides this file"
+    );
     assert_eq!(r.bytes().await.unwrap().len(), 100_000);
     // The resumed rest completes the file: one download.
     let r = get(big.clone(), Some("bytes=100000-")).await.unwrap();
@@ -358,7 +362,55 @@ async fn researcher_self_service(backend: Backend) {
     );
 }
 
-on_both_backends!(quotas_count_completed_files, researcher_self_service);
+async fn parallel_requests_cannot_overrun_a_quota(backend: Backend) {
+    let s = server_with_model(backend, "acme/tiny").await;
+    approved(&s, "acme/tiny", "ada@example.org").await;
+    let token = s.cli_json(&[
+        "tokens",
+        "issue",
+        "--email",
+        "ada@example.org",
+        "--model",
+        "acme/tiny",
+        "--max-downloads",
+        "2",
+    ])["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let paths = [
+        "model.safetensors",
+        "config.json",
+        "tokenizer/vocab%20%C3%A9%2B1.txt",
+    ];
+    let requests = paths.iter().map(|p| {
+        s.http
+            .get(s.url(&format!("/acme/tiny/resolve/main/{p}")))
+            .bearer_auth(&token)
+            .send()
+    });
+    let statuses: Vec<u16> = futures_util::future::join_all(requests)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().status().as_u16())
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        2,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 403).count(),
+        1,
+        "{statuses:?}"
+    );
+}
+
+on_both_backends!(
+    quotas_count_completed_files,
+    researcher_self_service,
+    parallel_requests_cannot_overrun_a_quota
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signed_links_work_with_plain_clients_and_die_with_their_token() {

@@ -55,6 +55,9 @@ struct Cached {
 #[derive(Default)]
 pub struct TokenCache {
     map: RwLock<HashMap<String, Cached>>,
+    /// Bumped by every `clear`, so a check that started before a revocation cannot put its
+    /// stale result back afterwards.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 const CACHE_MAX: usize = 100_000;
@@ -66,8 +69,15 @@ impl TokenCache {
         (hit.checked.elapsed() < refresh).then(|| (hit.models.clone(), hit.principal.clone()))
     }
 
-    fn put(&self, hash: String, models: Vec<String>, principal: Principal) {
+    fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn put(&self, hash: String, models: Vec<String>, principal: Principal, generation: u64) {
         let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        if self.generation() != generation {
+            return;
+        }
         if map.len() >= CACHE_MAX {
             map.clear();
         }
@@ -83,7 +93,10 @@ impl TokenCache {
 
     /// Forgets everything (after any revocation, grant change or user deletion here).
     pub fn clear(&self) {
-        self.map.write().unwrap_or_else(|p| p.into_inner()).clear();
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        map.clear();
     }
 }
 
@@ -139,6 +152,7 @@ impl Gate {
         {
             return Ok(p);
         }
+        let generation = self.cache.generation();
         let claims = tokens::verify(
             &self.keys,
             raw,
@@ -162,7 +176,8 @@ impl Gate {
                 check_rows(c, &c2, &jti, &h, &m, &apply_url)
             })
             .await?;
-        self.cache.put(hash, claims.models, principal.clone());
+        self.cache
+            .put(hash, claims.models, principal.clone(), generation);
         // Remember when the token was last used, off the request path.
         let (db, jti) = (self.db.clone(), principal.jti.clone());
         tokio::spawn(async move {
@@ -206,9 +221,10 @@ impl Gate {
             .await
     }
 
-    /// Whether this principal may start (or continue) downloading the file `sha256`:
-    /// a file it already completed is free; otherwise the quota must have room. Returns the
-    /// downloads left, for tokens that have a quota.
+    /// Whether this principal may start (or continue) downloading the file `sha256`: a file
+    /// it completed, or is in the middle of, is free; a new one takes a place in the quota
+    /// (reserved at once, so parallel requests cannot overrun it). Returns the places left,
+    /// for tokens that have a quota.
     pub async fn check_quota(
         &self,
         p: &Principal,
@@ -219,25 +235,19 @@ impl Gate {
             return Ok(None);
         };
         let (jti, sha) = (p.jti.clone(), sha256.to_string());
-        let (used, done) = self
+        let left = self
             .db
-            .read(move |c| {
-                Ok((
-                    token_rows::completed_count(c, &jti)?,
-                    token_rows::is_completed(c, &jti, &sha)?,
-                ))
-            })
+            .write(move |c| token_rows::reserve(c, &jti, &sha, max, util::now()))
             .await?;
-        if !done && used >= max {
-            return Err(gated(
+        left.map(Some).ok_or_else(|| {
+            gated(
                 actix_web::http::StatusCode::FORBIDDEN,
                 "quota_exhausted",
                 format!(
-                    "This token's quota of {max} completed file downloads for model {model} is used up (files already downloaded can be fetched again). Issue a new token from your application's status page."
+                    "This token's quota of {max} file downloads for model {model} is used up (files already downloaded, or being downloaded, can be fetched again). Issue a new token from your application's status page."
                 ),
-            ));
-        }
-        Ok(Some(max - used))
+            )
+        })
     }
 }
 

@@ -128,6 +128,7 @@ diesel::table! {
 diesel::table! {
     open_downloads (id) {
         id -> Text,
+        instance -> Text,
         started_ms -> BigInt,
         model_id -> Nullable<Text>,
         detail -> Text,

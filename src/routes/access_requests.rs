@@ -19,8 +19,9 @@ use crate::{paths, util};
 
 const PAGE: usize = 100;
 
+/// Administrator tokens are read from the Authorization header only, never from a URL.
 async fn admin_for(req: &HttpRequest, state: &State) -> Result<AdminPrincipal> {
-    admin::authenticate(&state.db, super::bearer(req).as_deref()).await
+    admin::authenticate(&state.db, super::bearer_header(req).as_deref()).await
 }
 
 fn model_of(path: &(String, String)) -> Result<String> {
@@ -30,14 +31,16 @@ fn model_of(path: &(String, String)) -> Result<String> {
 }
 
 fn item(a: &Application) -> Value {
-    let mut fields = serde_json::Map::new();
+    // The researcher's custom answers first, then the standard fields, so an answer can
+    // never pose as one of them.
+    let mut fields = match serde_json::from_str::<Value>(&a.answers) {
+        Ok(Value::Object(answers)) => answers,
+        _ => serde_json::Map::new(),
+    };
     fields.insert("Name".into(), json!(a.name));
     fields.insert("Affiliation".into(), json!(a.affiliation));
     fields.insert("Country".into(), json!(a.country));
     fields.insert("Intended use".into(), json!(a.intended_use));
-    if let Ok(Value::Object(answers)) = serde_json::from_str::<Value>(&a.answers) {
-        fields.extend(answers);
-    }
     let status = match a.status.as_str() {
         APPROVED => "accepted",
         other => other,
@@ -89,11 +92,11 @@ pub async fn list(
     let offset = q.cursor.unwrap_or(0);
     let page: Vec<Value> = apps.iter().skip(offset).take(PAGE).map(item).collect();
     let mut resp = HttpResponse::Ok();
-    if offset + PAGE < apps.len() {
+    if offset.saturating_add(PAGE) < apps.len() {
         let next = format!(
             "{}/api/models/{model}/user-access-request/{which}?cursor={}",
             state.settings.public_url(),
-            offset + PAGE
+            offset.saturating_add(PAGE)
         );
         resp.insert_header((header::LINK, format!("<{next}>; rel=\"next\"")));
     }

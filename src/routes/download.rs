@@ -79,9 +79,14 @@ pub async fn resolve(req: HttpRequest, state: web::Data<State>) -> Result<HttpRe
         Ok(resp) => Ok(resp),
         Err(e) => {
             log.status = e.status.as_u16();
+            let outcome = match e.code {
+                "quarantined" => "integrity_failure",
+                "storage_unavailable" | "internal" | "database_unavailable" => "error",
+                _ => "denied",
+            };
             state
                 .audit
-                .record(log.event("denied", 0, started, Some(e.code)));
+                .record(log.event(outcome, 0, started, Some(e.code)));
             Err(e)
         }
     }
@@ -226,12 +231,15 @@ async fn serve(
     // Nothing has been sent yet: when the very first block fails, answer with a clean 503
     // instead of headers followed by a broken body.
     let first = chunks.rx.recv().await;
-    if let Some(Err(_)) = first {
-        log.status = 503;
-        let mut e = log.event("integrity_failure", 0, started, Some("integrity_failure"));
-        e.detail["blocks_verified"] = json!(0);
-        state.audit.record(e);
-        return Err(withheld(&model, &path));
+    if let Some(Err(e)) = &first {
+        return Err(if e.kind() == std::io::ErrorKind::InvalidData {
+            withheld(&model, &path)
+        } else {
+            Error::unavailable(
+                "storage_unavailable",
+                "The file could not be read from storage just now; try again shortly.",
+            )
+        });
     }
     let delivery = Delivery {
         state: state.clone(),
@@ -379,6 +387,10 @@ fn byte_range(req: &HttpRequest, blob: &Blob, size: u64) -> Result<Option<(u64, 
     let Some(value) = req.headers().get(header::RANGE) else {
         return Ok(None);
     };
+    // A unit other than bytes is not understood, and RFC 9110 says to ignore it.
+    if !value.as_bytes().trim_ascii_start().starts_with(b"bytes=") {
+        return Ok(None);
+    }
     if let Some(if_range) = req.headers().get(header::IF_RANGE) {
         let strong = format!("\"{}\"", blob.sha256);
         if if_range.to_str().ok().map(str::trim) != Some(strong.as_str()) {
@@ -491,35 +503,73 @@ struct AuditedBody {
     started: Instant,
     sink: AuditSink,
     failed: bool,
+    /// Whether the failure proved the bytes wrong (rather than unreadable).
+    corrupt: bool,
     /// The last chunk, held until its final event is committed.
     held: Option<(Bytes, tokio::sync::oneshot::Receiver<()>)>,
     finished: bool,
 }
 
 impl AuditedBody {
-    fn new(id: String, delivery: Delivery, first: Option<Bytes>, chunks: Chunks, log: FetchLog, started: Instant, sink: AuditSink) -> AuditedBody {
-        let mut e = log.event("started", 0, started, None).track(Track::Start(id.clone()));
+    fn new(
+        id: String,
+        delivery: Delivery,
+        first: Option<Bytes>,
+        chunks: Chunks,
+        log: FetchLog,
+        started: Instant,
+        sink: AuditSink,
+    ) -> AuditedBody {
+        let mut e = log
+            .event("started", 0, started, None)
+            .track(Track::Start(id.clone(), delivery.state.instance.clone()));
         e.detail["download"] = json!(id);
         sink.record(e);
-        AuditedBody { id, delivery, first, chunks, sent: 0, log, started, sink, failed: false, held: None, finished: false }
+        AuditedBody {
+            id,
+            delivery,
+            first,
+            chunks,
+            sent: 0,
+            log,
+            started,
+            sink,
+            failed: false,
+            corrupt: false,
+            held: None,
+            finished: false,
+        }
     }
 
     fn final_event(&self, outcome: &str) -> Event {
-        let mut e = self.log.event(outcome, self.sent, self.started, None).track(Track::End(self.id.clone()));
+        let mut e = self
+            .log
+            .event(outcome, self.sent, self.started, None)
+            .track(Track::End(self.id.clone()));
         e.detail["download"] = json!(self.id);
         e.detail["first_block"] = json!(self.chunks.first_block);
-        e.detail["blocks_verified"] =
-            json!(self.chunks.blocks_verified.load(std::sync::atomic::Ordering::Relaxed));
+        e.detail["blocks_verified"] = json!(
+            self.chunks
+                .blocks_verified
+                .load(std::sync::atomic::Ordering::Relaxed)
+        );
         e
     }
 
     /// Counts a chunk; when it is the last one, holds it until the final event commits.
     fn pass(&mut self, b: Bytes, cx: &mut TaskContext<'_>) -> Poll<Option<std::io::Result<Bytes>>> {
         if self.sent + b.len() as u64 >= self.log.expected && !self.finished {
-            self.sent += b.len() as u64;
             self.finished = true;
-            let outcome = if self.log.status == 206 { "partial" } else { "complete" };
+            let outcome = if self.log.status == 206 {
+                "partial"
+            } else {
+                "complete"
+            };
+            // The final event counts the held chunk as sent; it is released only once that
+            // event is committed.
+            self.sent += b.len() as u64;
             let ack = self.sink.commit(self.final_event(outcome));
+            self.sent -= b.len() as u64;
             self.held = Some((b, ack));
             return self.release(cx);
         }
@@ -528,10 +578,16 @@ impl AuditedBody {
     }
 
     fn release(&mut self, cx: &mut TaskContext<'_>) -> Poll<Option<std::io::Result<Bytes>>> {
-        let Some((_, ack)) = self.held.as_mut() else { return Poll::Ready(None) };
+        let Some((_, ack)) = self.held.as_mut() else {
+            return Poll::Ready(None);
+        };
         match Pin::new(ack).poll(cx) {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(_) => Poll::Ready(self.held.take().map(|(b, _)| Ok(b))),
+            Poll::Ready(_) => {
+                let held = self.held.take().map(|(b, _)| b);
+                self.sent += held.as_ref().map_or(0, |b| b.len() as u64);
+                Poll::Ready(held.map(Ok))
+            }
         }
     }
 }
@@ -550,10 +606,13 @@ impl Stream for AuditedBody {
             Poll::Ready(Some(Ok(b))) => self.pass(b, cx),
             Poll::Ready(Some(Err(e))) => {
                 self.failed = true;
+                self.corrupt = e.kind() == std::io::ErrorKind::InvalidData;
                 Poll::Ready(Some(Err(e)))
             }
             // An empty body (an empty file) ends here; it still commits its final event.
-            Poll::Ready(None) if !self.finished && !self.failed && self.sent >= self.log.expected => {
+            Poll::Ready(None)
+                if !self.finished && !self.failed && self.sent >= self.log.expected =>
+            {
                 self.pass(Bytes::new(), cx)
             }
             other => other,
@@ -564,8 +623,18 @@ impl Stream for AuditedBody {
 impl Drop for AuditedBody {
     fn drop(&mut self) {
         if !self.finished {
-            let outcome = if self.failed { "integrity_failure" } else { "aborted_by_client" };
+            let outcome = match (self.failed, self.corrupt) {
+                (true, true) => "integrity_failure",
+                (true, false) => "storage_error",
+                _ => "aborted_by_client",
+            };
             self.sink.record(self.final_event(outcome));
+        } else if self.held.is_some() {
+            // The client left while the last chunk waited for the log: correct the record.
+            let mut e = self.final_event("aborted_by_client");
+            e.detail["reason"] = json!("closed before the last chunk was delivered");
+            e.track = None;
+            self.sink.record(e);
         }
         if self.sent > 0 && !self.failed {
             let d = &self.delivery;
@@ -578,7 +647,9 @@ impl Drop for AuditedBody {
                 range: d.start..d.start + self.sent,
             };
             tokio::spawn(async move {
-                let r = db.write(move |c| record_delivery(c, &delivered, util::now())).await;
+                let r = db
+                    .write(move |c| record_delivery(c, &delivered, util::now()))
+                    .await;
                 if let Err(e) = r {
                     tracing::warn!(error = %e, "could not record a delivery for quota accounting");
                 }

@@ -226,7 +226,7 @@ pub async fn tree(
         })
         .collect();
     let mut resp = HttpResponse::Ok();
-    if offset + page < entries.len() {
+    if offset.saturating_add(page) < entries.len() {
         let mut next = format!(
             "{}/api/models/{model}/tree/{}",
             state.settings.public_url(),
@@ -238,7 +238,7 @@ pub async fn tree(
         }
         next.push_str(&format!(
             "?recursive={recursive}&expand={expand}&limit={page}&cursor={}",
-            offset + page
+            offset.saturating_add(page)
         ));
         resp.insert_header((header::LINK, format!("<{next}>; rel=\"next\"")));
     }

@@ -103,21 +103,26 @@ pub fn query_config() -> web::QueryConfig {
     })
 }
 
-/// The bearer token from `Authorization`, else from `?token=` (signed-URL style).
-pub(crate) fn bearer(req: &HttpRequest) -> Option<String> {
-    if let Some(v) = req
+/// The token of an `Authorization: Bearer …` header (scheme matched case-insensitively);
+/// `None` when there is no header or it uses another scheme.
+pub(crate) fn bearer_header(req: &HttpRequest) -> Option<String> {
+    let v = req
         .headers()
-        .get(actix_web::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    {
-        let v = v.trim();
-        let token = v
-            .strip_prefix("Bearer ")
-            .or_else(|| v.strip_prefix("bearer "))
-            .unwrap_or("");
-        return Some(token.trim().to_string());
-    }
-    web::Query::<std::collections::HashMap<String, String>>::from_query(req.query_string())
-        .ok()
-        .and_then(|q| q.get("token").cloned())
+        .get(actix_web::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .trim();
+    let (scheme, token) = v.split_once(' ').unwrap_or((v, ""));
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_string())
+}
+
+/// The bearer token from the header, else from `?token=` (signed-URL style downloads).
+pub(crate) fn bearer(req: &HttpRequest) -> Option<String> {
+    bearer_header(req).or_else(|| {
+        web::Query::<std::collections::HashMap<String, String>>::from_query(req.query_string())
+            .ok()
+            .and_then(|q| q.get("token").cloned())
+    })
 }

@@ -82,8 +82,14 @@ where
     tokio::spawn(async move {
         if let Err(failure) = produce(&store, &plan, &tx, &counter).await {
             let msg = failure.describe();
+            // InvalidData marks proven corruption; any other kind is a read failure.
+            let kind = if failure.is_corruption() {
+                io::ErrorKind::InvalidData
+            } else {
+                io::ErrorKind::Other
+            };
             on_failure(failure);
-            let _ = tx.send(Err(io::Error::other(msg))).await;
+            let _ = tx.send(Err(io::Error::new(kind, msg))).await;
         }
     });
     Chunks {

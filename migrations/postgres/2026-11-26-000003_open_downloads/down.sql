@@ -1,1 +1,2 @@
+DROP INDEX applications_one_open;
 DROP TABLE open_downloads;

@@ -271,3 +271,11 @@ pub fn erase_user(conn: &mut AnyConnection, user_id: &str, now: i64) -> Result<(
     .execute(conn)?;
     Ok((g, t))
 }
+
+/// The grants an application created.
+pub fn grants_of_application(conn: &mut AnyConnection, application_id: &str) -> Result<Vec<Grant>> {
+    Ok(grants::table
+        .filter(grants::application_id.eq(application_id))
+        .select(Grant::as_select())
+        .load(conn)?)
+}

@@ -58,10 +58,18 @@ pub fn page(conn: &mut AnyConnection, after: i64, limit: i64) -> Result<Vec<Audi
         .load(conn)?)
 }
 
-pub fn open_download(conn: &mut AnyConnection, id: &str, started_ms: i64, model: Option<&str>, detail: &str) -> Result<()> {
+pub fn open_download(
+    conn: &mut AnyConnection,
+    id: &str,
+    instance: &str,
+    started_ms: i64,
+    model: Option<&str>,
+    detail: &str,
+) -> Result<()> {
     diesel::insert_into(open_downloads::table)
         .values((
             open_downloads::id.eq(id),
+            open_downloads::instance.eq(instance),
             open_downloads::started_ms.eq(started_ms),
             open_downloads::model_id.eq(model),
             open_downloads::detail.eq(detail),
@@ -75,16 +83,28 @@ pub fn close_download(conn: &mut AnyConnection, id: &str) -> Result<()> {
     Ok(())
 }
 
-/// Every download left open: `(id, model, detail of its started event)`.
-pub fn open_downloads(conn: &mut AnyConnection) -> Result<Vec<(String, Option<String>, String)>> {
+/// Every download this instance left open: `(id, model, detail of its started event)`.
+pub fn open_downloads(
+    conn: &mut AnyConnection,
+    instance: &str,
+) -> Result<Vec<(String, Option<String>, String)>> {
     Ok(open_downloads::table
+        .filter(open_downloads::instance.eq(instance))
         .order(open_downloads::started_ms.asc())
-        .select((open_downloads::id, open_downloads::model_id, open_downloads::detail))
+        .select((
+            open_downloads::id,
+            open_downloads::model_id,
+            open_downloads::detail,
+        ))
         .load(conn)?)
 }
 
 pub fn by_seq(conn: &mut AnyConnection, seq: i64) -> Result<Option<AuditRow>> {
-    Ok(audit_events::table.find(seq).select(AuditRow::as_select()).first(conn).optional()?)
+    Ok(audit_events::table
+        .find(seq)
+        .select(AuditRow::as_select())
+        .first(conn)
+        .optional()?)
 }
 
 /// Removes archived rows (only `audit archive` calls this, after the archive is safe).
@@ -101,13 +121,24 @@ pub fn last_seq_before(conn: &mut AnyConnection, ts_ms: i64) -> Result<Option<i6
 }
 
 /// Up to `limit` rows after `after`, optionally only from `since_ms` on and for one model.
-pub fn page_filtered(conn: &mut AnyConnection, after: i64, limit: i64, since_ms: Option<i64>, model: Option<&str>) -> Result<Vec<AuditRow>> {
-    let mut q = audit_events::table.filter(audit_events::seq.gt(after)).into_boxed();
+pub fn page_filtered(
+    conn: &mut AnyConnection,
+    after: i64,
+    limit: i64,
+    since_ms: Option<i64>,
+    model: Option<&str>,
+) -> Result<Vec<AuditRow>> {
+    let mut q = audit_events::table
+        .filter(audit_events::seq.gt(after))
+        .into_boxed();
     if let Some(t) = since_ms {
         q = q.filter(audit_events::ts_ms.ge(t));
     }
     if let Some(m) = model {
         q = q.filter(audit_events::model_id.eq(m.to_string()));
     }
-    Ok(q.order(audit_events::seq.asc()).limit(limit).select(AuditRow::as_select()).load(conn)?)
+    Ok(q.order(audit_events::seq.asc())
+        .limit(limit)
+        .select(AuditRow::as_select())
+        .load(conn)?)
 }

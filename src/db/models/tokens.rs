@@ -164,3 +164,53 @@ mod tests {
         );
     }
 }
+
+/// A started file keeps its place in the quota while it was touched this recently (seconds):
+/// long enough to resume, short enough that an abandoned start frees its place.
+pub const RESUME_WINDOW_SECS: i64 = 900;
+
+/// Takes (or confirms) a place in the token's quota for the file `sha256`, inside the
+/// caller's transaction; returns the places left, or `None` when the quota is used up.
+pub fn reserve(
+    conn: &mut AnyConnection,
+    jti: &str,
+    sha256: &str,
+    max: i64,
+    now: i64,
+) -> Result<Option<i64>> {
+    if let AnyConnection::Postgresql(pg) = conn {
+        // Serialise reservations of one token across replicas (SQLite has its write lock).
+        diesel::sql_query("SELECT jti FROM tokens WHERE jti = $1 FOR UPDATE")
+            .bind::<diesel::sql_types::Text, _>(jti)
+            .execute(pg)?;
+    }
+    let completed = completed_count(conn, jti)?;
+    let active: i64 = download_progress::table
+        .filter(download_progress::jti.eq(jti))
+        .filter(download_progress::updated_at.gt(now - RESUME_WINDOW_SECS))
+        .count()
+        .get_result(conn)?;
+    let used = completed + active;
+    if is_completed(conn, jti, sha256)? {
+        return Ok(Some((max - used).max(0)));
+    }
+    let touched = diesel::update(download_progress::table.find((jti, sha256)))
+        .set(download_progress::updated_at.eq(now))
+        .execute(conn)?;
+    if touched > 0 {
+        // Already holds a place (a file in progress may always continue).
+        return Ok(Some((max - used).max(0)));
+    }
+    if used >= max {
+        return Ok(None);
+    }
+    diesel::insert_into(download_progress::table)
+        .values((
+            download_progress::jti.eq(jti),
+            download_progress::sha256.eq(sha256),
+            download_progress::ranges.eq("[]"),
+            download_progress::updated_at.eq(now),
+        ))
+        .execute(conn)?;
+    Ok(Some(max - used - 1))
+}
