@@ -154,16 +154,6 @@ fn merge(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn merging_ranges() {
-        assert_eq!(
-            super::merge(vec![(10, 20), (0, 10), (30, 40), (15, 25), (5, 5)]),
-            vec![(0, 25), (30, 40)]
-        );
-    }
-}
 
 /// A started file keeps its place in the quota while it was touched this recently (seconds):
 /// long enough to resume, short enough that an abandoned start frees its place.
@@ -213,4 +203,15 @@ pub fn reserve(
         ))
         .execute(conn)?;
     Ok(Some(max - used - 1))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn merging_ranges() {
+        assert_eq!(
+            super::merge(vec![(10, 20), (0, 10), (30, 40), (15, 25), (5, 5)]),
+            vec![(0, 25), (30, 40)]
+        );
+    }
 }
