@@ -680,3 +680,37 @@ pub async fn status(db: &Db, id: &str, key: &str) -> Result<Status> {
     })
     .await
 }
+
+/// The researcher withdraws an application that is not decided yet.
+pub async fn withdraw(db: &Db, id: &str, key: &str) -> Result<Application> {
+    let (id, key) = (id.to_string(), key.to_string());
+    db.write(move |c| {
+        let app = authenticate(c, &id, &key)?;
+        let now = util::now();
+        let from = match app.status.as_str() {
+            UNVERIFIED => UNVERIFIED,
+            PENDING => PENDING,
+            other => {
+                return Err(Error::conflict(
+                    "not_open",
+                    format!("This application is {other}; only an open one can be withdrawn."),
+                ));
+            }
+        };
+        if !people::transition(c, &id, from, WITHDRAWN, now)? {
+            return Err(Error::conflict(
+                "changed",
+                "The application changed meanwhile; reload its status.",
+            ));
+        }
+        audit::append(
+            c,
+            &[Event::new("application_withdrawn", "ok")
+                .actor(format!("user:{}", app.user_id))
+                .model(&app.model_id)
+                .detail(json!({"application": id}))],
+        )?;
+        people::find_application(c, &id)?.ok_or_else(|| Error::internal("application vanished"))
+    })
+    .await
+}

@@ -428,6 +428,7 @@ pub async fn archive(db: &Db, through_seq: i64, out: &std::path::Path) -> Result
     let h = last_hash.clone();
     db.write(move |c| {
         rows::delete_through(c, last_seq)?;
+        rows::set_archive_base(c, last_seq, &h)?;
         append(
             c,
             &[Event::new("audit_archived", "ok")

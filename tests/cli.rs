@@ -183,8 +183,13 @@ on_both_backends!(tampering_breaks_the_chain);
 #[test]
 fn migrate_is_idempotent() {
     let dir = tempfile::tempdir().unwrap();
-    let all = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/sqlite")).unwrap().count();
-    for expected in [format!("database is up to date ({all} migrations"), "database is up to date (0 migrations".to_string()] {
+    let all = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/sqlite"))
+        .unwrap()
+        .count();
+    for expected in [
+        format!("database is up to date ({all} migrations"),
+        "database is up to date (0 migrations".to_string(),
+    ] {
         let out = weightgate()
             .args(["migrate"])
             .env("WEIGHTGATE__DATA_DIR", dir.path())

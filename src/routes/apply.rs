@@ -178,3 +178,13 @@ pub async fn revoke_token(
     state.gate.cache.clear();
     Ok(HttpResponse::Ok().json(serde_json::json!({"jti": row.jti, "revoked": true})))
 }
+
+/// The researcher withdraws an open application (authenticated by the status key).
+pub async fn withdraw(
+    state: web::Data<State>,
+    id: web::Path<String>,
+    q: web::Query<KeyQuery>,
+) -> Result<HttpResponse> {
+    let app = applications::withdraw(&state.db, &id, &q.key).await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({"id": app.id, "status": app.status})))
+}

@@ -58,6 +58,7 @@ pub async fn build(state: &State, model: &str, revision: &str) -> Result<Value> 
 }
 
 pub async fn manifest(
+    req: actix_web::HttpRequest,
     state: web::Data<State>,
     path: web::Path<(String, String)>,
     q: web::Query<ManifestQuery>,
@@ -68,6 +69,10 @@ pub async fn manifest(
     let q = q.into_inner();
     let revision = q.revision.unwrap_or_else(|| "main".into());
     let body = build(&state, &model, &revision).await?;
+    state.audit.record(crate::audit::Event::new("manifest_read", "ok").model(&model).detail(json!({
+        "revision": revision, "commit": body["commit"], "format": q.format.as_deref().unwrap_or("json"),
+        "client": req.peer_addr().map(|a| a.ip().to_string()),
+    })));
     match q.format.as_deref() {
         None | Some("json") => Ok(HttpResponse::Ok().json(body)),
         Some("jws") => {

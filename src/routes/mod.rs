@@ -1,6 +1,7 @@
 //! The one route table: every URL path the server answers is written here.
 
 mod access_requests;
+mod admin_api;
 mod apply;
 mod download;
 mod hub;
@@ -35,6 +36,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             web::delete().to(apply::revoke_token),
         )
         .route("/api/v1/links", web::post().to(links::mint))
+        .route(
+            "/api/v1/applications/{id}/withdraw",
+            web::post().to(apply::withdraw),
+        )
+        .route("/api/v1/admin/audit", web::get().to(admin_api::audit))
         // Hugging Face Hub API (HF_ENDPOINT clients)
         .route("/api/agent-harnesses", web::get().to(hub::agent_harnesses))
         .route("/api/models/{org}/{name}", web::get().to(hub::model_info))

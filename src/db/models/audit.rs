@@ -29,13 +29,29 @@ pub fn lock_chain(conn: &mut AnyConnection) -> Result<()> {
     Ok(())
 }
 
-/// The newest row's sequence number and hash, if any.
+/// Where the log continues after rows were archived (kept in `kv`).
+const ARCHIVE_BASE: &str = "audit_archived_through";
+
+/// The newest row's sequence number and hash; after an archive that took every row, the
+/// archive's last row.
 pub fn head(conn: &mut AnyConnection) -> Result<Option<(i64, String)>> {
-    Ok(audit_events::table
+    let newest = audit_events::table
         .order(audit_events::seq.desc())
         .select((audit_events::seq, audit_events::hash))
         .first(conn)
-        .optional()?)
+        .optional()?;
+    if newest.is_some() {
+        return Ok(newest);
+    }
+    Ok(super::kv::get(conn, ARCHIVE_BASE)?.and_then(|v| {
+        let (seq, hash) = v.split_once(' ')?;
+        Some((seq.parse().ok()?, hash.to_string()))
+    }))
+}
+
+/// Records where the archived part of the log ends.
+pub fn set_archive_base(conn: &mut AnyConnection, seq: i64, hash: &str) -> Result<()> {
+    super::kv::set(conn, ARCHIVE_BASE, &format!("{seq} {hash}"))
 }
 
 pub fn insert(conn: &mut AnyConnection, rows: &[AuditRow]) -> Result<()> {

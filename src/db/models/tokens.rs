@@ -154,7 +154,6 @@ fn merge(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     out
 }
 
-
 /// A started file keeps its place in the quota while it was touched this recently (seconds):
 /// long enough to resume, short enough that an abandoned start frees its place.
 pub const RESUME_WINDOW_SECS: i64 = 900;

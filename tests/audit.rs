@@ -1,0 +1,538 @@
+//! The audit log: tampering of every kind is detected, truncation is caught by checkpoints,
+//! archives stay verifiable, concurrent writers keep one chain, and a server killed in the
+//! middle of downloads loses no download a client saw complete.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{
+    Backend, TestServer, application, approved, approved_token, pseudo_random, server_with_model,
+    write_model_dir,
+};
+use diesel::connection::SimpleConnection;
+use diesel::{Connection, PgConnection, SqliteConnection};
+use serde_json::{Value, json};
+use weightgate::audit::{self, Event};
+
+fn exec(s: &TestServer, backend: Backend, sql: &str) {
+    match backend {
+        Backend::Sqlite => SqliteConnection::establish(s.db.url.trim_start_matches("sqlite://"))
+            .unwrap()
+            .batch_execute(sql)
+            .unwrap(),
+        Backend::Postgres => PgConnection::establish(&s.db.url)
+            .unwrap()
+            .batch_execute(sql)
+            .unwrap(),
+    }
+}
+
+fn verify(s: &TestServer, extra: &[&str]) -> (i32, Value) {
+    let mut args = vec!["audit", "verify", "--json"];
+    args.extend_from_slice(extra);
+    let out = s.cli(&args);
+    (
+        out.status.code().unwrap_or(-1),
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr))),
+    )
+}
+
+/// A server with a few dozen events in its log.
+async fn busy_server(backend: Backend) -> TestServer {
+    let s = server_with_model(backend, "acme/tiny").await;
+    let token = approved_token(&s, "acme/tiny", "ada@example.org").await;
+    for _ in 0..3 {
+        s.http
+            .get(s.url("/acme/tiny/resolve/main/config.json"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+    }
+    s.http
+        .get(s.url("/api/models/acme/tiny/tree/main?recursive=true"))
+        .send()
+        .await
+        .unwrap();
+    s.http
+        .get(s.url("/api/v1/models/acme/tiny/manifest"))
+        .send()
+        .await
+        .unwrap();
+    s.wait_audit("the manifest read", |e| e["kind"] == "manifest_read")
+        .await;
+    s
+}
+
+async fn swapped_and_forged_rows_are_detected(backend: Backend) {
+    let s = busy_server(backend).await;
+    let (code, v) = verify(&s, &[]);
+    assert_eq!(code, 0, "{v}");
+    let rows = v["rows"].as_i64().unwrap();
+    assert!(rows > 10);
+
+    // Swap rows 3 and 4.
+    exec(
+        &s,
+        backend,
+        "UPDATE audit_events SET seq = -1 WHERE seq = 3; UPDATE audit_events SET seq = 3 WHERE seq = 4; UPDATE audit_events SET seq = 4 WHERE seq = -1;",
+    );
+    let (code, v) = verify(&s, &[]);
+    assert_eq!((code, v["broken_at"].as_i64()), (1, Some(3)), "swap: {v}");
+    exec(
+        &s,
+        backend,
+        "UPDATE audit_events SET seq = -1 WHERE seq = 3; UPDATE audit_events SET seq = 3 WHERE seq = 4; UPDATE audit_events SET seq = 4 WHERE seq = -1;",
+    );
+    assert_eq!(verify(&s, &[]).0, 0, "swapping back restores the chain");
+
+    // Insert a forged row after row 5, hashed correctly by the forger's own reckoning.
+    let export = s.audit();
+    let row5 = export.iter().find(|e| e["seq"] == 5).unwrap();
+    let forged = weightgate::db::models::audit::AuditRow {
+        seq: 6,
+        ts_ms: row5["ts_ms"].as_i64().unwrap(),
+        kind: "application_approved".into(),
+        outcome: "ok".into(),
+        actor: Some("admin:mallory".into()),
+        model_id: Some("acme/tiny".into()),
+        detail: "{}".into(),
+        prev_hash: row5["hash"].as_str().unwrap().into(),
+        hash: String::new(),
+    };
+    let hash = audit::row_hash(&forged);
+    // Make room: shift every later row up by one (descending, so the primary key holds).
+    for seq in (6..=rows).rev() {
+        exec(
+            &s,
+            backend,
+            &format!(
+                "UPDATE audit_events SET seq = {} WHERE seq = {seq}",
+                seq + 1
+            ),
+        );
+    }
+    exec(
+        &s,
+        backend,
+        &format!(
+            "INSERT INTO audit_events (seq, ts_ms, kind, outcome, actor, model_id, detail, prev_hash, hash) VALUES (6, {}, 'application_approved', 'ok', 'admin:mallory', 'acme/tiny', '{{}}', '{}', '{hash}')",
+            forged.ts_ms, forged.prev_hash
+        ),
+    );
+    let (code, v) = verify(&s, &[]);
+    assert_eq!(
+        (code, v["broken_at"].as_i64()),
+        (1, Some(7)),
+        "forged insert: {v}"
+    );
+}
+
+async fn checkpoints_catch_a_cut_tail_and_archives_stay_verifiable(backend: Backend) {
+    let s = busy_server(backend).await;
+    let cp_file = s.dir.path().join("checkpoints.jsonl");
+    let cp_env = [(
+        "WEIGHTGATE__AUDIT__CHECKPOINT_FILE",
+        cp_file.to_str().unwrap(),
+    )];
+    let _ = cp_env;
+    // `audit checkpoint` with the file configured for the CLI run.
+    let out = Command::new(env!("CARGO_BIN_EXE_weightgate"))
+        .args(["audit", "checkpoint"])
+        .env_clear()
+        .env("WEIGHTGATE__DATA_DIR", s.data_dir())
+        .env("WEIGHTGATE__DATABASE__URL", &s.db.url)
+        .env("WEIGHTGATE__AUDIT__CHECKPOINT_FILE", &cp_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cp: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let head = cp["seq"].as_i64().unwrap();
+    let cps = cp_file.to_str().unwrap();
+    assert_eq!(verify(&s, &["--checkpoints", cps]).0, 0);
+
+    // Cut the last two rows: the chain alone still verifies, the checkpoint does not.
+    exec(
+        &s,
+        backend,
+        &format!("DELETE FROM audit_events WHERE seq > {}", head - 2),
+    );
+    assert_eq!(verify(&s, &[]).0, 0, "a cut tail leaves a valid chain");
+    let (code, v) = verify(&s, &["--checkpoints", cps]);
+    assert_eq!(code, 1);
+    assert!(
+        v["problems"][0]
+            .as_str()
+            .unwrap()
+            .contains("tail was removed"),
+        "{v}"
+    );
+
+    // Archive everything older than a moment from now: the archive verifies on its own, the
+    // rest of the log links to it, and a wrong archive is refused.
+    let archive = s.dir.path().join("audit-archive.jsonl");
+    let before = weightgate::util::rfc3339(weightgate::util::now() + 2);
+    s.cli_ok(&[
+        "audit",
+        "archive",
+        "--before",
+        &before,
+        "--out",
+        archive.to_str().unwrap(),
+    ]);
+    let lines = std::fs::read_to_string(&archive).unwrap().lines().count() as i64;
+    assert!(lines >= head - 2, "archived {lines}");
+    let (code, v) = verify(&s, &[]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["starts_after"][0].as_i64(), Some(lines), "{v}");
+    let (code, v) = verify(&s, &["--archive", archive.to_str().unwrap()]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["archive_rows"].as_i64(), Some(lines));
+    let mut bad = std::fs::read_to_string(&archive).unwrap();
+    bad = bad.replacen("\"outcome\":\"ok\"", "\"outcome\":\"ko\"", 1);
+    let bad_path = s.dir.path().join("tampered-archive.jsonl");
+    std::fs::write(&bad_path, bad).unwrap();
+    assert_eq!(verify(&s, &["--archive", bad_path.to_str().unwrap()]).0, 1);
+    let out = s.cli(&[
+        "audit",
+        "archive",
+        "--before",
+        &before,
+        "--out",
+        archive.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success(), "an archive is never overwritten");
+}
+
+async fn concurrent_writers_keep_one_chain(backend: Backend) {
+    let s = server_with_model(backend, "acme/tiny").await;
+    // Two independent pools on the same database stand for two replicas.
+    let replicas = [
+        weightgate::db::Db::open(&s.settings).unwrap(),
+        weightgate::db::Db::open(&s.settings).unwrap(),
+    ];
+    let before = verify(&s, &[]).1["rows"].as_i64().unwrap();
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let db = replicas[w % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..25 {
+                let e = Event::new("test_event", "ok").detail(json!({"writer": w, "i": i}));
+                db.write(move |c| audit::append(c, &[e])).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (code, v) = verify(&s, &[]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["rows"].as_i64().unwrap(), before + 200);
+}
+
+async fn events_cover_reads_withdrawals_and_filters(backend: Backend) {
+    let s = busy_server(backend).await;
+    let r = s
+        .http
+        .post(s.url("/api/v1/models/acme/tiny/applications"))
+        .json(&application("eve@example.org"))
+        .send()
+        .await
+        .unwrap();
+    let status_url = r.json::<Value>().await.unwrap()["status_url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let withdraw = status_url
+        .replacen("/applications/", "/api/v1/applications/", 1)
+        .replacen("?key=", "/withdraw?key=", 1);
+    let r = s.http.post(&withdraw).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["status"], "withdrawn");
+    assert_eq!(s.http.post(&withdraw).send().await.unwrap().status(), 409);
+    let kinds: Vec<String> = s
+        .audit()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_string())
+        .collect();
+    for k in [
+        "tree_read",
+        "manifest_read",
+        "application_withdrawn",
+        "file_download",
+    ] {
+        assert!(kinds.contains(&k.to_string()), "{k}");
+    }
+    // Filters, on the CLI and in the admin API.
+    let only: Vec<Value> = s
+        .cli_ok(&[
+            "audit",
+            "export",
+            "--model",
+            "acme/tiny",
+            "--since",
+            "2000-01-01",
+        ])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(!only.is_empty() && only.iter().all(|e| e["model"] == "acme/tiny"));
+    let none = s.cli_ok(&["audit", "export", "--since", "2999-01-01"]);
+    assert!(none.trim().is_empty());
+    let csv = s.cli_ok(&["audit", "export", "--format", "csv", "--model", "acme/tiny"]);
+    assert!(csv.starts_with("seq,ts,kind,"));
+    assert_eq!(csv.lines().count(), only.len() + 1);
+
+    assert!(
+        !s.cli(&["admin", "create", "--email", "root@example.org"])
+            .status
+            .success(),
+        "an empty password is refused"
+    );
+    let created = {
+        use std::io::Write;
+        let mut p = Command::new(env!("CARGO_BIN_EXE_weightgate"))
+            .args(["admin", "create", "--email", "root@example.org"])
+            .env_clear()
+            .env("WEIGHTGATE__DATA_DIR", s.data_dir())
+            .env("WEIGHTGATE__DATABASE__URL", &s.db.url)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        p.stdin
+            .take()
+            .unwrap()
+            .write_all(b"a long enough password\n")
+            .unwrap();
+        p.wait().unwrap()
+    };
+    assert!(created.success());
+    let admin = s.cli_json(&["admin", "token", "create", "--email", "root@example.org"])["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut url = s.url("/api/v1/admin/audit?model=acme/tiny&limit=5");
+    let mut got = Vec::new();
+    loop {
+        let r = s.http.get(&url).bearer_auth(&admin).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let next = r.headers().get("link").map(|l| {
+            l.to_str()
+                .unwrap()
+                .trim_start_matches('<')
+                .split('>')
+                .next()
+                .unwrap()
+                .to_string()
+        });
+        got.extend(
+            r.text()
+                .await
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<Value>(l).unwrap()),
+        );
+        match next {
+            Some(n) => url = n,
+            None => break,
+        }
+    }
+    assert!(
+        got.len() >= only.len(),
+        "pages add up ({} vs {})",
+        got.len(),
+        only.len()
+    );
+    let r = s
+        .http
+        .get(s.url("/api/v1/admin/audit"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = s
+        .http
+        .get(s.url(&format!("/api/v1/admin/audit?token={admin}")))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        matches!(r.status().as_u16(), 400 | 401),
+        "an admin token is never taken from the URL"
+    );
+}
+
+on_both_backends!(
+    swapped_and_forged_rows_are_detected,
+    checkpoints_catch_a_cut_tail_and_archives_stay_verifiable,
+    concurrent_writers_keep_one_chain,
+    events_cover_reads_withdrawals_and_filters,
+);
+
+/// Kills the server with SIGKILL in the middle of a batch of downloads, starts it again, and
+/// checks that every download a client saw complete is in the log, and that the cut ones are
+/// recorded as aborted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_loses_no_completed_download() {
+    let mut s = TestServer::start_with(Backend::Sqlite, common::SMALL_BLOCKS).await;
+    let src = s.dir.path().join("src");
+    let big = pseudo_random(4 << 20, 3);
+    write_model_dir(&src, &[("model.safetensors", big.clone())]);
+    s.cli_ok(&[
+        "models",
+        "add",
+        "acme/tiny",
+        "--from",
+        src.to_str().unwrap(),
+    ]);
+    let (token, _) = approved(&s, "acme/tiny", "ada@example.org").await;
+    s.stop().await;
+
+    let spawn = || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_weightgate"))
+            .arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("WEIGHTGATE__DATA_DIR", s.data_dir())
+            .env("WEIGHTGATE__DATABASE__URL", &s.db.url)
+            .env("WEIGHTGATE__SERVER__BIND", "127.0.0.1:0")
+            .env("WEIGHTGATE__SERVER__PUBLIC_URL", &s.base)
+            .env("WEIGHTGATE__STORAGE__CHUNK_SIZE", "16384")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(a) = line
+                    .strip_prefix("weightgate listening on ")
+                    .and_then(|r| r.split_whitespace().next())
+                {
+                    let _ = tx.send(a.to_string());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("server start");
+        (child, format!("http://{addr}"))
+    };
+    let (mut child, base) = spawn();
+    let http = reqwest::Client::new();
+    // 40 downloads, each of its own range so the log can tell them apart; half of them are
+    // read slowly so that the kill finds them mid-body.
+    let mut tasks = Vec::new();
+    for i in 0..40u64 {
+        let (http, url, token) = (
+            http.clone(),
+            format!("{base}/acme/tiny/resolve/main/model.safetensors"),
+            token.clone(),
+        );
+        let range = format!("bytes={}-", i * 1000);
+        tasks.push(tokio::spawn(async move {
+            let Ok(mut r) = http
+                .get(&url)
+                .bearer_auth(&token)
+                .header("Range", &range)
+                .send()
+                .await
+            else {
+                return (range, false);
+            };
+            let want = r.content_length().unwrap_or(u64::MAX);
+            let mut got = 0u64;
+            loop {
+                match r.chunk().await {
+                    Ok(Some(c)) => {
+                        got += c.len() as u64;
+                        if i % 2 == 1 {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                    Ok(None) => return (range, got == want),
+                    Err(_) => return (range, false),
+                }
+            }
+        }));
+    }
+    // Kill once some downloads have completed (and others have not).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !tasks.iter().any(|t| t.is_finished()) {
+        assert!(Instant::now() < deadline, "no download finished");
+        tokio::time::sleep(Duration::from_millis(5)).await; // poll until a download completes
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let mut completed = Vec::new();
+    for t in tasks {
+        let (range, ok) = t.await.unwrap();
+        if ok {
+            completed.push(range);
+        }
+    }
+    assert!(!completed.is_empty());
+
+    // Start again: the server records the downloads it left open as aborted.
+    let (mut child, base) = spawn();
+    // Ready means recovery has run (the listener is bound before it, requests wait).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !http
+        .get(format!("{base}/readyz"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the restarted server never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await; // readiness poll
+    }
+    let events = s.audit();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    for range in &completed {
+        assert!(
+            events.iter().any(|e| e["kind"] == "file_download"
+                && e["outcome"] == "partial"
+                && e["detail"]["range"] == range.as_str()),
+            "{range} completed for its client but is not in the log"
+        );
+    }
+    let started = events.iter().filter(|e| e["outcome"] == "started").count();
+    let ended = events
+        .iter()
+        .filter(|e| {
+            e["kind"] == "file_download"
+                && ["partial", "complete", "aborted", "aborted_by_client"]
+                    .contains(&e["outcome"].as_str().unwrap_or(""))
+        })
+        .count();
+    assert_eq!(
+        started, ended,
+        "every started download has an end in the log"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["outcome"] == "aborted" && e["detail"]["reason"] == "server_stopped"),
+        "the kill cut some downloads off, and the restart recorded them"
+    );
+    assert!(
+        verify(&s, &[]).0 == 0,
+        "the chain is intact after the crash"
+    );
+}
