@@ -162,6 +162,7 @@ pub async fn submit(
     db.write(move |c| {
         let model = catalog::find_model(c, &model_id)?
             .ok_or_else(|| Error::not_found("model_not_found", format!("Model {model_id} does not exist on this server.")))?;
+        check_answers(&model, &form.answers)?;
         let now = util::now();
         let user = match people::find_user_by_email(c, &form.email)? {
             Some(u) => u,
@@ -223,6 +224,53 @@ pub async fn submit(
         Ok(Submitted { id, status: UNVERIFIED.into(), status_url })
     })
     .await
+}
+
+/// With custom questions defined, answers must be to those questions, of the right kind, and
+/// the required ones present. Without any, free answers are kept as they are.
+fn check_answers(model: &Model, answers: &serde_json::Map<String, Value>) -> Result<()> {
+    let questions = model.questions();
+    if questions.is_empty() {
+        return Ok(());
+    }
+    for key in answers.keys() {
+        if !questions.iter().any(|q| &q.label == key) {
+            return Err(Error::invalid_field(&format!("answers.{key}"), "is not a question of this model"));
+        }
+    }
+    for q in &questions {
+        let field = format!("answers.{}", q.label);
+        let value = match answers.get(&q.label) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if s.trim().is_empty() => None,
+            Some(Value::String(s)) => Some(s.trim().to_string()),
+            Some(Value::Bool(b)) => Some(b.to_string()),
+            Some(other) => Some(other.to_string()),
+        };
+        let Some(v) = value else {
+            if q.required && q.kind != "checkbox" {
+                return Err(Error::invalid_field(&field, "is required"));
+            }
+            if q.required {
+                return Err(Error::invalid_field(&field, "must be ticked"));
+            }
+            continue;
+        };
+        let ok = match q.kind.as_str() {
+            "select" => q.options.contains(&v),
+            "checkbox" => v == "true" || v == "false",
+            "date" => chrono::NaiveDate::parse_from_str(&v, "%Y-%m-%d").is_ok(),
+            "country" => crate::countries::is_code(&v.to_ascii_uppercase()),
+            _ => true,
+        };
+        if !ok {
+            return Err(Error::invalid_field(&field, format!("is not a valid {}", q.kind.replace('_', " "))));
+        }
+        if q.required && q.kind == "checkbox" && v != "true" {
+            return Err(Error::invalid_field(&field, "must be ticked"));
+        }
+    }
+    Ok(())
 }
 
 /// Whether the model's gating approves this application at confirmation time.

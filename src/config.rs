@@ -40,6 +40,20 @@ pub struct Settings {
     pub tokens: TokenSettings,
     pub audit: AuditSettings,
     pub integrity: IntegritySettings,
+    pub admin: AdminSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSettings {
+    /// How long an administrator's login lasts, e.g. "12h".
+    pub session_ttl: String,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        AdminSettings { session_ttl: "12h".into() }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -176,6 +190,7 @@ impl Default for Settings {
             tokens: TokenSettings::default(),
             audit: AuditSettings::default(),
             integrity: IntegritySettings::default(),
+            admin: AdminSettings::default(),
         }
     }
 }
@@ -402,6 +417,7 @@ impl Settings {
                 return Err(bad("audit.checkpoint_url", "must be an http(s) URL"));
             }
         }
+        crate::util::parse_duration(&self.admin.session_ttl).map_err(|e| bad("admin.session_ttl", e))?;
         if self.audit.batch_max == 0 {
             return Err(bad("audit.batch_max", "must be at least 1"));
         }

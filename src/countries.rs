@@ -19,6 +19,11 @@ const CODES: [&str; 249] = [
     "VN", "VU", "WF", "WS", "YE", "YT", "ZA", "ZM", "ZW",
 ];
 
+/// Every code, sorted.
+pub fn all() -> &'static [&'static str] {
+    &CODES
+}
+
 /// Whether `code` is an assigned alpha-2 code (upper case).
 pub fn is_code(code: &str) -> bool {
     CODES.binary_search(&code).is_ok()

@@ -47,6 +47,8 @@ pub struct State {
     /// Token checks, their cache, signed links and quotas.
     pub gate: Gate,
     pub instance: String,
+    /// Failed admin logins, per IP and per account.
+    pub logins: auth::session::LoginLimiter,
 }
 
 impl State {
@@ -153,6 +155,14 @@ pub async fn run(
             "recorded downloads cut off by the previous stop as aborted"
         );
     }
+    if let Some(code) = auth::session::setup_code(&core.db).await? {
+        // Shown once, to whoever started the server (like Jenkins' initial password); it stops
+        // working as soon as the first administrator exists.
+        eprintln!(
+            "No administrator yet. Create the first one at:\n  {}/admin/setup?code={code}\n(or run `weightgate admin create --email you@example.org`)",
+            settings.public_url()
+        );
+    }
     let (audit, audit_task) = AuditSink::start(core.db.clone(), settings.audit.batch_max);
     let mailer = Arc::new(Mailer::new(&settings, core.db.clone())?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -177,6 +187,7 @@ pub async fn run(
     ));
     let state = web::Data::new(State {
         instance: core.instance.clone(),
+        logins: Default::default(),
         gate,
         policy: token_policy(&settings),
         ctx: context(&settings),

@@ -77,7 +77,7 @@ enum ModelsCmd {
         repo: String,
         #[arg(long)]
         from: PathBuf,
-        #[arg(long, value_parser = ["manual", "auto", "domain"])]
+        #[arg(long, value_parser = ["manual", "auto", "domain", "rules"])]
         gating: Option<String>,
         #[arg(long, default_value = "main")]
         revision: String,

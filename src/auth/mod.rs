@@ -5,4 +5,5 @@ pub mod access;
 pub mod admin;
 pub mod keys;
 pub mod links;
+pub mod session;
 pub mod tokens;

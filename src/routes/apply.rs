@@ -62,24 +62,29 @@ pub async fn confirm(
         }
         _ => "Your application has already been handled; see your status page.",
     };
-    let page = include_str!("../../admin-ui/confirmed.html")
-        .replace("{{model}}", &crate::mail::templates::escape(&app.model_id))
-        .replace("{{next}}", next);
-    Ok(HttpResponse::Ok()
-        .content_type("text/html; charset=utf-8")
-        .body(page))
+    Ok(super::pages::html(
+        actix_web::http::StatusCode::OK,
+        &super::pages::Confirmed { model: app.model_id.clone(), next: next.to_string(), status: app.status.clone() },
+    ))
 }
 
 #[derive(Deserialize)]
 pub struct KeyQuery {
-    key: String,
+    pub key: String,
 }
 
 pub async fn status(
+    req: HttpRequest,
     state: web::Data<State>,
     id: web::Path<String>,
     q: web::Query<KeyQuery>,
 ) -> Result<HttpResponse> {
+    if super::pages::wants_html(&req) {
+        return match super::pages::status_page(&state, &id, &q.key, None).await {
+            Ok(page) => Ok(page),
+            Err(e) => Ok(e.error_response_html()),
+        };
+    }
     let status = applications::status(&state.db, &id, &q.key).await?;
     Ok(HttpResponse::Ok()
         .insert_header(("Cache-Control", "no-store"))

@@ -1,12 +1,14 @@
 //! The one route table: every URL path the server answers is written here.
 
 mod access_requests;
+mod admin;
 mod admin_api;
 mod apply;
 mod download;
 mod hub;
 mod links;
 mod manifest;
+pub(crate) mod pages;
 mod ops;
 
 use actix_web::{HttpRequest, web};
@@ -14,7 +16,15 @@ use actix_web::{HttpRequest, web};
 use crate::error::Error;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/healthz", web::get().to(ops::healthz))
+    cfg.route("/", web::get().to(pages::catalogue))
+        .route("/static/{file}", web::get().to(pages::static_file))
+        .route("/models/{org}/{name}", web::get().to(pages::model))
+        .route("/models/{org}/{name}/apply", web::post().to(pages::apply_form))
+        .route("/applications/{id}/tokens", web::post().to(pages::issue_form))
+        .route("/applications/{id}/tokens/{jti}/revoke", web::post().to(pages::revoke_form))
+        .route("/applications/{id}/withdraw", web::post().to(pages::withdraw_form))
+        .configure(admin::configure)
+        .route("/healthz", web::get().to(ops::healthz))
         .route("/readyz", web::get().to(ops::readyz))
         .route("/.well-known/jwks.json", web::get().to(ops::jwks))
         .route(

@@ -279,3 +279,23 @@ pub fn grants_of_application(conn: &mut AnyConnection, application_id: &str) -> 
         .select(Grant::as_select())
         .load(conn)?)
 }
+
+/// A grant with who holds it, for the admin console.
+pub fn list_grants(conn: &mut AnyConnection, model: Option<&str>) -> Result<Vec<(Grant, String)>> {
+    let mut q = grants::table
+        .inner_join(users::table.on(users::id.eq(grants::user_id)))
+        .select((Grant::as_select(), users::email))
+        .order(grants::created_at.desc())
+        .into_boxed();
+    if let Some(m) = model {
+        q = q.filter(grants::model_id.eq(m.to_string()));
+    }
+    Ok(q.load(conn)?)
+}
+
+pub fn set_grant_expiry(conn: &mut AnyConnection, id: &str, expires_at: Option<i64>) -> Result<bool> {
+    let n = diesel::update(grants::table.find(id).filter(grants::revoked_at.is_null()))
+        .set(grants::expires_at.eq(expires_at))
+        .execute(conn)?;
+    Ok(n == 1)
+}

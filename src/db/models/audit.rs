@@ -158,3 +158,31 @@ pub fn page_filtered(
         .select(AuditRow::as_select())
         .load(conn)?)
 }
+
+/// Newest first: up to `limit` rows before `before` (exclusive), optionally filtered.
+pub fn page_desc(conn: &mut AnyConnection, before: i64, limit: i64, kind: Option<&str>, model: Option<&str>, since_ms: Option<i64>) -> Result<Vec<AuditRow>> {
+    let mut q = audit_events::table.filter(audit_events::seq.lt(before)).into_boxed();
+    if let Some(k) = kind {
+        q = q.filter(audit_events::kind.eq(k.to_string()));
+    }
+    if let Some(m) = model {
+        q = q.filter(audit_events::model_id.eq(m.to_string()));
+    }
+    if let Some(t) = since_ms {
+        q = q.filter(audit_events::ts_ms.ge(t));
+    }
+    Ok(q.order(audit_events::seq.desc()).limit(limit).select(AuditRow::as_select()).load(conn)?)
+}
+
+/// Completed and partial downloads of a model since a time: `(ts_ms, path, bytes_sent)`.
+pub fn downloads_since(conn: &mut AnyConnection, model: &str, since_ms: i64) -> Result<Vec<(i64, String)>> {
+    Ok(audit_events::table
+        .filter(audit_events::model_id.eq(model))
+        .filter(audit_events::kind.eq("file_download"))
+        .filter(audit_events::outcome.eq_any(["complete", "partial"]))
+        .filter(audit_events::ts_ms.ge(since_ms))
+        .order(audit_events::seq.asc())
+        .limit(500_000)
+        .select((audit_events::ts_ms, audit_events::detail))
+        .load(conn)?)
+}

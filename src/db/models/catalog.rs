@@ -316,3 +316,73 @@ pub fn files_with_blobs(
         .select((FileRow::as_select(), Blob::as_select()))
         .load(conn)?)
 }
+
+/// One of a model's custom application questions.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Question {
+    pub label: String,
+    /// text | long_text | select | checkbox | date | country
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    #[serde(default)]
+    pub options: Vec<String>,
+    #[serde(default)]
+    pub required: bool,
+}
+
+fn default_kind() -> String {
+    "text".into()
+}
+
+pub const QUESTION_KINDS: [&str; 6] = ["text", "long_text", "select", "checkbox", "date", "country"];
+
+impl Model {
+    pub fn questions(&self) -> Vec<Question> {
+        serde_json::from_str(&self.questions).unwrap_or_default()
+    }
+
+    pub fn country_allow(&self) -> Vec<String> {
+        serde_json::from_str(&self.country_allow).unwrap_or_default()
+    }
+
+    pub fn country_deny(&self) -> Vec<String> {
+        serde_json::from_str(&self.country_deny).unwrap_or_default()
+    }
+}
+
+/// The settings an administrator edits.
+#[derive(Debug, Clone)]
+pub struct ModelSettings {
+    pub gating: String,
+    pub allowed_domains: Vec<String>,
+    pub country_allow: Vec<String>,
+    pub country_deny: Vec<String>,
+    pub questions: Vec<Question>,
+    pub description: String,
+    pub license: String,
+    pub allow_reapply: bool,
+    pub notify: String,
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "[]".into())
+}
+
+pub fn update_settings(conn: &mut AnyConnection, id: &str, s: &ModelSettings, now: i64) -> Result<()> {
+    diesel::update(models::table.find(id))
+        .set((
+            models::gating.eq(&s.gating),
+            models::allowed_domains.eq(to_json(&s.allowed_domains)),
+            models::country_allow.eq(to_json(&s.country_allow)),
+            models::country_deny.eq(to_json(&s.country_deny)),
+            models::questions.eq(to_json(&s.questions)),
+            models::description.eq(&s.description),
+            models::license.eq(&s.license),
+            models::allow_reapply.eq(s.allow_reapply),
+            models::notify.eq(&s.notify),
+            models::updated_at.eq(now),
+        ))
+        .execute(conn)?;
+    Ok(())
+}

@@ -6,4 +6,5 @@ pub mod audit;
 pub mod catalog;
 pub mod kv;
 pub mod outbox;
+pub mod sessions;
 pub mod tokens;
