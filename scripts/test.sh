@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one command that runs every test from a fresh machine: it brings up what the tests
-# need (PostgreSQL on 127.0.0.1:5432, the Hugging Face client in .venv), then runs formatting, lint and the whole test suite.
+# need (PostgreSQL on 127.0.0.1:5432, the Hugging Face client in .venv, Chromium with
+# playwright-core), then runs formatting, lint and the whole test suite.
 # .ci/run calls exactly this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,8 +46,23 @@ ensure_hf_client() {
   export WEIGHTGATE_TEST_VENV="$PWD/$venv"
 }
 
+# Debian's Chromium and playwright-core (npm) for the browser tests.
+ensure_browser() {
+  if ! [ -x /usr/bin/chromium ]; then
+    log "installing Chromium from Debian's packages"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq chromium >/dev/null
+  fi
+  if ! [ -d tests/browser/node_modules/playwright-core ]; then
+    log "installing playwright-core into tests/browser"
+    (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+  fi
+}
+
 ensure_postgres
 ensure_hf_client
+ensure_browser
 export WEIGHTGATE_TEST_PG="${WEIGHTGATE_TEST_PG:-postgres://postgres@127.0.0.1:5432/postgres}"
 
 log "cargo fmt --check"

@@ -235,7 +235,10 @@ fn check_answers(model: &Model, answers: &serde_json::Map<String, Value>) -> Res
     }
     for key in answers.keys() {
         if !questions.iter().any(|q| &q.label == key) {
-            return Err(Error::invalid_field(&format!("answers.{key}"), "is not a question of this model"));
+            return Err(Error::invalid_field(
+                &format!("answers.{key}"),
+                "is not a question of this model",
+            ));
         }
     }
     for q in &questions {
@@ -264,7 +267,10 @@ fn check_answers(model: &Model, answers: &serde_json::Map<String, Value>) -> Res
             _ => true,
         };
         if !ok {
-            return Err(Error::invalid_field(&field, format!("is not a valid {}", q.kind.replace('_', " "))));
+            return Err(Error::invalid_field(
+                &field,
+                format!("is not a valid {}", q.kind.replace('_', " ")),
+            ));
         }
         if q.required && q.kind == "checkbox" && v != "true" {
             return Err(Error::invalid_field(&field, "must be ticked"));

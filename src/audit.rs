@@ -467,7 +467,7 @@ pub fn csv_line(r: &AuditRow) -> String {
 }
 
 /// Quotes a cell when needed, and defuses cells a spreadsheet would run as a formula.
-fn csv_cell(s: &str) -> String {
+pub fn csv_cell(s: &str) -> String {
     let s = if s.starts_with(['=', '+', '-', '@']) {
         format!("'{s}")
     } else {

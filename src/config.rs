@@ -52,7 +52,9 @@ pub struct AdminSettings {
 
 impl Default for AdminSettings {
     fn default() -> Self {
-        AdminSettings { session_ttl: "12h".into() }
+        AdminSettings {
+            session_ttl: "12h".into(),
+        }
     }
 }
 
@@ -417,7 +419,8 @@ impl Settings {
                 return Err(bad("audit.checkpoint_url", "must be an http(s) URL"));
             }
         }
-        crate::util::parse_duration(&self.admin.session_ttl).map_err(|e| bad("admin.session_ttl", e))?;
+        crate::util::parse_duration(&self.admin.session_ttl)
+            .map_err(|e| bad("admin.session_ttl", e))?;
         if self.audit.batch_max == 0 {
             return Err(bad("audit.batch_max", "must be at least 1"));
         }

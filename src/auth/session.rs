@@ -49,13 +49,24 @@ pub struct LoginLimiter {
 
 impl Default for LoginLimiter {
     fn default() -> Self {
-        LoginLimiter { failures: Mutex::new(HashMap::new()), window: Duration::from_secs(15 * 60), per_ip: 20, per_account: 5 }
+        LoginLimiter {
+            failures: Mutex::new(HashMap::new()),
+            window: Duration::from_secs(15 * 60),
+            per_ip: 20,
+            per_account: 5,
+        }
     }
 }
 
 impl LoginLimiter {
     fn keys(ip: Option<IpAddr>, email: &str) -> [(String, bool); 2] {
-        [(format!("ip:{}", ip.map(|i| i.to_string()).unwrap_or_default()), true), (format!("acct:{email}"), false)]
+        [
+            (
+                format!("ip:{}", ip.map(|i| i.to_string()).unwrap_or_default()),
+                true,
+            ),
+            (format!("acct:{email}"), false),
+        ]
     }
 
     /// Seconds until a login may be tried again, if it is locked now.
@@ -69,7 +80,11 @@ impl LoginLimiter {
                 let limit = if is_ip { self.per_ip } else { self.per_account };
                 if v.len() >= limit {
                     let oldest = v[0];
-                    let left = self.window.saturating_sub(now.duration_since(oldest)).as_secs().max(1);
+                    let left = self
+                        .window
+                        .saturating_sub(now.duration_since(oldest))
+                        .as_secs()
+                        .max(1);
                     wait = Some(wait.map_or(left, |w: u64| w.max(left)));
                 }
             }
@@ -88,7 +103,10 @@ impl LoginLimiter {
     }
 
     pub fn succeeded(&self, email: &str) {
-        self.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(&format!("acct:{email}"));
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&format!("acct:{email}"));
     }
 }
 
@@ -97,29 +115,52 @@ static DUMMY_HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// Checks email and password; on success opens a session and returns its raw id (for the
 /// cookie). Every attempt is audited without the password.
-pub async fn login(db: &Db, limiter: &LoginLimiter, email: &str, password: &str, ip: Option<IpAddr>, ttl: Duration) -> Result<(String, WebSession)> {
+pub async fn login(
+    db: &Db,
+    limiter: &LoginLimiter,
+    email: &str,
+    password: &str,
+    ip: Option<IpAddr>,
+    ttl: Duration,
+) -> Result<(String, WebSession)> {
     let email = email.trim().to_ascii_lowercase();
     if let Some(wait) = limiter.locked(ip, &email) {
         return Err(Error::new(
             actix_web::http::StatusCode::TOO_MANY_REQUESTS,
             "login_locked",
-            format!("Too many failed logins. Try again in {} minutes.", wait.div_ceil(60)),
+            format!(
+                "Too many failed logins. Try again in {} minutes.",
+                wait.div_ceil(60)
+            ),
         ));
     }
     let e = email.clone();
     let found = db.read(move |c| admins::find_by_email(c, &e)).await?;
     let hash = match &found {
         Some(a) if a.disabled_at.is_none() => a.password_hash.clone(),
-        _ => DUMMY_HASH.get_or_init(|| admin::hash_password(&util::random_secret()).unwrap_or_default()).clone(),
+        _ => DUMMY_HASH
+            .get_or_init(|| admin::hash_password(&util::random_secret()).unwrap_or_default())
+            .clone(),
     };
     let pw = password.to_string();
-    let ok = tokio::task::spawn_blocking(move || admin::verify_password(&hash, &pw)).await.unwrap_or(false);
+    let ok = tokio::task::spawn_blocking(move || admin::verify_password(&hash, &pw))
+        .await
+        .unwrap_or(false);
     let admin = found.filter(|a| ok && a.disabled_at.is_none());
     let client = ip.map(|i| i.to_string());
     let Some(admin) = admin else {
         limiter.failed(ip, &email);
-        db.write(move |c| audit::append(c, &[Event::new("admin_login", "failure").detail(json!({"client": client}))])).await?;
-        return Err(Error::unauthorized("login_failed", "Wrong email or password."));
+        db.write(move |c| {
+            audit::append(
+                c,
+                &[Event::new("admin_login", "failure").detail(json!({"client": client}))],
+            )
+        })
+        .await?;
+        return Err(Error::unauthorized(
+            "login_failed",
+            "Wrong email or password.",
+        ));
     };
     limiter.succeeded(&email);
     let raw = util::random_secret();
@@ -128,10 +169,22 @@ pub async fn login(db: &Db, limiter: &LoginLimiter, email: &str, password: &str,
     let expires = util::now() + ttl.as_secs() as i64;
     db.write(move |c| {
         sessions::insert(c, &id_hash, &admin_id, &c2, util::now(), expires)?;
-        audit::append(c, &[Event::new("admin_login", "ok").actor(format!("admin:{admin_id}")).detail(json!({"client": client}))])
+        audit::append(
+            c,
+            &[Event::new("admin_login", "ok")
+                .actor(format!("admin:{admin_id}"))
+                .detail(json!({"client": client}))],
+        )
     })
     .await?;
-    Ok((raw, WebSession { admin_id: admin.id, email: admin.email, csrf }))
+    Ok((
+        raw,
+        WebSession {
+            admin_id: admin.id,
+            email: admin.email,
+            csrf,
+        },
+    ))
 }
 
 /// The live session behind a cookie value.
@@ -140,8 +193,14 @@ pub async fn lookup(db: &Db, raw: &str) -> Result<Option<WebSession>> {
         return Ok(None);
     }
     let hash = util::sha256_hex(raw);
-    let found = db.read(move |c| sessions::find_live(c, &hash, util::now())).await?;
-    Ok(found.map(|(s, a)| WebSession { admin_id: a.id, email: a.email, csrf: s.csrf_token }))
+    let found = db
+        .read(move |c| sessions::find_live(c, &hash, util::now()))
+        .await?;
+    Ok(found.map(|(s, a)| WebSession {
+        admin_id: a.id,
+        email: a.email,
+        csrf: s.csrf_token,
+    }))
 }
 
 pub async fn logout(db: &Db, raw: &str) -> Result<()> {

@@ -64,7 +64,11 @@ pub async fn confirm(
     };
     Ok(super::pages::html(
         actix_web::http::StatusCode::OK,
-        &super::pages::Confirmed { model: app.model_id.clone(), next: next.to_string(), status: app.status.clone() },
+        &super::pages::Confirmed {
+            model: app.model_id.clone(),
+            next: next.to_string(),
+            status: app.status.clone(),
+        },
     ))
 }
 

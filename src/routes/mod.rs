@@ -8,8 +8,8 @@ mod download;
 mod hub;
 mod links;
 mod manifest;
-pub(crate) mod pages;
 mod ops;
+pub(crate) mod pages;
 
 use actix_web::{HttpRequest, web};
 
@@ -19,10 +19,22 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/", web::get().to(pages::catalogue))
         .route("/static/{file}", web::get().to(pages::static_file))
         .route("/models/{org}/{name}", web::get().to(pages::model))
-        .route("/models/{org}/{name}/apply", web::post().to(pages::apply_form))
-        .route("/applications/{id}/tokens", web::post().to(pages::issue_form))
-        .route("/applications/{id}/tokens/{jti}/revoke", web::post().to(pages::revoke_form))
-        .route("/applications/{id}/withdraw", web::post().to(pages::withdraw_form))
+        .route(
+            "/models/{org}/{name}/apply",
+            web::post().to(pages::apply_form),
+        )
+        .route(
+            "/applications/{id}/tokens",
+            web::post().to(pages::issue_form),
+        )
+        .route(
+            "/applications/{id}/tokens/{jti}/revoke",
+            web::post().to(pages::revoke_form),
+        )
+        .route(
+            "/applications/{id}/withdraw",
+            web::post().to(pages::withdraw_form),
+        )
         .configure(admin::configure)
         .route("/healthz", web::get().to(ops::healthz))
         .route("/readyz", web::get().to(ops::readyz))

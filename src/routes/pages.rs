@@ -32,7 +32,10 @@ pub fn html(status: StatusCode, t: &impl Template) -> HttpResponse {
 
 /// Whether a browser asked for this page (rather than an API client).
 pub fn wants_html(req: &HttpRequest) -> bool {
-    req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("text/html"))
+    req.headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"))
 }
 
 #[derive(Template)]
@@ -47,9 +50,16 @@ pub struct Message {
 impl Error {
     /// This error as a page for a browser.
     pub fn error_response_html(&self) -> HttpResponse {
-        let page = Message { title: "Something is not right".into(), message: self.message.clone(), error: true, link: Some(("/".into(), "Back to the models".into())) };
+        let page = Message {
+            title: "Something is not right".into(),
+            message: self.message.clone(),
+            error: true,
+            link: Some(("/".into(), "Back to the models".into())),
+        };
         match page.render() {
-            Ok(body) => HttpResponse::build(self.status).content_type("text/html; charset=utf-8").body(body),
+            Ok(body) => HttpResponse::build(self.status)
+                .content_type("text/html; charset=utf-8")
+                .body(body),
             Err(_) => HttpResponse::build(self.status).body(self.message.clone()),
         }
     }
@@ -57,11 +67,20 @@ impl Error {
 
 pub async fn static_file(path: web::Path<String>) -> HttpResponse {
     let (body, kind) = match path.as_str() {
-        "app.css" => (include_str!("../../admin-ui/static/app.css"), "text/css; charset=utf-8"),
-        "app.js" => (include_str!("../../admin-ui/static/app.js"), "text/javascript; charset=utf-8"),
+        "app.css" => (
+            include_str!("../../admin-ui/static/app.css"),
+            "text/css; charset=utf-8",
+        ),
+        "app.js" => (
+            include_str!("../../admin-ui/static/app.js"),
+            "text/javascript; charset=utf-8",
+        ),
         _ => return HttpResponse::NotFound().finish(),
     };
-    HttpResponse::Ok().content_type(kind).insert_header((header::CACHE_CONTROL, "public, max-age=3600")).body(body)
+    HttpResponse::Ok()
+        .content_type(kind)
+        .insert_header((header::CACHE_CONTROL, "public, max-age=3600"))
+        .body(body)
 }
 
 #[derive(Template)]
@@ -104,14 +123,32 @@ struct FormValues {
 }
 
 fn model_page(model: Model, fields: &[(String, String)], error: Option<String>) -> ModelPage {
-    let get = |k: &str| fields.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap_or_default();
+    let get = |k: &str| {
+        fields
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
     let questions = model
         .questions()
         .into_iter()
-        .map(|q| FormQuestion { value: get(&format!("answer:{}", q.label)), label: q.label, kind: q.kind, options: q.options, required: q.required })
+        .map(|q| FormQuestion {
+            value: get(&format!("answer:{}", q.label)),
+            label: q.label,
+            kind: q.kind,
+            options: q.options,
+            required: q.required,
+        })
         .collect();
     ModelPage {
-        form: FormValues { name: get("name"), email: get("email"), affiliation: get("affiliation"), country: get("country"), intended_use: get("intended_use") },
+        form: FormValues {
+            name: get("name"),
+            email: get("email"),
+            affiliation: get("affiliation"),
+            country: get("country"),
+            intended_use: get("intended_use"),
+        },
         model,
         countries: countries::all(),
         questions,
@@ -121,11 +158,19 @@ fn model_page(model: Model, fields: &[(String, String)], error: Option<String>) 
 
 async fn load_model(state: &State, org: &str, name: &str) -> Result<Model> {
     let id = format!("{org}/{name}");
-    paths::validate_repo_id(&id).map_err(|_| Error::not_found("model_not_found", "There is no such model."))?;
-    state.db.read(move |c| catalog::find_model(c, &id)).await?.ok_or_else(|| Error::not_found("model_not_found", "There is no such model."))
+    paths::validate_repo_id(&id)
+        .map_err(|_| Error::not_found("model_not_found", "There is no such model."))?;
+    state
+        .db
+        .read(move |c| catalog::find_model(c, &id))
+        .await?
+        .ok_or_else(|| Error::not_found("model_not_found", "There is no such model."))
 }
 
-pub async fn model(state: web::Data<State>, path: web::Path<(String, String)>) -> Result<HttpResponse> {
+pub async fn model(
+    state: web::Data<State>,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse> {
     let (org, name) = path.into_inner();
     match load_model(&state, &org, &name).await {
         Ok(m) => Ok(html(StatusCode::OK, &model_page(m, &[], None))),
@@ -145,7 +190,11 @@ struct Applied {
 type Fields = Vec<(String, String)>;
 
 /// `POST /models/{org}/{name}/apply` from the page's form.
-pub async fn apply_form(state: web::Data<State>, path: web::Path<(String, String)>, form: web::Form<Fields>) -> Result<HttpResponse> {
+pub async fn apply_form(
+    state: web::Data<State>,
+    path: web::Path<(String, String)>,
+    form: web::Form<Fields>,
+) -> Result<HttpResponse> {
     let (org, name) = path.into_inner();
     let model = match load_model(&state, &org, &name).await {
         Ok(m) => m,
@@ -153,9 +202,18 @@ pub async fn apply_form(state: web::Data<State>, path: web::Path<(String, String
     };
     let fields = form.into_inner();
     if fields.len() > 200 {
-        return Ok(Error::bad_request("too_many_fields", "The form has too many fields.").error_response_html());
+        return Ok(
+            Error::bad_request("too_many_fields", "The form has too many fields.")
+                .error_response_html(),
+        );
     }
-    let get = |k: &str| fields.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap_or_default();
+    let get = |k: &str| {
+        fields
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
     let mut answers = serde_json::Map::new();
     for (k, v) in &fields {
         if let Some(label) = k.strip_prefix("answer:")
@@ -176,9 +234,18 @@ pub async fn apply_form(state: web::Data<State>, path: web::Path<(String, String
     match applications::submit(&state.db, &state.ctx, &model.id, app).await {
         Ok(done) => {
             state.mail_queued();
-            Ok(html(StatusCode::OK, &Applied { auto: model.gating == "auto", model: model.id, status_url: done.status_url }))
+            Ok(html(
+                StatusCode::OK,
+                &Applied {
+                    auto: model.gating == "auto",
+                    model: model.id,
+                    status_url: done.status_url,
+                },
+            ))
         }
-        Err(e) if e.status.is_client_error() => Ok(html(e.status, &model_page(model, &fields, Some(e.message)))),
+        Err(e) if e.status.is_client_error() => {
+            Ok(html(e.status, &model_page(model, &fields, Some(e.message))))
+        }
         Err(e) => Err(e),
     }
 }
@@ -214,11 +281,18 @@ struct StatusPage {
 }
 
 fn date(secs: i64) -> String {
-    chrono::DateTime::from_timestamp(secs, 0).map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string()).unwrap_or_default()
+    chrono::DateTime::from_timestamp(secs, 0)
+        .map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string())
+        .unwrap_or_default()
 }
 
 /// The status page for a browser.
-pub async fn status_page(state: &State, id: &str, key: &str, new_token: Option<String>) -> Result<HttpResponse> {
+pub async fn status_page(
+    state: &State,
+    id: &str,
+    key: &str,
+    new_token: Option<String>,
+) -> Result<HttpResponse> {
     let s = applications::status(&state.db, id, key).await?;
     let tokens = s
         .tokens
@@ -254,7 +328,10 @@ trait NoStore {
 
 impl NoStore for HttpResponse {
     fn customize_no_store(mut self) -> HttpResponse {
-        self.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+        self.headers_mut().insert(
+            header::CACHE_CONTROL,
+            header::HeaderValue::from_static("no-store"),
+        );
         self
     }
 }
@@ -268,26 +345,56 @@ pub struct IssueForm {
 }
 
 /// `POST /applications/{id}/tokens?key=…` from the status page: issue, show once.
-pub async fn issue_form(state: web::Data<State>, id: web::Path<String>, q: web::Query<KeyQuery>, form: web::Form<IssueForm>) -> Result<HttpResponse> {
+pub async fn issue_form(
+    state: web::Data<State>,
+    id: web::Path<String>,
+    q: web::Query<KeyQuery>,
+    form: web::Form<IssueForm>,
+) -> Result<HttpResponse> {
     let form = form.into_inner();
     let ttl = match form.ttl.as_str() {
-        "1d" | "7d" | "30d" => util::parse_duration(&form.ttl).map_err(|e| Error::invalid_field("ttl", e))?,
-        _ => util::parse_duration(&state.settings.tokens.default_ttl).map_err(|e| Error::invalid_field("ttl", e))?,
+        "1d" | "7d" | "30d" => {
+            util::parse_duration(&form.ttl).map_err(|e| Error::invalid_field("ttl", e))?
+        }
+        _ => util::parse_duration(&state.settings.tokens.default_ttl)
+            .map_err(|e| Error::invalid_field("ttl", e))?,
     };
     let label = form.label.trim().to_string();
     if label.chars().count() > 100 || label.chars().any(char::is_control) {
-        return Ok(Error::invalid_field("label", "at most 100 characters, one line").error_response_html());
+        return Ok(
+            Error::invalid_field("label", "at most 100 characters, one line").error_response_html(),
+        );
     }
     let (id, key) = (id.into_inner(), q.into_inner().key);
-    let (keys, policy, i2, k2) = (state.keys.clone(), state.policy.clone(), id.clone(), key.clone());
+    let (keys, policy, i2, k2) = (
+        state.keys.clone(),
+        state.policy.clone(),
+        id.clone(),
+        key.clone(),
+    );
     let issued = state
         .db
         .write(move |c| {
             let app = applications::authenticate(c, &i2, &k2)?;
             if app.status != "approved" {
-                return Err(Error::forbidden("not_approved", "Tokens are issued once the application is approved."));
+                return Err(Error::forbidden(
+                    "not_approved",
+                    "Tokens are issued once the application is approved.",
+                ));
             }
-            access::issue(c, &keys, &policy, &IssueRequest { user_id: app.user_id.clone(), model: app.model_id.clone(), ttl, max_downloads: None, label, actor: format!("user:{}", app.user_id) })
+            access::issue(
+                c,
+                &keys,
+                &policy,
+                &IssueRequest {
+                    user_id: app.user_id.clone(),
+                    model: app.model_id.clone(),
+                    ttl,
+                    max_downloads: None,
+                    label,
+                    actor: format!("user:{}", app.user_id),
+                },
+            )
         })
         .await;
     match issued {
@@ -303,11 +410,17 @@ pub struct TokenPath {
 }
 
 fn back_to_status(id: &str, key: &str) -> HttpResponse {
-    HttpResponse::SeeOther().insert_header((header::LOCATION, format!("/applications/{id}?key={key}"))).finish()
+    HttpResponse::SeeOther()
+        .insert_header((header::LOCATION, format!("/applications/{id}?key={key}")))
+        .finish()
 }
 
 /// `POST /applications/{id}/tokens/{jti}/revoke?key=…`.
-pub async fn revoke_form(state: web::Data<State>, path: web::Path<TokenPath>, q: web::Query<KeyQuery>) -> Result<HttpResponse> {
+pub async fn revoke_form(
+    state: web::Data<State>,
+    path: web::Path<TokenPath>,
+    q: web::Query<KeyQuery>,
+) -> Result<HttpResponse> {
     let TokenPath { id, jti } = path.into_inner();
     let key = q.into_inner().key;
     let (i2, k2) = (id.clone(), key.clone());
@@ -317,7 +430,12 @@ pub async fn revoke_form(state: web::Data<State>, path: web::Path<TokenPath>, q:
             let app = applications::authenticate(c, &i2, &k2)?;
             match crate::db::models::tokens::find(c, &jti)? {
                 Some(t) if t.user_id == app.user_id && t.model_id == app.model_id => {}
-                _ => return Err(Error::not_found("token_not_found", "No such token on this application.")),
+                _ => {
+                    return Err(Error::not_found(
+                        "token_not_found",
+                        "No such token on this application.",
+                    ));
+                }
             }
             access::revoke(c, &jti, &format!("user:{}", app.user_id))
         })
@@ -330,7 +448,11 @@ pub async fn revoke_form(state: web::Data<State>, path: web::Path<TokenPath>, q:
 }
 
 /// `POST /applications/{id}/withdraw?key=…`.
-pub async fn withdraw_form(state: web::Data<State>, id: web::Path<String>, q: web::Query<KeyQuery>) -> Result<HttpResponse> {
+pub async fn withdraw_form(
+    state: web::Data<State>,
+    id: web::Path<String>,
+    q: web::Query<KeyQuery>,
+) -> Result<HttpResponse> {
     let (id, key) = (id.into_inner(), q.into_inner().key);
     match applications::withdraw(&state.db, &id, &key).await {
         Ok(_) => Ok(back_to_status(&id, &key)),

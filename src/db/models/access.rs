@@ -293,7 +293,11 @@ pub fn list_grants(conn: &mut AnyConnection, model: Option<&str>) -> Result<Vec<
     Ok(q.load(conn)?)
 }
 
-pub fn set_grant_expiry(conn: &mut AnyConnection, id: &str, expires_at: Option<i64>) -> Result<bool> {
+pub fn set_grant_expiry(
+    conn: &mut AnyConnection,
+    id: &str,
+    expires_at: Option<i64>,
+) -> Result<bool> {
     let n = diesel::update(grants::table.find(id).filter(grants::revoked_at.is_null()))
         .set(grants::expires_at.eq(expires_at))
         .execute(conn)?;

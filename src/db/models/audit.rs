@@ -160,8 +160,17 @@ pub fn page_filtered(
 }
 
 /// Newest first: up to `limit` rows before `before` (exclusive), optionally filtered.
-pub fn page_desc(conn: &mut AnyConnection, before: i64, limit: i64, kind: Option<&str>, model: Option<&str>, since_ms: Option<i64>) -> Result<Vec<AuditRow>> {
-    let mut q = audit_events::table.filter(audit_events::seq.lt(before)).into_boxed();
+pub fn page_desc(
+    conn: &mut AnyConnection,
+    before: i64,
+    limit: i64,
+    kind: Option<&str>,
+    model: Option<&str>,
+    since_ms: Option<i64>,
+) -> Result<Vec<AuditRow>> {
+    let mut q = audit_events::table
+        .filter(audit_events::seq.lt(before))
+        .into_boxed();
     if let Some(k) = kind {
         q = q.filter(audit_events::kind.eq(k.to_string()));
     }
@@ -171,11 +180,18 @@ pub fn page_desc(conn: &mut AnyConnection, before: i64, limit: i64, kind: Option
     if let Some(t) = since_ms {
         q = q.filter(audit_events::ts_ms.ge(t));
     }
-    Ok(q.order(audit_events::seq.desc()).limit(limit).select(AuditRow::as_select()).load(conn)?)
+    Ok(q.order(audit_events::seq.desc())
+        .limit(limit)
+        .select(AuditRow::as_select())
+        .load(conn)?)
 }
 
 /// Completed and partial downloads of a model since a time: `(ts_ms, path, bytes_sent)`.
-pub fn downloads_since(conn: &mut AnyConnection, model: &str, since_ms: i64) -> Result<Vec<(i64, String)>> {
+pub fn downloads_since(
+    conn: &mut AnyConnection,
+    model: &str,
+    since_ms: i64,
+) -> Result<Vec<(i64, String)>> {
     Ok(audit_events::table
         .filter(audit_events::model_id.eq(model))
         .filter(audit_events::kind.eq("file_download"))

@@ -335,7 +335,8 @@ fn default_kind() -> String {
     "text".into()
 }
 
-pub const QUESTION_KINDS: [&str; 6] = ["text", "long_text", "select", "checkbox", "date", "country"];
+pub const QUESTION_KINDS: [&str; 6] =
+    ["text", "long_text", "select", "checkbox", "date", "country"];
 
 impl Model {
     pub fn questions(&self) -> Vec<Question> {
@@ -369,7 +370,12 @@ fn to_json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "[]".into())
 }
 
-pub fn update_settings(conn: &mut AnyConnection, id: &str, s: &ModelSettings, now: i64) -> Result<()> {
+pub fn update_settings(
+    conn: &mut AnyConnection,
+    id: &str,
+    s: &ModelSettings,
+    now: i64,
+) -> Result<()> {
     diesel::update(models::table.find(id))
         .set((
             models::gating.eq(&s.gating),

@@ -17,7 +17,14 @@ pub struct SessionRow {
     pub expires_at: i64,
 }
 
-pub fn insert(conn: &mut AnyConnection, id_hash: &str, admin_id: &str, csrf: &str, now: i64, expires: i64) -> Result<()> {
+pub fn insert(
+    conn: &mut AnyConnection,
+    id_hash: &str,
+    admin_id: &str,
+    csrf: &str,
+    now: i64,
+    expires: i64,
+) -> Result<()> {
     diesel::insert_into(admin_sessions::table)
         .values((
             admin_sessions::id_hash.eq(id_hash),
@@ -30,7 +37,11 @@ pub fn insert(conn: &mut AnyConnection, id_hash: &str, admin_id: &str, csrf: &st
     Ok(())
 }
 
-pub fn find_live(conn: &mut AnyConnection, id_hash: &str, now: i64) -> Result<Option<(SessionRow, Admin)>> {
+pub fn find_live(
+    conn: &mut AnyConnection,
+    id_hash: &str,
+    now: i64,
+) -> Result<Option<(SessionRow, Admin)>> {
     Ok(admin_sessions::table
         .inner_join(admins::table.on(admins::id.eq(admin_sessions::admin_id)))
         .filter(admin_sessions::id_hash.eq(id_hash))
