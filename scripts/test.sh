@@ -33,15 +33,16 @@ ensure_postgres() {
   su postgres -c "psql -qtAc \"ALTER ROLE postgres CREATEDB\"" >/dev/null 2>&1 || true
 }
 
-# The official Hugging Face client, pinned, in a virtualenv of the project's own.
-ensure_hf_client() {
-  local venv=.venv want="huggingface-hub==2.4.0"
-  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import huggingface_hub, sys; sys.exit(huggingface_hub.__version__ != "2.4.0")' 2>/dev/null; then
-    log "Hugging Face client 2.4.0 is in $venv"
+# The official Hugging Face client and a real SMTP server (aiosmtpd), pinned, in a
+# virtualenv of the project's own.
+ensure_venv() {
+  local venv=.venv
+  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import huggingface_hub, aiosmtpd, sys; sys.exit(huggingface_hub.__version__ != "2.4.0" or aiosmtpd.__version__ != "1.4.6")' 2>/dev/null; then
+    log "huggingface-hub 2.4.0 and aiosmtpd 1.4.6 are in $venv"
   else
-    log "installing $want into $venv"
+    log "installing huggingface-hub and aiosmtpd into $venv"
     python3 -m venv "$venv"
-    "$venv/bin/pip" install -q --disable-pip-version-check "$want"
+    "$venv/bin/pip" install -q --disable-pip-version-check "huggingface-hub==2.4.0" "aiosmtpd==1.4.6"
   fi
   export WEIGHTGATE_TEST_VENV="$PWD/$venv"
 }
@@ -61,7 +62,7 @@ ensure_browser() {
 }
 
 ensure_postgres
-ensure_hf_client
+ensure_venv
 ensure_browser
 export WEIGHTGATE_TEST_PG="${WEIGHTGATE_TEST_PG:-postgres://postgres@127.0.0.1:5432/postgres}"
 

@@ -332,7 +332,9 @@ pub async fn confirm(db: &Db, ctx: &Context, code: &str) -> Result<Application> 
                 &templates::application_received(&app.model_id, &url),
             )?;
             let admin_url = format!("{}/admin/applications?status=pending", ctx.public_url);
-            for admin in &ctx.admin_emails {
+            // Models on a daily digest are announced by the digest job instead.
+            let admins: &[String] = if model.notify == "digest" { &[] } else { &ctx.admin_emails };
+            for admin in admins {
                 mail::queue(
                     c,
                     admin,
@@ -432,7 +434,7 @@ pub fn reject_in(
     let from = match app.status.as_str() {
         PENDING => PENDING,
         APPROVED => {
-            revoke_grants_of(c, &app, actor, "rejected after approval")?;
+            revoke_grants_of(c, ctx, &app, actor, "rejected after approval")?;
             APPROVED
         }
         other => {
@@ -486,6 +488,7 @@ pub async fn reject(
 /// Revokes the active grant an application created, with its audit event.
 fn revoke_grants_of(
     c: &mut AnyConnection,
+    ctx: &Context,
     app: &Application,
     actor: &str,
     reason: &str,
@@ -493,6 +496,9 @@ fn revoke_grants_of(
     let now = util::now();
     for g in people::grants_of_application(c, &app.id)? {
         if people::revoke_grant(c, &g.id, reason, now)? {
+            // The researcher hears of it (the application's status page says why).
+            let url = status_url(c, ctx, &app.id)?;
+            mail::queue(c, &app.email, &templates::grant_revoked(&app.model_id, reason, &url))?;
             audit::append(
                 c,
                 &[Event::new("grant_revoked", "ok")
@@ -507,13 +513,13 @@ fn revoke_grants_of(
 
 /// Puts a decided application back in the review queue (`cancel_access_request`), revoking
 /// the grant an approval made.
-pub fn reopen_in(c: &mut AnyConnection, id: &str, actor: &str) -> Result<Application> {
+pub fn reopen_in(c: &mut AnyConnection, ctx: &Context, id: &str, actor: &str) -> Result<Application> {
     let now = util::now();
     let app = people::find_application(c, id)?.ok_or_else(|| {
         Error::not_found("application_not_found", format!("No application {id}."))
     })?;
     match app.status.as_str() {
-        APPROVED => revoke_grants_of(c, &app, actor, "moved back to review")?,
+        APPROVED => revoke_grants_of(c, ctx, &app, actor, "moved back to review")?,
         REJECTED => {}
         other => {
             return Err(Error::not_found(
@@ -547,7 +553,7 @@ pub fn accept_in(c: &mut AnyConnection, ctx: &Context, id: &str, actor: &str) ->
     match app.status.as_str() {
         PENDING => {}
         REJECTED => {
-            reopen_in(c, id, actor)?;
+            reopen_in(c, ctx, id, actor)?;
         }
         APPROVED => {
             return Err(Error::not_found(
@@ -767,4 +773,74 @@ pub async fn withdraw(db: &Db, id: &str, key: &str) -> Result<Application> {
         people::find_application(c, &id)?.ok_or_else(|| Error::internal("application vanished"))
     })
     .await
+}
+
+/// Revokes one grant (an administrator's decision) with its audit event and the researcher's email.
+pub fn revoke_grant_in(c: &mut AnyConnection, ctx: &Context, grant_id: &str, actor: &str, reason: &str) -> Result<()> {
+    let g = people::find_grant(c, grant_id)?.ok_or_else(|| Error::not_found("grant_not_found", "No such grant."))?;
+    if !people::revoke_grant(c, grant_id, reason, util::now())? {
+        return Err(Error::conflict("already_revoked", "This grant was already revoked."));
+    }
+    audit::append(c, &[Event::new("grant_revoked", "ok").actor(actor).model(&g.model_id).detail(json!({"grant": grant_id, "user": g.user_id, "reason": reason}))])?;
+    if let (Some(app_id), Some(user)) = (&g.application_id, people::find_user(c, &g.user_id)?) {
+        let url = status_url(c, ctx, app_id)?;
+        mail::queue(c, &user.email, &templates::grant_revoked(&g.model_id, reason, &url))?;
+    }
+    Ok(())
+}
+
+/// Revokes a token; when someone other than its owner did it, the owner is told.
+pub fn revoke_token_in(c: &mut AnyConnection, ctx: &Context, jti: &str, actor: &str) -> Result<crate::db::models::tokens::TokenRow> {
+    let row = crate::auth::access::revoke(c, jti, actor)?;
+    if actor != format!("user:{}", row.user_id)
+        && let Some(user) = people::find_user(c, &row.user_id)?
+        && let Some(g) = people::find_grant(c, &row.grant_id)?
+        && let Some(app_id) = g.application_id
+    {
+        let url = status_url(c, ctx, &app_id)?;
+        mail::queue(c, &user.email, &templates::token_revoked(&row.model_id, &row.label, &url))?;
+    }
+    Ok(row)
+}
+
+/// Warns researchers whose access ends within 7 days, and tells those whose access has
+/// ended; each once, with an audit event (which also reaches webhooks). Returns how many.
+pub fn expiry_notices(c: &mut AnyConnection, ctx: &Context, now: i64) -> Result<usize> {
+    let mut n = 0;
+    for g in people::grants_to_warn(c, now, 7 * 86400)? {
+        people::mark_grant_warned(c, &g.id, now)?;
+        let ends = util::rfc3339(g.expires_at.unwrap_or(now));
+        audit::append(c, &[Event::new("grant_expiring", "ok").actor("system").model(&g.model_id).detail(json!({"grant": g.id, "user": g.user_id, "expires_at": g.expires_at}))])?;
+        if let (Some(app_id), Some(user)) = (&g.application_id, people::find_user(c, &g.user_id)?) {
+            let url = status_url(c, ctx, app_id)?;
+            mail::queue(c, &user.email, &templates::grant_expiring(&g.model_id, &ends, &url))?;
+        }
+        n += 1;
+    }
+    for g in people::grants_expired_unnoticed(c, now)? {
+        people::mark_grant_noticed(c, &g.id, now)?;
+        audit::append(c, &[Event::new("grant_expired", "ok").actor("system").model(&g.model_id).detail(json!({"grant": g.id, "user": g.user_id, "expires_at": g.expires_at}))])?;
+        if let (Some(app_id), Some(user)) = (&g.application_id, people::find_user(c, &g.user_id)?) {
+            let url = status_url(c, ctx, app_id)?;
+            mail::queue(c, &user.email, &templates::grant_expired(&g.model_id, &url))?;
+        }
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// One message per administrator listing the applications of digest models that arrived
+/// since the last digest. Returns how many applications it listed.
+pub fn send_digest(c: &mut AnyConnection, ctx: &Context, now: i64) -> Result<usize> {
+    let apps = people::awaiting_digest(c)?;
+    if apps.is_empty() || ctx.admin_emails.is_empty() {
+        return Ok(0);
+    }
+    let items: Vec<(String, String, String)> = apps.iter().map(|a| (a.model_id.clone(), a.name.clone(), a.affiliation.clone())).collect();
+    let msg = templates::digest(&items, &format!("{}/admin/applications?status=pending", ctx.public_url));
+    for admin in &ctx.admin_emails {
+        mail::queue(c, admin, &msg)?;
+    }
+    people::mark_digested(c, &apps.iter().map(|a| a.id.clone()).collect::<Vec<_>>(), now)?;
+    Ok(apps.len())
 }

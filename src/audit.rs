@@ -112,6 +112,7 @@ pub fn append(conn: &mut AnyConnection, events: &[Event]) -> Result<()> {
         };
         row.hash = row_hash(&row);
         prev = row.hash.clone();
+        crate::webhooks::enqueue(conn, e, seq)?;
         match &e.track {
             Some(Track::Start(id, instance)) => rows::open_download(
                 conn,

@@ -122,6 +122,10 @@ pub struct MailSettings {
     pub smtp_username: String,
     pub smtp_password: Secret,
     pub admin_emails: Vec<String>,
+    /// Seconds before the first retry of a failed delivery (mail and webhooks); doubles each time.
+    pub retry_base_secs: u64,
+    /// How often expiry warnings and the daily digest are checked, e.g. "10m".
+    pub notices_interval: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -238,6 +242,8 @@ impl Default for MailSettings {
             smtp_username: String::new(),
             smtp_password: Secret::default(),
             admin_emails: Vec::new(),
+            retry_base_secs: 30,
+            notices_interval: "10m".into(),
         }
     }
 }
@@ -419,6 +425,7 @@ impl Settings {
                 return Err(bad("audit.checkpoint_url", "must be an http(s) URL"));
             }
         }
+        crate::util::parse_duration(&self.mail.notices_interval).map_err(|e| bad("mail.notices_interval", e))?;
         crate::util::parse_duration(&self.admin.session_ttl)
             .map_err(|e| bad("admin.session_ttl", e))?;
         if self.audit.batch_max == 0 {

@@ -111,3 +111,42 @@ pub async fn checkpoint_loop(
         }
     }
 }
+
+/// Expiry warnings and notices, and the administrators' daily digest: checked at start and
+/// every `mail.notices_interval`.
+pub async fn notices_loop(
+    db: crate::db::Db,
+    ctx: crate::applications::Context,
+    mailer: std::sync::Arc<crate::mail::Mailer>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    const DIGEST_KEY: &str = "last_digest_at";
+    loop {
+        let c2 = ctx.clone();
+        let result = db
+            .write(move |c| {
+                let now = crate::util::now();
+                let mut n = crate::applications::expiry_notices(c, &c2, now)?;
+                let last: i64 = crate::db::models::kv::get(c, DIGEST_KEY)?.and_then(|v| v.parse().ok()).unwrap_or(0);
+                if now - last >= 86400 {
+                    let listed = crate::applications::send_digest(c, &c2, now)?;
+                    if listed > 0 {
+                        crate::db::models::kv::set(c, DIGEST_KEY, &now.to_string())?;
+                        n += 1;
+                    }
+                }
+                Ok(n)
+            })
+            .await;
+        match result {
+            Ok(n) if n > 0 => mailer.wake.notify_one(),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "expiry notices or digest failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}

@@ -18,6 +18,7 @@ pub mod paths;
 pub mod routes;
 pub mod storage;
 pub mod util;
+pub mod webhooks;
 
 use std::future::Future;
 use std::net::TcpListener;
@@ -42,6 +43,7 @@ pub struct State {
     pub keys: Keyring,
     pub audit: AuditSink,
     pub mailer: Arc<Mailer>,
+    pub webhooks: Arc<webhooks::Sender>,
     pub policy: TokenPolicy,
     pub ctx: Context,
     /// Token checks, their cache, signed links and quotas.
@@ -52,9 +54,10 @@ pub struct State {
 }
 
 impl State {
-    /// Wakes the mail worker after a transaction that queued mail has committed.
+    /// Wakes the mail and webhook workers after a transaction that queued messages committed.
     pub fn mail_queued(&self) {
         self.mailer.wake.notify_one();
+        self.webhooks.wake.notify_one();
     }
 }
 
@@ -167,6 +170,9 @@ pub async fn run(
     let mailer = Arc::new(Mailer::new(&settings, core.db.clone())?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mail_task = tokio::spawn(mailer.clone().run(stop_rx));
+    let hooks = Arc::new(webhooks::Sender::new(core.db.clone(), settings.mail.retry_base_secs as i64)?);
+    let hooks_task = tokio::spawn(hooks.clone().run(stop_tx.subscribe()));
+    let notices_task = tokio::spawn(jobs::notices_loop(core.db.clone(), context(&settings), mailer.clone(), util::parse_duration(&settings.mail.notices_interval).unwrap_or(std::time::Duration::from_secs(600)), stop_tx.subscribe()));
     let gate = Gate::new(core.db.clone(), core.keys.clone(), token_policy(&settings));
     let checkpoint_every = (!settings.audit.checkpoint_file.is_empty()
         || !settings.audit.checkpoint_url.is_empty())
@@ -197,6 +203,7 @@ pub async fn run(
         keys: core.keys,
         audit: audit.clone(),
         mailer,
+        webhooks: hooks,
     });
 
     listener.set_nonblocking(true)?;
@@ -216,6 +223,8 @@ pub async fn run(
     let _ = server_task.await;
     let _ = stop_tx.send(true);
     let _ = mail_task.await;
+    let _ = hooks_task.await;
+    let _ = notices_task.await;
     let _ = keys_task.await;
     if let Some(t) = checkpoint_task {
         let _ = t.await;

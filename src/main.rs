@@ -52,6 +52,9 @@ enum Command {
     /// Researchers
     #[command(subcommand)]
     Users(UsersCmd),
+    /// Webhook endpoints for lifecycle events
+    #[command(subcommand)]
+    Webhooks(WebhooksCmd),
     /// The tamper-evident audit log
     #[command(subcommand)]
     Audit(AuditCmd),
@@ -201,6 +204,35 @@ enum KeysCmd {
         #[command(flatten)]
         out: JsonFlag,
     },
+}
+
+#[derive(Subcommand)]
+enum WebhooksCmd {
+    /// Register an endpoint; events default to all
+    Add {
+        url: String,
+        /// Shared secret for the HMAC-SHA256 signature (at least 16 characters)
+        #[arg(long, env = "WEIGHTGATE_WEBHOOK_SECRET")]
+        secret: String,
+        /// Comma-separated events, e.g. application.submitted,grant.revoked
+        #[arg(long, value_delimiter = ',')]
+        events: Vec<String>,
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+    /// List endpoints
+    List {
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+    /// An endpoint's delivery log, newest first
+    Deliveries {
+        id: String,
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+    /// Stop delivering to an endpoint
+    Remove { id: String },
 }
 
 #[derive(Subcommand)]
@@ -355,6 +387,7 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCo
         }
         Command::Models(cmd) => models(cmd, &settings).await?,
         Command::Admin(cmd) => admin_cmd(cmd, &settings).await?,
+        Command::Webhooks(cmd) => webhooks_cmd(cmd, &settings).await?,
         Command::Users(UsersCmd::Delete { email }) => {
             let core = open(&settings).await?;
             core.db
@@ -679,10 +712,9 @@ async fn tokens(cmd: TokensCmd, settings: &Settings) -> anyhow::Result<()> {
             }
         }
         TokensCmd::Revoke { jti, out } => {
-            let row = core
-                .db
-                .write(move |c| access::revoke(c, &jti, "cli"))
-                .await?;
+            let ctx = weightgate::context(settings);
+            let row = core.db.write(move |c| applications::revoke_token_in(c, &ctx, &jti, "cli")).await?;
+            deliver_mail(settings, &core).await;
             if out.json {
                 print_json(&row)?
             } else {
@@ -924,6 +956,52 @@ async fn admin_cmd(cmd: AdminCmd, settings: &Settings) -> anyhow::Result<()> {
                 anyhow::bail!("no live administrator token with that id");
             }
             println!("revoked");
+        }
+    }
+    Ok(())
+}
+
+async fn webhooks_cmd(cmd: WebhooksCmd, settings: &Settings) -> anyhow::Result<()> {
+    use weightgate::db::models::webhooks as rows;
+    let core = open(settings).await?;
+    match cmd {
+        WebhooksCmd::Add { url, secret, events, out } => {
+            let w = core
+                .db
+                .write(move |c| {
+                    let w = weightgate::webhooks::add(c, &url, &secret, &events)?;
+                    audit::append(c, &[audit::Event::new("webhook_added", "ok").actor("cli").detail(serde_json::json!({"webhook": w.id, "events": w.events}))])?;
+                    Ok(w)
+                })
+                .await?;
+            if out.json { print_json(&w)? } else { println!("webhook {} added", w.id) }
+        }
+        WebhooksCmd::List { out } => {
+            let list = core.db.read(rows::list).await?;
+            if out.json {
+                print_json(&list)?;
+            } else {
+                for w in list {
+                    println!("{}\t{}\t{}\t{}", w.id, w.url, w.events, if w.disabled_at.is_some() { "removed" } else { "active" });
+                }
+            }
+        }
+        WebhooksCmd::Deliveries { id, out } => {
+            let list = core.db.read(move |c| rows::deliveries(c, &id, 200)).await?;
+            if out.json {
+                print_json(&list)?;
+            } else {
+                for d in list {
+                    let state = if d.sent_at.is_some() { "delivered" } else if d.failed_at.is_some() { "failed" } else { "pending" };
+                    println!("{}\t{}\t{state}\tattempts={}\t{}", d.id, d.event, d.attempts, d.last_error.unwrap_or_default());
+                }
+            }
+        }
+        WebhooksCmd::Remove { id } => {
+            if !core.db.write(move |c| rows::disable(c, &id, util::now())).await? {
+                anyhow::bail!("no active webhook with that id");
+            }
+            println!("removed");
         }
     }
     Ok(())

@@ -92,6 +92,7 @@ diesel::table! {
         created_at -> BigInt,
         confirmed_at -> Nullable<BigInt>,
         updated_at -> BigInt,
+        digest_sent_at -> Nullable<BigInt>,
     }
 }
 
@@ -105,6 +106,8 @@ diesel::table! {
         expires_at -> Nullable<BigInt>,
         revoked_at -> Nullable<BigInt>,
         revoked_reason -> Nullable<Text>,
+        expiry_warned_at -> Nullable<BigInt>,
+        expiry_noticed_at -> Nullable<BigInt>,
     }
 }
 
@@ -247,6 +250,8 @@ diesel::table! {
         sent_at -> Nullable<BigInt>,
         failed_at -> Nullable<BigInt>,
         last_error -> Nullable<Text>,
+        seq -> BigInt,
+        last_status -> Nullable<Integer>,
     }
 }
 

@@ -51,6 +51,7 @@ pub struct Mailer {
     db: Db,
     from: Mailbox,
     transport: Transport,
+    retry_base: i64,
     pub wake: Arc<Notify>,
 }
 
@@ -102,13 +103,15 @@ impl Mailer {
             db,
             from,
             transport,
+            retry_base: m.retry_base_secs as i64,
             wake: Arc::new(Notify::new()),
         })
     }
 
     /// Attempts every due message once; returns how many were sent.
     pub async fn deliver_due(&self) -> Result<usize> {
-        let due = self.db.read(|c| outbox::due(c, util::now(), 100)).await?;
+        let now = util::now();
+        let due = self.db.write(move |c| outbox::claim(c, now, 50, CLAIM_LEASE_SECS)).await?;
         let mut sent = 0;
         for mail in due {
             let id = mail.id.clone();
@@ -122,9 +125,14 @@ impl Mailer {
                         .write(move |c| outbox::mark_sent(c, &id, now))
                         .await?;
                 }
+                Attempt::Retry(err) if attempts + 1 >= MAX_ATTEMPTS => {
+                    tracing::error!(mail = %id, error = %err, "mail delivery failed too often; giving up");
+                    let err = format!("gave up after {MAX_ATTEMPTS} attempts: {err}");
+                    self.db.write(move |c| outbox::mark_failed(c, &id, now, &err)).await?;
+                }
                 Attempt::Retry(err) => {
                     tracing::warn!(mail = %id, attempts = attempts + 1, error = %err, "mail delivery failed; will retry");
-                    let next = now + backoff_secs(attempts);
+                    let next = now + backoff_secs(self.retry_base, attempts);
                     self.db
                         .write(move |c| outbox::mark_retry(c, &id, next, &err))
                         .await?;
@@ -177,16 +185,24 @@ impl Mailer {
             if let Err(e) = self.deliver_due().await {
                 tracing::warn!(error = %e, "mail outbox pass failed");
             }
+            // Sleep until the next retry is due (at most 5 s), or until new mail is queued.
+            let next = self.db.read(outbox::next_due).await.ok().flatten();
+            let wait = next.map_or(5, |t| (t - util::now()).clamp(1, 5)) as u64;
             tokio::select! {
                 _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                _ = tokio::time::sleep(Duration::from_secs(wait)) => {}
                 _ = stop.changed() => return,
             }
         }
     }
 }
 
-/// 30 s, 60 s, 120 s, … capped at one hour.
-fn backoff_secs(attempts: i32) -> i64 {
-    (30i64 << attempts.clamp(0, 7)).min(3600)
+/// How long a worker holds a claimed message before another worker may try it.
+const CLAIM_LEASE_SECS: i64 = 120;
+/// Attempts before a message that keeps failing is marked failed.
+pub const MAX_ATTEMPTS: i32 = 10;
+
+/// base, 2×base, 4×base, … capped at one hour.
+pub fn backoff_secs(base: i64, attempts: i32) -> i64 {
+    (base.max(1) << attempts.clamp(0, 10)).min(3600)
 }

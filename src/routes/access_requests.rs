@@ -168,7 +168,7 @@ pub async fn handle(
                         .unwrap_or("Rejected by the model's administrators.");
                     applications::reject_in(c, &ctx, &app.id, &actor, reason).map(|_| ())
                 }
-                "pending" => applications::reopen_in(c, &app.id, &actor).map(|_| ()),
+                "pending" => applications::reopen_in(c, &ctx, &app.id, &actor).map(|_| ()),
                 other => Err(Error::invalid_field(
                     "status",
                     format!("{other:?}: use accepted, rejected or pending"),

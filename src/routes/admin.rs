@@ -14,7 +14,6 @@ use super::pages::html;
 use crate::State;
 use crate::applications;
 use crate::audit::{self, Event};
-use crate::auth::access;
 use crate::auth::session::{self, COOKIE, WebSession};
 use crate::db::models::access::{
     self as people, APPROVED, PENDING, REJECTED, UNVERIFIED, WITHDRAWN,
@@ -701,27 +700,9 @@ async fn grant_revoke(
     } else {
         reason
     };
-    let (id, actor) = (id.into_inner(), s.actor());
-    let r = state
-        .db
-        .write(move |c| {
-            let g = people::find_grant(c, &id)?
-                .ok_or_else(|| Error::not_found("grant_not_found", "No such grant."))?;
-            if !people::revoke_grant(c, &id, &reason, util::now())? {
-                return Err(Error::conflict(
-                    "already_revoked",
-                    "This grant was already revoked.",
-                ));
-            }
-            audit::append(
-                c,
-                &[Event::new("grant_revoked", "ok")
-                    .actor(&actor)
-                    .model(&g.model_id)
-                    .detail(json!({"grant": id, "user": g.user_id, "reason": reason}))],
-            )
-        })
-        .await;
+    let (id, actor, ctx) = (id.into_inner(), s.actor(), state.ctx.clone());
+    let r = state.db.write(move |c| applications::revoke_grant_in(c, &ctx, &id, &actor, &reason)).await;
+    state.mail_queued();
     state.gate.cache.clear();
     match r {
         Ok(()) => Ok(see_other("/admin/grants?notice=grant+revoked")),
@@ -737,11 +718,9 @@ async fn token_revoke(
 ) -> Result<HttpResponse> {
     let f = form.into_inner();
     let s = admin_or_return!(posted(&req, &state, &f).await);
-    let (jti, actor) = (jti.into_inner(), s.actor());
-    let r = state
-        .db
-        .write(move |c| access::revoke(c, &jti, &actor))
-        .await;
+    let (jti, actor, ctx) = (jti.into_inner(), s.actor(), state.ctx.clone());
+    let r = state.db.write(move |c| applications::revoke_token_in(c, &ctx, &jti, &actor)).await;
+    state.mail_queued();
     state.gate.cache.clear();
     match r {
         Ok(_) => Ok(see_other("/admin/grants?notice=token+revoked")),

@@ -303,3 +303,52 @@ pub fn set_grant_expiry(
         .execute(conn)?;
     Ok(n == 1)
 }
+
+/// Active grants ending within `within` seconds that were not warned yet.
+pub fn grants_to_warn(conn: &mut AnyConnection, now: i64, within: i64) -> Result<Vec<Grant>> {
+    Ok(grants::table
+        .filter(grants::revoked_at.is_null())
+        .filter(grants::expiry_warned_at.is_null())
+        .filter(grants::expires_at.gt(now))
+        .filter(grants::expires_at.le(now + within))
+        .select(Grant::as_select())
+        .load(conn)?)
+}
+
+/// Grants that have run out and were not announced as ended yet.
+pub fn grants_expired_unnoticed(conn: &mut AnyConnection, now: i64) -> Result<Vec<Grant>> {
+    Ok(grants::table
+        .filter(grants::revoked_at.is_null())
+        .filter(grants::expiry_noticed_at.is_null())
+        .filter(grants::expires_at.le(now))
+        .select(Grant::as_select())
+        .load(conn)?)
+}
+
+pub fn mark_grant_warned(conn: &mut AnyConnection, id: &str, now: i64) -> Result<()> {
+    diesel::update(grants::table.find(id)).set(grants::expiry_warned_at.eq(Some(now))).execute(conn)?;
+    Ok(())
+}
+
+pub fn mark_grant_noticed(conn: &mut AnyConnection, id: &str, now: i64) -> Result<()> {
+    diesel::update(grants::table.find(id)).set(grants::expiry_noticed_at.eq(Some(now))).execute(conn)?;
+    Ok(())
+}
+
+/// Confirmed, still pending applications of digest models that no digest listed yet.
+pub fn awaiting_digest(conn: &mut AnyConnection) -> Result<Vec<Application>> {
+    use crate::db::schema::models;
+    Ok(applications::table
+        .inner_join(models::table.on(models::id.eq(applications::model_id)))
+        .filter(models::notify.eq("digest"))
+        .filter(applications::status.eq(PENDING))
+        .filter(applications::digest_sent_at.is_null())
+        .order(applications::created_at.asc())
+        .select(Application::as_select())
+        .load(conn)?)
+}
+
+pub fn mark_digested(conn: &mut AnyConnection, ids: &[String], now: i64) -> Result<()> {
+    diesel::update(applications::table.filter(applications::id.eq_any(ids))).set(applications::digest_sent_at.eq(Some(now))).execute(conn)?;
+    Ok(())
+}

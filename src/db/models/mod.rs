@@ -8,3 +8,4 @@ pub mod kv;
 pub mod outbox;
 pub mod sessions;
 pub mod tokens;
+pub mod webhooks;
