@@ -333,7 +333,11 @@ pub async fn confirm(db: &Db, ctx: &Context, code: &str) -> Result<Application> 
             )?;
             let admin_url = format!("{}/admin/applications?status=pending", ctx.public_url);
             // Models on a daily digest are announced by the digest job instead.
-            let admins: &[String] = if model.notify == "digest" { &[] } else { &ctx.admin_emails };
+            let admins: &[String] = if model.notify == "digest" {
+                &[]
+            } else {
+                &ctx.admin_emails
+            };
             for admin in admins {
                 mail::queue(
                     c,
@@ -498,7 +502,11 @@ fn revoke_grants_of(
         if people::revoke_grant(c, &g.id, reason, now)? {
             // The researcher hears of it (the application's status page says why).
             let url = status_url(c, ctx, &app.id)?;
-            mail::queue(c, &app.email, &templates::grant_revoked(&app.model_id, reason, &url))?;
+            mail::queue(
+                c,
+                &app.email,
+                &templates::grant_revoked(&app.model_id, reason, &url),
+            )?;
             audit::append(
                 c,
                 &[Event::new("grant_revoked", "ok")
@@ -513,7 +521,12 @@ fn revoke_grants_of(
 
 /// Puts a decided application back in the review queue (`cancel_access_request`), revoking
 /// the grant an approval made.
-pub fn reopen_in(c: &mut AnyConnection, ctx: &Context, id: &str, actor: &str) -> Result<Application> {
+pub fn reopen_in(
+    c: &mut AnyConnection,
+    ctx: &Context,
+    id: &str,
+    actor: &str,
+) -> Result<Application> {
     let now = util::now();
     let app = people::find_application(c, id)?.ok_or_else(|| {
         Error::not_found("application_not_found", format!("No application {id}."))
@@ -776,21 +789,46 @@ pub async fn withdraw(db: &Db, id: &str, key: &str) -> Result<Application> {
 }
 
 /// Revokes one grant (an administrator's decision) with its audit event and the researcher's email.
-pub fn revoke_grant_in(c: &mut AnyConnection, ctx: &Context, grant_id: &str, actor: &str, reason: &str) -> Result<()> {
-    let g = people::find_grant(c, grant_id)?.ok_or_else(|| Error::not_found("grant_not_found", "No such grant."))?;
+pub fn revoke_grant_in(
+    c: &mut AnyConnection,
+    ctx: &Context,
+    grant_id: &str,
+    actor: &str,
+    reason: &str,
+) -> Result<()> {
+    let g = people::find_grant(c, grant_id)?
+        .ok_or_else(|| Error::not_found("grant_not_found", "No such grant."))?;
     if !people::revoke_grant(c, grant_id, reason, util::now())? {
-        return Err(Error::conflict("already_revoked", "This grant was already revoked."));
+        return Err(Error::conflict(
+            "already_revoked",
+            "This grant was already revoked.",
+        ));
     }
-    audit::append(c, &[Event::new("grant_revoked", "ok").actor(actor).model(&g.model_id).detail(json!({"grant": grant_id, "user": g.user_id, "reason": reason}))])?;
+    audit::append(
+        c,
+        &[Event::new("grant_revoked", "ok")
+            .actor(actor)
+            .model(&g.model_id)
+            .detail(json!({"grant": grant_id, "user": g.user_id, "reason": reason}))],
+    )?;
     if let (Some(app_id), Some(user)) = (&g.application_id, people::find_user(c, &g.user_id)?) {
         let url = status_url(c, ctx, app_id)?;
-        mail::queue(c, &user.email, &templates::grant_revoked(&g.model_id, reason, &url))?;
+        mail::queue(
+            c,
+            &user.email,
+            &templates::grant_revoked(&g.model_id, reason, &url),
+        )?;
     }
     Ok(())
 }
 
 /// Revokes a token; when someone other than its owner did it, the owner is told.
-pub fn revoke_token_in(c: &mut AnyConnection, ctx: &Context, jti: &str, actor: &str) -> Result<crate::db::models::tokens::TokenRow> {
+pub fn revoke_token_in(
+    c: &mut AnyConnection,
+    ctx: &Context,
+    jti: &str,
+    actor: &str,
+) -> Result<crate::db::models::tokens::TokenRow> {
     let row = crate::auth::access::revoke(c, jti, actor)?;
     if actor != format!("user:{}", row.user_id)
         && let Some(user) = people::find_user(c, &row.user_id)?
@@ -798,7 +836,11 @@ pub fn revoke_token_in(c: &mut AnyConnection, ctx: &Context, jti: &str, actor: &
         && let Some(app_id) = g.application_id
     {
         let url = status_url(c, ctx, &app_id)?;
-        mail::queue(c, &user.email, &templates::token_revoked(&row.model_id, &row.label, &url))?;
+        mail::queue(
+            c,
+            &user.email,
+            &templates::token_revoked(&row.model_id, &row.label, &url),
+        )?;
     }
     Ok(row)
 }
@@ -810,16 +852,32 @@ pub fn expiry_notices(c: &mut AnyConnection, ctx: &Context, now: i64) -> Result<
     for g in people::grants_to_warn(c, now, 7 * 86400)? {
         people::mark_grant_warned(c, &g.id, now)?;
         let ends = util::rfc3339(g.expires_at.unwrap_or(now));
-        audit::append(c, &[Event::new("grant_expiring", "ok").actor("system").model(&g.model_id).detail(json!({"grant": g.id, "user": g.user_id, "expires_at": g.expires_at}))])?;
+        audit::append(
+            c,
+            &[Event::new("grant_expiring", "ok")
+                .actor("system")
+                .model(&g.model_id)
+                .detail(json!({"grant": g.id, "user": g.user_id, "expires_at": g.expires_at}))],
+        )?;
         if let (Some(app_id), Some(user)) = (&g.application_id, people::find_user(c, &g.user_id)?) {
             let url = status_url(c, ctx, app_id)?;
-            mail::queue(c, &user.email, &templates::grant_expiring(&g.model_id, &ends, &url))?;
+            mail::queue(
+                c,
+                &user.email,
+                &templates::grant_expiring(&g.model_id, &ends, &url),
+            )?;
         }
         n += 1;
     }
     for g in people::grants_expired_unnoticed(c, now)? {
         people::mark_grant_noticed(c, &g.id, now)?;
-        audit::append(c, &[Event::new("grant_expired", "ok").actor("system").model(&g.model_id).detail(json!({"grant": g.id, "user": g.user_id, "expires_at": g.expires_at}))])?;
+        audit::append(
+            c,
+            &[Event::new("grant_expired", "ok")
+                .actor("system")
+                .model(&g.model_id)
+                .detail(json!({"grant": g.id, "user": g.user_id, "expires_at": g.expires_at}))],
+        )?;
         if let (Some(app_id), Some(user)) = (&g.application_id, people::find_user(c, &g.user_id)?) {
             let url = status_url(c, ctx, app_id)?;
             mail::queue(c, &user.email, &templates::grant_expired(&g.model_id, &url))?;
@@ -836,11 +894,21 @@ pub fn send_digest(c: &mut AnyConnection, ctx: &Context, now: i64) -> Result<usi
     if apps.is_empty() || ctx.admin_emails.is_empty() {
         return Ok(0);
     }
-    let items: Vec<(String, String, String)> = apps.iter().map(|a| (a.model_id.clone(), a.name.clone(), a.affiliation.clone())).collect();
-    let msg = templates::digest(&items, &format!("{}/admin/applications?status=pending", ctx.public_url));
+    let items: Vec<(String, String, String)> = apps
+        .iter()
+        .map(|a| (a.model_id.clone(), a.name.clone(), a.affiliation.clone()))
+        .collect();
+    let msg = templates::digest(
+        &items,
+        &format!("{}/admin/applications?status=pending", ctx.public_url),
+    );
     for admin in &ctx.admin_emails {
         mail::queue(c, admin, &msg)?;
     }
-    people::mark_digested(c, &apps.iter().map(|a| a.id.clone()).collect::<Vec<_>>(), now)?;
+    people::mark_digested(
+        c,
+        &apps.iter().map(|a| a.id.clone()).collect::<Vec<_>>(),
+        now,
+    )?;
     Ok(apps.len())
 }

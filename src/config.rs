@@ -425,7 +425,8 @@ impl Settings {
                 return Err(bad("audit.checkpoint_url", "must be an http(s) URL"));
             }
         }
-        crate::util::parse_duration(&self.mail.notices_interval).map_err(|e| bad("mail.notices_interval", e))?;
+        crate::util::parse_duration(&self.mail.notices_interval)
+            .map_err(|e| bad("mail.notices_interval", e))?;
         crate::util::parse_duration(&self.admin.session_ttl)
             .map_err(|e| bad("admin.session_ttl", e))?;
         if self.audit.batch_max == 0 {

@@ -128,7 +128,9 @@ pub async fn notices_loop(
             .write(move |c| {
                 let now = crate::util::now();
                 let mut n = crate::applications::expiry_notices(c, &c2, now)?;
-                let last: i64 = crate::db::models::kv::get(c, DIGEST_KEY)?.and_then(|v| v.parse().ok()).unwrap_or(0);
+                let last: i64 = crate::db::models::kv::get(c, DIGEST_KEY)?
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
                 if now - last >= 86400 {
                     let listed = crate::applications::send_digest(c, &c2, now)?;
                     if listed > 0 {

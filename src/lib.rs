@@ -170,9 +170,19 @@ pub async fn run(
     let mailer = Arc::new(Mailer::new(&settings, core.db.clone())?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mail_task = tokio::spawn(mailer.clone().run(stop_rx));
-    let hooks = Arc::new(webhooks::Sender::new(core.db.clone(), settings.mail.retry_base_secs as i64)?);
+    let hooks = Arc::new(webhooks::Sender::new(
+        core.db.clone(),
+        settings.mail.retry_base_secs as i64,
+    )?);
     let hooks_task = tokio::spawn(hooks.clone().run(stop_tx.subscribe()));
-    let notices_task = tokio::spawn(jobs::notices_loop(core.db.clone(), context(&settings), mailer.clone(), util::parse_duration(&settings.mail.notices_interval).unwrap_or(std::time::Duration::from_secs(600)), stop_tx.subscribe()));
+    let notices_task = tokio::spawn(jobs::notices_loop(
+        core.db.clone(),
+        context(&settings),
+        mailer.clone(),
+        util::parse_duration(&settings.mail.notices_interval)
+            .unwrap_or(std::time::Duration::from_secs(600)),
+        stop_tx.subscribe(),
+    ));
     let gate = Gate::new(core.db.clone(), core.keys.clone(), token_policy(&settings));
     let checkpoint_every = (!settings.audit.checkpoint_file.is_empty()
         || !settings.audit.checkpoint_url.is_empty())

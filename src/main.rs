@@ -713,7 +713,10 @@ async fn tokens(cmd: TokensCmd, settings: &Settings) -> anyhow::Result<()> {
         }
         TokensCmd::Revoke { jti, out } => {
             let ctx = weightgate::context(settings);
-            let row = core.db.write(move |c| applications::revoke_token_in(c, &ctx, &jti, "cli")).await?;
+            let row = core
+                .db
+                .write(move |c| applications::revoke_token_in(c, &ctx, &jti, "cli"))
+                .await?;
             deliver_mail(settings, &core).await;
             if out.json {
                 print_json(&row)?
@@ -965,16 +968,30 @@ async fn webhooks_cmd(cmd: WebhooksCmd, settings: &Settings) -> anyhow::Result<(
     use weightgate::db::models::webhooks as rows;
     let core = open(settings).await?;
     match cmd {
-        WebhooksCmd::Add { url, secret, events, out } => {
+        WebhooksCmd::Add {
+            url,
+            secret,
+            events,
+            out,
+        } => {
             let w = core
                 .db
                 .write(move |c| {
                     let w = weightgate::webhooks::add(c, &url, &secret, &events)?;
-                    audit::append(c, &[audit::Event::new("webhook_added", "ok").actor("cli").detail(serde_json::json!({"webhook": w.id, "events": w.events}))])?;
+                    audit::append(
+                        c,
+                        &[audit::Event::new("webhook_added", "ok")
+                            .actor("cli")
+                            .detail(serde_json::json!({"webhook": w.id, "events": w.events}))],
+                    )?;
                     Ok(w)
                 })
                 .await?;
-            if out.json { print_json(&w)? } else { println!("webhook {} added", w.id) }
+            if out.json {
+                print_json(&w)?
+            } else {
+                println!("webhook {} added", w.id)
+            }
         }
         WebhooksCmd::List { out } => {
             let list = core.db.read(rows::list).await?;
@@ -982,7 +999,17 @@ async fn webhooks_cmd(cmd: WebhooksCmd, settings: &Settings) -> anyhow::Result<(
                 print_json(&list)?;
             } else {
                 for w in list {
-                    println!("{}\t{}\t{}\t{}", w.id, w.url, w.events, if w.disabled_at.is_some() { "removed" } else { "active" });
+                    println!(
+                        "{}\t{}\t{}\t{}",
+                        w.id,
+                        w.url,
+                        w.events,
+                        if w.disabled_at.is_some() {
+                            "removed"
+                        } else {
+                            "active"
+                        }
+                    );
                 }
             }
         }
@@ -992,13 +1019,29 @@ async fn webhooks_cmd(cmd: WebhooksCmd, settings: &Settings) -> anyhow::Result<(
                 print_json(&list)?;
             } else {
                 for d in list {
-                    let state = if d.sent_at.is_some() { "delivered" } else if d.failed_at.is_some() { "failed" } else { "pending" };
-                    println!("{}\t{}\t{state}\tattempts={}\t{}", d.id, d.event, d.attempts, d.last_error.unwrap_or_default());
+                    let state = if d.sent_at.is_some() {
+                        "delivered"
+                    } else if d.failed_at.is_some() {
+                        "failed"
+                    } else {
+                        "pending"
+                    };
+                    println!(
+                        "{}\t{}\t{state}\tattempts={}\t{}",
+                        d.id,
+                        d.event,
+                        d.attempts,
+                        d.last_error.unwrap_or_default()
+                    );
                 }
             }
         }
         WebhooksCmd::Remove { id } => {
-            if !core.db.write(move |c| rows::disable(c, &id, util::now())).await? {
+            if !core
+                .db
+                .write(move |c| rows::disable(c, &id, util::now()))
+                .await?
+            {
                 anyhow::bail!("no active webhook with that id");
             }
             println!("removed");

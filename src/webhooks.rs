@@ -35,14 +35,23 @@ pub fn event_name(kind: &str) -> Option<&'static str> {
 }
 
 pub const EVENTS: [&str; 9] = [
-    "application.submitted", "application.confirmed", "application.approved", "application.rejected",
-    "grant.expiring", "grant.expired", "grant.revoked", "token.revoked", "integrity.failure",
+    "application.submitted",
+    "application.confirmed",
+    "application.approved",
+    "application.rejected",
+    "grant.expiring",
+    "grant.expired",
+    "grant.revoked",
+    "token.revoked",
+    "integrity.failure",
 ];
 
 /// Queues deliveries for an audit event that has just been given `seq`, inside the caller's
 /// transaction. Only the event's public facts go out: ids, model, reason; never a token.
 pub fn enqueue(c: &mut AnyConnection, e: &Event, seq: i64) -> Result<()> {
-    let Some(name) = event_name(&e.kind) else { return Ok(()) };
+    let Some(name) = event_name(&e.kind) else {
+        return Ok(());
+    };
     let hooks = rows::active(c)?;
     for w in hooks.iter().filter(|w| w.wants(name)) {
         let id = util::random_hex(12);
@@ -56,27 +65,31 @@ pub fn enqueue(c: &mut AnyConnection, e: &Event, seq: i64) -> Result<()> {
             "data": e.detail,
             "audit_seq": seq,
         });
-        rows::enqueue(c, &Delivery {
-            id,
-            webhook_id: w.id.clone(),
-            event: name.to_string(),
-            payload: payload.to_string(),
-            created_at: util::now(),
-            attempts: 0,
-            next_attempt_at: util::now(),
-            sent_at: None,
-            failed_at: None,
-            last_error: None,
-            seq,
-            last_status: None,
-        })?;
+        rows::enqueue(
+            c,
+            &Delivery {
+                id,
+                webhook_id: w.id.clone(),
+                event: name.to_string(),
+                payload: payload.to_string(),
+                created_at: util::now(),
+                attempts: 0,
+                next_attempt_at: util::now(),
+                sent_at: None,
+                failed_at: None,
+                last_error: None,
+                seq,
+                last_status: None,
+            },
+        )?;
     }
     Ok(())
 }
 
 /// `sha256=<hex HMAC-SHA256 of body with secret>`.
 pub fn signature(secret: &str, body: &[u8]) -> String {
-    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length");
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret.as_bytes())
+        .expect("HMAC takes keys of any length");
     mac.update(body);
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
@@ -88,16 +101,26 @@ pub fn add(c: &mut AnyConnection, url: &str, secret: &str, events: &[String]) ->
         return Err(Error::invalid_field("url", "must be http(s)"));
     }
     if secret.len() < 16 {
-        return Err(Error::invalid_field("secret", "must have at least 16 characters"));
+        return Err(Error::invalid_field(
+            "secret",
+            "must have at least 16 characters",
+        ));
     }
     if let Some(bad) = events.iter().find(|e| !EVENTS.contains(&e.as_str())) {
-        return Err(Error::invalid_field("events", format!("{bad} is not one of {}", EVENTS.join(", "))));
+        return Err(Error::invalid_field(
+            "events",
+            format!("{bad} is not one of {}", EVENTS.join(", ")),
+        ));
     }
     let w = Webhook {
         id: util::random_hex(8),
         url: url.to_string(),
         secret: secret.to_string(),
-        events: if events.is_empty() { "[\"*\"]".into() } else { serde_json::to_string(events).unwrap_or_default() },
+        events: if events.is_empty() {
+            "[\"*\"]".into()
+        } else {
+            serde_json::to_string(events).unwrap_or_default()
+        },
         created_at: util::now(),
         disabled_at: None,
     };
@@ -117,8 +140,16 @@ const LEASE_SECS: i64 = 60;
 
 impl Sender {
     pub fn new(db: Db, retry_base: i64) -> anyhow::Result<Sender> {
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).redirect(reqwest::redirect::Policy::none()).build()?;
-        Ok(Sender { db, http, retry_base, wake: Arc::new(Notify::new()) })
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(15))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(Sender {
+            db,
+            http,
+            retry_base,
+            wake: Arc::new(Notify::new()),
+        })
     }
 
     /// One pass: for every endpoint, its next due delivery (in order). Returns how many went out.
@@ -128,20 +159,57 @@ impl Sender {
         for w in hooks {
             loop {
                 let (wid, now) = (w.id.clone(), util::now());
-                let Some(d) = self.db.write(move |c| rows::claim_head(c, &wid, now, LEASE_SECS)).await? else { break };
+                let Some(d) = self
+                    .db
+                    .write(move |c| rows::claim_head(c, &wid, now, LEASE_SECS))
+                    .await?
+                else {
+                    break;
+                };
                 let ok = self.attempt(&w, &d).await;
                 let now = util::now();
                 let attempts = d.attempts + 1;
                 let outcome = match &ok {
-                    Ok(status) => Outcome { sent: true, failed: false, next_at: now, status: Some(*status), error: None },
-                    Err((status, e)) if attempts >= crate::mail::MAX_ATTEMPTS => Outcome { sent: false, failed: true, next_at: now, status: *status, error: Some(e) },
-                    Err((status, e)) => Outcome { sent: false, failed: false, next_at: now + crate::mail::backoff_secs(self.retry_base, d.attempts), status: *status, error: Some(e) },
+                    Ok(status) => Outcome {
+                        sent: true,
+                        failed: false,
+                        next_at: now,
+                        status: Some(*status),
+                        error: None,
+                    },
+                    Err((status, e)) if attempts >= crate::mail::MAX_ATTEMPTS => Outcome {
+                        sent: false,
+                        failed: true,
+                        next_at: now,
+                        status: *status,
+                        error: Some(e),
+                    },
+                    Err((status, e)) => Outcome {
+                        sent: false,
+                        failed: false,
+                        next_at: now + crate::mail::backoff_secs(self.retry_base, d.attempts),
+                        status: *status,
+                        error: Some(e),
+                    },
                 };
                 let (id, sent_now, failed) = (d.id.clone(), outcome.sent, outcome.failed);
                 let (status, error) = (outcome.status, outcome.error.map(str::to_string));
                 let next_at = outcome.next_at;
                 self.db
-                    .write(move |c| rows::mark(c, &id, &Outcome { sent: sent_now, failed, next_at, status, error: error.as_deref() }, now))
+                    .write(move |c| {
+                        rows::mark(
+                            c,
+                            &id,
+                            &Outcome {
+                                sent: sent_now,
+                                failed,
+                                next_at,
+                                status,
+                                error: error.as_deref(),
+                            },
+                            now,
+                        )
+                    })
                     .await?;
                 if sent_now {
                     sent += 1;
@@ -153,8 +221,15 @@ impl Sender {
         Ok(sent)
     }
 
-    async fn attempt(&self, w: &Webhook, d: &Delivery) -> std::result::Result<i32, (Option<i32>, String)> {
-        let ts = serde_json::from_str::<Value>(&d.payload).ok().and_then(|v| v["timestamp"].as_i64()).unwrap_or_else(util::now);
+    async fn attempt(
+        &self,
+        w: &Webhook,
+        d: &Delivery,
+    ) -> std::result::Result<i32, (Option<i32>, String)> {
+        let ts = serde_json::from_str::<Value>(&d.payload)
+            .ok()
+            .and_then(|v| v["timestamp"].as_i64())
+            .unwrap_or_else(util::now);
         let r = self
             .http
             .post(&w.url)
@@ -163,13 +238,19 @@ impl Sender {
             .header("X-Weightgate-Event", &d.event)
             .header("X-Weightgate-Delivery", &d.id)
             .header("X-Weightgate-Timestamp", ts.to_string())
-            .header("X-Weightgate-Signature", signature(&w.secret, d.payload.as_bytes()))
+            .header(
+                "X-Weightgate-Signature",
+                signature(&w.secret, d.payload.as_bytes()),
+            )
             .body(d.payload.clone())
             .send()
             .await;
         match r {
             Ok(resp) if resp.status().is_success() => Ok(resp.status().as_u16() as i32),
-            Ok(resp) => Err((Some(resp.status().as_u16() as i32), format!("HTTP {}", resp.status()))),
+            Ok(resp) => Err((
+                Some(resp.status().as_u16() as i32),
+                format!("HTTP {}", resp.status()),
+            )),
             Err(e) => Err((None, e.to_string())),
         }
     }

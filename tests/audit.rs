@@ -13,16 +13,13 @@ use common::{
     write_model_dir,
 };
 use diesel::connection::SimpleConnection;
-use diesel::{Connection, PgConnection, SqliteConnection};
+use diesel::{Connection, PgConnection};
 use serde_json::{Value, json};
 use weightgate::audit::{self, Event};
 
 fn exec(s: &TestServer, backend: Backend, sql: &str) {
     match backend {
-        Backend::Sqlite => SqliteConnection::establish(s.db.url.trim_start_matches("sqlite://"))
-            .unwrap()
-            .batch_execute(sql)
-            .unwrap(),
+        Backend::Sqlite => common::sqlite(&s.db.url).batch_execute(sql).unwrap(),
         Backend::Postgres => PgConnection::establish(&s.db.url)
             .unwrap()
             .batch_execute(sql)

@@ -16,10 +16,8 @@ async fn the_whole_flow_in_chromium() {
     // The model asks one custom question.
     let questions = json!([{"label": "Team size", "kind": "text", "required": true}]).to_string();
     {
-        use diesel::Connection;
         use diesel::connection::SimpleConnection;
-        let mut c =
-            diesel::SqliteConnection::establish(s.db.url.trim_start_matches("sqlite://")).unwrap();
+        let mut c = common::sqlite(&s.db.url);
         c.batch_execute(&format!("UPDATE models SET questions = '{questions}', license = 'Research only.' WHERE id = 'acme/tiny'")).unwrap();
     }
     // Three more applicants, confirmed: two for the bulk approval, one to reject.

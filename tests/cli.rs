@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::{Backend, TestServer, write_model_dir};
 use diesel::connection::SimpleConnection;
-use diesel::{Connection, PgConnection, SqliteConnection};
+use diesel::{Connection, PgConnection};
 
 fn weightgate() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_weightgate"));
@@ -144,10 +144,7 @@ async fn tampering_breaks_the_chain(backend: Backend) {
     assert_eq!(ok["broken_at"], serde_json::Value::Null);
 
     let exec = |sql: &str| match backend {
-        Backend::Sqlite => SqliteConnection::establish(s.db.url.trim_start_matches("sqlite://"))
-            .unwrap()
-            .batch_execute(sql)
-            .unwrap(),
+        Backend::Sqlite => common::sqlite(&s.db.url).batch_execute(sql).unwrap(),
         Backend::Postgres => PgConnection::establish(&s.db.url)
             .unwrap()
             .batch_execute(sql)

@@ -516,10 +516,8 @@ async fn every_denial_raises_the_right_exception() {
         "revoked",
     );
     {
-        use diesel::Connection;
         use diesel::connection::SimpleConnection;
-        let mut c =
-            diesel::SqliteConnection::establish(s.db.url.trim_start_matches("sqlite://")).unwrap();
+        let mut c = common::sqlite(&s.db.url);
         c.batch_execute(&format!("UPDATE grants SET expires_at = {} WHERE user_id = (SELECT id FROM users WHERE email = 'ada@example.org')", weightgate::util::now() - 60)).unwrap();
     }
     check(&err(&ada, "config.json"), "GatedRepoError", "expired");

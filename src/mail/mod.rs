@@ -111,7 +111,10 @@ impl Mailer {
     /// Attempts every due message once; returns how many were sent.
     pub async fn deliver_due(&self) -> Result<usize> {
         let now = util::now();
-        let due = self.db.write(move |c| outbox::claim(c, now, 50, CLAIM_LEASE_SECS)).await?;
+        let due = self
+            .db
+            .write(move |c| outbox::claim(c, now, 50, CLAIM_LEASE_SECS))
+            .await?;
         let mut sent = 0;
         for mail in due {
             let id = mail.id.clone();
@@ -128,7 +131,9 @@ impl Mailer {
                 Attempt::Retry(err) if attempts + 1 >= MAX_ATTEMPTS => {
                     tracing::error!(mail = %id, error = %err, "mail delivery failed too often; giving up");
                     let err = format!("gave up after {MAX_ATTEMPTS} attempts: {err}");
-                    self.db.write(move |c| outbox::mark_failed(c, &id, now, &err)).await?;
+                    self.db
+                        .write(move |c| outbox::mark_failed(c, &id, now, &err))
+                        .await?;
                 }
                 Attempt::Retry(err) => {
                     tracing::warn!(mail = %id, attempts = attempts + 1, error = %err, "mail delivery failed; will retry");

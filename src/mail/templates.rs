@@ -175,7 +175,10 @@ pub fn grant_expiring(model: &str, expires: &str, status_url: &str) -> Rendered 
 }
 
 pub fn grant_expired(model: &str, status_url: &str) -> Rendered {
-    let paras = vec![format!("Your access to {model} has ended; your tokens for it no longer work."), "You may apply again from the model's page.".to_string()];
+    let paras = vec![
+        format!("Your access to {model} has ended; your tokens for it no longer work."),
+        "You may apply again from the model's page.".to_string(),
+    ];
     Rendered {
         kind: "grant_expired",
         subject: one_line(&format!("Your access to {model} has ended")),
@@ -185,7 +188,10 @@ pub fn grant_expired(model: &str, status_url: &str) -> Rendered {
 }
 
 pub fn grant_revoked(model: &str, reason: &str, status_url: &str) -> Rendered {
-    let paras = vec![format!("Your access to {model} has been revoked; your tokens for it no longer work."), format!("Reason: {reason}")];
+    let paras = vec![
+        format!("Your access to {model} has been revoked; your tokens for it no longer work."),
+        format!("Reason: {reason}"),
+    ];
     Rendered {
         kind: "grant_revoked",
         subject: one_line(&format!("Your access to {model} was revoked")),
@@ -195,20 +201,37 @@ pub fn grant_revoked(model: &str, reason: &str, status_url: &str) -> Rendered {
 }
 
 pub fn token_revoked(model: &str, label: &str, status_url: &str) -> Rendered {
-    let which = if label.is_empty() { "One of your download tokens".to_string() } else { format!("Your download token \"{label}\"") };
-    let paras = vec![format!("{which} for {model} was revoked by an administrator."), "Your access itself is unchanged: issue a new token from your status page.".to_string()];
+    let which = if label.is_empty() {
+        "One of your download tokens".to_string()
+    } else {
+        format!("Your download token \"{label}\"")
+    };
+    let paras = vec![
+        format!("{which} for {model} was revoked by an administrator."),
+        "Your access itself is unchanged: issue a new token from your status page.".to_string(),
+    ];
     Rendered {
         kind: "token_revoked",
         subject: one_line(&format!("A download token for {model} was revoked")),
-        text: format!("{}\n\nStatus and tokens: {status_url}\n", paras.join("\n\n")),
+        text: format!(
+            "{}\n\nStatus and tokens: {status_url}\n",
+            paras.join("\n\n")
+        ),
         html: html_page(&paras, Some(("Status and tokens", status_url))),
     }
 }
 
 /// One message listing a day's new applications for models that asked for a digest.
 pub fn digest(items: &[(String, String, String)], admin_url: &str) -> Rendered {
-    let mut paras = vec![format!("{} new application(s) are waiting for review:", items.len())];
-    paras.extend(items.iter().map(|(model, name, affiliation)| format!("{model}: {name} ({affiliation})")));
+    let mut paras = vec![format!(
+        "{} new application(s) are waiting for review:",
+        items.len()
+    )];
+    paras.extend(
+        items
+            .iter()
+            .map(|(model, name, affiliation)| format!("{model}: {name} ({affiliation})")),
+    );
     Rendered {
         kind: "digest",
         subject: one_line(&format!("{} new application(s) to review", items.len())),

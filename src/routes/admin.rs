@@ -701,7 +701,10 @@ async fn grant_revoke(
         reason
     };
     let (id, actor, ctx) = (id.into_inner(), s.actor(), state.ctx.clone());
-    let r = state.db.write(move |c| applications::revoke_grant_in(c, &ctx, &id, &actor, &reason)).await;
+    let r = state
+        .db
+        .write(move |c| applications::revoke_grant_in(c, &ctx, &id, &actor, &reason))
+        .await;
     state.mail_queued();
     state.gate.cache.clear();
     match r {
@@ -719,7 +722,10 @@ async fn token_revoke(
     let f = form.into_inner();
     let s = admin_or_return!(posted(&req, &state, &f).await);
     let (jti, actor, ctx) = (jti.into_inner(), s.actor(), state.ctx.clone());
-    let r = state.db.write(move |c| applications::revoke_token_in(c, &ctx, &jti, &actor)).await;
+    let r = state
+        .db
+        .write(move |c| applications::revoke_token_in(c, &ctx, &jti, &actor))
+        .await;
     state.mail_queued();
     state.gate.cache.clear();
     match r {

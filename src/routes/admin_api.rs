@@ -118,14 +118,23 @@ pub async fn webhooks_list(req: HttpRequest, state: web::Data<State>) -> Result<
 }
 
 /// `POST /api/v1/admin/webhooks` with `{"url", "secret", "events": [...]}`.
-pub async fn webhooks_add(req: HttpRequest, state: web::Data<State>, body: web::Json<NewWebhook>) -> Result<HttpResponse> {
+pub async fn webhooks_add(
+    req: HttpRequest,
+    state: web::Data<State>,
+    body: web::Json<NewWebhook>,
+) -> Result<HttpResponse> {
     let who = admin::authenticate(&state.db, super::bearer_header(&req).as_deref()).await?;
     let b = body.into_inner();
     let w = state
         .db
         .write(move |c| {
             let w = crate::webhooks::add(c, &b.url, &b.secret, &b.events)?;
-            audit::append(c, &[audit::Event::new("webhook_added", "ok").actor(who.actor()).detail(serde_json::json!({"webhook": w.id, "events": w.events}))])?;
+            audit::append(
+                c,
+                &[audit::Event::new("webhook_added", "ok")
+                    .actor(who.actor())
+                    .detail(serde_json::json!({"webhook": w.id, "events": w.events}))],
+            )?;
             Ok(w)
         })
         .await?;
@@ -133,28 +142,48 @@ pub async fn webhooks_add(req: HttpRequest, state: web::Data<State>, body: web::
 }
 
 /// `DELETE /api/v1/admin/webhooks/{id}`: stops deliveries to it.
-pub async fn webhooks_remove(req: HttpRequest, state: web::Data<State>, id: web::Path<String>) -> Result<HttpResponse> {
+pub async fn webhooks_remove(
+    req: HttpRequest,
+    state: web::Data<State>,
+    id: web::Path<String>,
+) -> Result<HttpResponse> {
     admin::authenticate(&state.db, super::bearer_header(&req).as_deref()).await?;
     let id = id.into_inner();
-    let done = state.db.write(move |c| crate::db::models::webhooks::disable(c, &id, crate::util::now())).await?;
+    let done = state
+        .db
+        .write(move |c| crate::db::models::webhooks::disable(c, &id, crate::util::now()))
+        .await?;
     if !done {
-        return Err(Error::not_found("webhook_not_found", "No active webhook with that id."));
+        return Err(Error::not_found(
+            "webhook_not_found",
+            "No active webhook with that id.",
+        ));
     }
     Ok(HttpResponse::NoContent().finish())
 }
 
 /// `GET /api/v1/admin/webhooks/{id}/deliveries`: the endpoint's delivery log, newest first.
-pub async fn webhook_deliveries(req: HttpRequest, state: web::Data<State>, id: web::Path<String>) -> Result<HttpResponse> {
+pub async fn webhook_deliveries(
+    req: HttpRequest,
+    state: web::Data<State>,
+    id: web::Path<String>,
+) -> Result<HttpResponse> {
     admin::authenticate(&state.db, super::bearer_header(&req).as_deref()).await?;
     let id = id.into_inner();
-    let list = state.db.read(move |c| crate::db::models::webhooks::deliveries(c, &id, 200)).await?;
+    let list = state
+        .db
+        .read(move |c| crate::db::models::webhooks::deliveries(c, &id, 200))
+        .await?;
     Ok(HttpResponse::Ok().json(list))
 }
 
 /// `GET /api/v1/admin/outbox/failed`: mail that could not be delivered.
 pub async fn outbox_failed(req: HttpRequest, state: web::Data<State>) -> Result<HttpResponse> {
     admin::authenticate(&state.db, super::bearer_header(&req).as_deref()).await?;
-    let list = state.db.read(|c| crate::db::models::outbox::failed(c, 200)).await?;
+    let list = state
+        .db
+        .read(|c| crate::db::models::outbox::failed(c, 200))
+        .await?;
     let view: Vec<serde_json::Value> = list
         .iter()
         .map(|m| serde_json::json!({"id": m.id, "kind": m.kind, "to": m.to_addr, "subject": m.subject, "attempts": m.attempts, "failed_at": m.failed_at, "error": m.last_error}))

@@ -63,11 +63,26 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             web::post().to(apply::withdraw),
         )
         .route("/api/v1/admin/audit", web::get().to(admin_api::audit))
-        .route("/api/v1/admin/webhooks", web::get().to(admin_api::webhooks_list))
-        .route("/api/v1/admin/webhooks", web::post().to(admin_api::webhooks_add))
-        .route("/api/v1/admin/webhooks/{id}", web::delete().to(admin_api::webhooks_remove))
-        .route("/api/v1/admin/webhooks/{id}/deliveries", web::get().to(admin_api::webhook_deliveries))
-        .route("/api/v1/admin/outbox/failed", web::get().to(admin_api::outbox_failed))
+        .route(
+            "/api/v1/admin/webhooks",
+            web::get().to(admin_api::webhooks_list),
+        )
+        .route(
+            "/api/v1/admin/webhooks",
+            web::post().to(admin_api::webhooks_add),
+        )
+        .route(
+            "/api/v1/admin/webhooks/{id}",
+            web::delete().to(admin_api::webhooks_remove),
+        )
+        .route(
+            "/api/v1/admin/webhooks/{id}/deliveries",
+            web::get().to(admin_api::webhook_deliveries),
+        )
+        .route(
+            "/api/v1/admin/outbox/failed",
+            web::get().to(admin_api::outbox_failed),
+        )
         // Hugging Face Hub API (HF_ENDPOINT clients)
         .route("/api/agent-harnesses", web::get().to(hub::agent_harnesses))
         .route("/api/models/{org}/{name}", web::get().to(hub::model_info))

@@ -156,6 +156,46 @@ impl TestServer {
         server
     }
 
+    /// A second server on the same database (a replica), with its own port and data dir.
+    pub async fn replica(&self) -> TestServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let base = format!("http://{addr}");
+        let mut settings = self.settings.clone();
+        settings.data_dir = dir.path().join("data");
+        settings.server.bind = addr.to_string();
+        settings.server.public_url = base.clone();
+        let (tx, rx) = oneshot::channel::<()>();
+        let s = settings.clone();
+        let task = tokio::spawn(async move {
+            weightgate::run(s, listener, async move {
+                let _ = rx.await;
+            })
+            .await
+        });
+        let db = TestDb {
+            url: self.db.url.clone(),
+            pg_name: None,
+        };
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("client");
+        let server = TestServer {
+            base,
+            dir,
+            db,
+            settings,
+            http,
+            extra: self.extra.clone(),
+            stop: Some(tx),
+            task: Some(task),
+        };
+        server.wait_ready().await;
+        server
+    }
+
     async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -516,4 +556,69 @@ pub async fn eventually(
         );
         tokio::time::sleep(Duration::from_millis(100)).await; // poll interval until the cache refreshes
     }
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// The project's virtualenv Python (made by scripts/test.sh).
+pub fn venv_python() -> PathBuf {
+    let venv = std::env::var("WEIGHTGATE_TEST_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv"));
+    let py = venv.join("bin/python");
+    assert!(
+        py.is_file(),
+        "no virtualenv at {}: run scripts/test.sh",
+        venv.display()
+    );
+    py
+}
+
+/// A helper process from tests/helpers, killed when dropped.
+pub struct Helper(pub std::process::Child);
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `tests/helpers/<script>` with `args` and waits for it to print "ready".
+pub fn start_helper(script: &str, args: &[&str]) -> Helper {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(venv_python())
+        .arg(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/helpers")
+                .join(script),
+        )
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("start helper");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("helper output");
+    assert_eq!(line.trim(), "ready", "{script} did not start");
+    Helper(child)
+}
+
+/// A direct connection to a test's SQLite file that waits for the server's writes.
+pub fn sqlite(url: &str) -> diesel::SqliteConnection {
+    let mut c =
+        diesel::SqliteConnection::establish(url.trim_start_matches("sqlite://")).expect("sqlite");
+    c.batch_execute("PRAGMA busy_timeout = 10000")
+        .expect("busy_timeout");
+    c
 }

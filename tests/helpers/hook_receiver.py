@@ -20,7 +20,7 @@ class Handler(BaseHTTPRequestHandler):
             seen["n"] += 1
             status = 500 if seen["n"] <= fail_first else 200
             with open(outfile, "a") as f:
-                f.write(json.dumps({"status": status, "headers": dict(self.headers), "body": body}) + "\n")
+                f.write(json.dumps({"status": status, "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body}) + "\n")
         self.send_response(status)
         self.send_header("Content-Length", "0")
         self.end_headers()

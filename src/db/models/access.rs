@@ -326,12 +326,16 @@ pub fn grants_expired_unnoticed(conn: &mut AnyConnection, now: i64) -> Result<Ve
 }
 
 pub fn mark_grant_warned(conn: &mut AnyConnection, id: &str, now: i64) -> Result<()> {
-    diesel::update(grants::table.find(id)).set(grants::expiry_warned_at.eq(Some(now))).execute(conn)?;
+    diesel::update(grants::table.find(id))
+        .set(grants::expiry_warned_at.eq(Some(now)))
+        .execute(conn)?;
     Ok(())
 }
 
 pub fn mark_grant_noticed(conn: &mut AnyConnection, id: &str, now: i64) -> Result<()> {
-    diesel::update(grants::table.find(id)).set(grants::expiry_noticed_at.eq(Some(now))).execute(conn)?;
+    diesel::update(grants::table.find(id))
+        .set(grants::expiry_noticed_at.eq(Some(now)))
+        .execute(conn)?;
     Ok(())
 }
 
@@ -349,6 +353,8 @@ pub fn awaiting_digest(conn: &mut AnyConnection) -> Result<Vec<Application>> {
 }
 
 pub fn mark_digested(conn: &mut AnyConnection, ids: &[String], now: i64) -> Result<()> {
-    diesel::update(applications::table.filter(applications::id.eq_any(ids))).set(applications::digest_sent_at.eq(Some(now))).execute(conn)?;
+    diesel::update(applications::table.filter(applications::id.eq_any(ids)))
+        .set(applications::digest_sent_at.eq(Some(now)))
+        .execute(conn)?;
     Ok(())
 }

@@ -92,7 +92,12 @@ struct IdRow {
 /// seconds ahead, so no other worker (another replica, the CLI) takes them meanwhile. On
 /// PostgreSQL rows another transaction is claiming are skipped (`FOR UPDATE SKIP LOCKED`);
 /// SQLite's single writer already serialises claims.
-pub fn claim(conn: &mut AnyConnection, now: i64, limit: i64, lease: i64) -> Result<Vec<OutboxMail>> {
+pub fn claim(
+    conn: &mut AnyConnection,
+    now: i64,
+    limit: i64,
+    lease: i64,
+) -> Result<Vec<OutboxMail>> {
     let ids: Vec<String> = match conn {
         AnyConnection::Postgresql(pg) => diesel::sql_query(
             "SELECT id FROM mail_outbox WHERE sent_at IS NULL AND failed_at IS NULL AND next_attempt_at <= $1 \

@@ -44,27 +44,42 @@ pub struct Delivery {
 }
 
 pub fn insert(conn: &mut AnyConnection, w: &Webhook) -> Result<()> {
-    diesel::insert_into(webhooks::table).values(w).execute(conn)?;
+    diesel::insert_into(webhooks::table)
+        .values(w)
+        .execute(conn)?;
     Ok(())
 }
 
 pub fn active(conn: &mut AnyConnection) -> Result<Vec<Webhook>> {
-    Ok(webhooks::table.filter(webhooks::disabled_at.is_null()).order(webhooks::created_at.asc()).select(Webhook::as_select()).load(conn)?)
+    Ok(webhooks::table
+        .filter(webhooks::disabled_at.is_null())
+        .order(webhooks::created_at.asc())
+        .select(Webhook::as_select())
+        .load(conn)?)
 }
 
 pub fn list(conn: &mut AnyConnection) -> Result<Vec<Webhook>> {
-    Ok(webhooks::table.order(webhooks::created_at.asc()).select(Webhook::as_select()).load(conn)?)
+    Ok(webhooks::table
+        .order(webhooks::created_at.asc())
+        .select(Webhook::as_select())
+        .load(conn)?)
 }
 
 pub fn disable(conn: &mut AnyConnection, id: &str, now: i64) -> Result<bool> {
-    let n = diesel::update(webhooks::table.find(id).filter(webhooks::disabled_at.is_null()))
-        .set(webhooks::disabled_at.eq(Some(now)))
-        .execute(conn)?;
+    let n = diesel::update(
+        webhooks::table
+            .find(id)
+            .filter(webhooks::disabled_at.is_null()),
+    )
+    .set(webhooks::disabled_at.eq(Some(now)))
+    .execute(conn)?;
     Ok(n == 1)
 }
 
 pub fn enqueue(conn: &mut AnyConnection, d: &Delivery) -> Result<()> {
-    diesel::insert_into(webhook_outbox::table).values(d).execute(conn)?;
+    diesel::insert_into(webhook_outbox::table)
+        .values(d)
+        .execute(conn)?;
     Ok(())
 }
 
@@ -85,7 +100,12 @@ struct IdRow {
 
 /// Claims the oldest undelivered delivery of a webhook when it is due. Deliveries of one
 /// endpoint go strictly in order: while the head keeps failing, the ones behind it wait.
-pub fn claim_head(conn: &mut AnyConnection, webhook_id: &str, now: i64, lease: i64) -> Result<Option<Delivery>> {
+pub fn claim_head(
+    conn: &mut AnyConnection,
+    webhook_id: &str,
+    now: i64,
+    lease: i64,
+) -> Result<Option<Delivery>> {
     let head: Option<Delivery> = webhook_outbox::table
         .filter(webhook_outbox::webhook_id.eq(webhook_id))
         .filter(webhook_outbox::sent_at.is_null())
@@ -94,7 +114,9 @@ pub fn claim_head(conn: &mut AnyConnection, webhook_id: &str, now: i64, lease: i
         .select(Delivery::as_select())
         .first(conn)
         .optional()?;
-    let Some(head) = head.filter(|h| h.next_attempt_at <= now) else { return Ok(None) };
+    let Some(head) = head.filter(|h| h.next_attempt_at <= now) else {
+        return Ok(None);
+    };
     if let AnyConnection::Postgresql(pg) = conn {
         let locked = diesel::sql_query("SELECT id FROM webhook_outbox WHERE id = $1 AND next_attempt_at <= $2 FOR UPDATE SKIP LOCKED")
             .bind::<diesel::sql_types::Text, _>(&head.id)
@@ -104,7 +126,9 @@ pub fn claim_head(conn: &mut AnyConnection, webhook_id: &str, now: i64, lease: i
             return Ok(None);
         }
     }
-    diesel::update(webhook_outbox::table.find(&head.id)).set(webhook_outbox::next_attempt_at.eq(now + lease)).execute(conn)?;
+    diesel::update(webhook_outbox::table.find(&head.id))
+        .set(webhook_outbox::next_attempt_at.eq(now + lease))
+        .execute(conn)?;
     Ok(Some(head))
 }
 
