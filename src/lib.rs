@@ -7,6 +7,7 @@
 pub mod applications;
 pub mod audit;
 pub mod auth;
+pub mod client;
 pub mod config;
 pub mod countries;
 pub mod db;

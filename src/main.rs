@@ -58,6 +58,63 @@ enum Command {
     /// The tamper-evident audit log
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Download a model revision, verifying every block and file (resumes where it stopped)
+    #[command(after_help = weightgate::client::EXIT_CODES_HELP)]
+    Download {
+        repo: String,
+        #[arg(long)]
+        endpoint: String,
+        /// Download token (else WEIGHTGATE_TOKEN, else HF_TOKEN)
+        #[arg(long)]
+        token: Option<String>,
+        #[arg(long, default_value = "main")]
+        revision: String,
+        /// Only files matching this glob (repeatable)
+        #[arg(long)]
+        include: Vec<String>,
+        /// Skip files matching this glob (repeatable)
+        #[arg(long)]
+        exclude: Vec<String>,
+        /// Target folder (default: the model's name)
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Blocks fetched at once
+        #[arg(long, default_value_t = 6)]
+        parallel: usize,
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+    /// Apply for access to a model from the terminal
+    Apply {
+        repo: String,
+        #[arg(long)]
+        endpoint: String,
+        #[arg(long)]
+        email: String,
+        #[arg(long, default_value = "")]
+        name: String,
+        #[arg(long, default_value = "")]
+        affiliation: String,
+        /// ISO 3166-1 alpha-2, e.g. FR
+        #[arg(long, default_value = "")]
+        country: String,
+        #[arg(long, default_value = "")]
+        intended_use: String,
+        /// An answer to one of the model's questions (repeatable)
+        #[arg(long = "answer", value_parser = parse_answer)]
+        answers: Vec<(String, String)>,
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+    /// Show an application's status from its status link
+    Status {
+        #[arg(long)]
+        endpoint: Option<String>,
+        #[arg(long)]
+        link: String,
+        #[command(flatten)]
+        out: JsonFlag,
+    },
     /// Check a downloaded folder against the SHA256SUMS in it (exit 1 on any mismatch)
     Verify {
         dir: PathBuf,
@@ -280,8 +337,130 @@ enum AuditCmd {
     },
 }
 
+fn parse_answer(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| "expected KEY=VALUE".to_string())
+}
+
+/// The client commands talk to a server and need no local configuration or database.
+fn client_command(command: &Command) -> Option<ExitCode> {
+    use weightgate::client;
+    let result = match command {
+        Command::Download {
+            repo,
+            endpoint,
+            token,
+            revision,
+            include,
+            exclude,
+            dir,
+            parallel,
+            out,
+        } => {
+            let token = token
+                .clone()
+                .or_else(|| std::env::var("WEIGHTGATE_TOKEN").ok())
+                .or_else(|| std::env::var("HF_TOKEN").ok());
+            let dir = dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(repo.rsplit('/').next().unwrap_or(repo)));
+            let req = client::DownloadRequest {
+                endpoint: endpoint.trim_end_matches('/').to_string(),
+                repo: repo.clone(),
+                revision: revision.clone(),
+                token,
+                include: include.clone(),
+                exclude: exclude.clone(),
+                dir: dir.clone(),
+                parallel: *parallel,
+                progress: std::io::IsTerminal::is_terminal(&std::io::stderr()) && !out.json,
+            };
+            client::download(&req).map(|r| {
+                if out.json {
+                    let _ = print_json(&r);
+                } else {
+                    println!(
+                        "{} files verified in {} (revision {}); SHA256SUMS written",
+                        r.files.len(),
+                        dir.display(),
+                        r.commit
+                    );
+                }
+            })
+        }
+        Command::Apply {
+            repo,
+            endpoint,
+            email,
+            name,
+            affiliation,
+            country,
+            intended_use,
+            answers,
+            out,
+        } => {
+            let req = client::ApplyRequest {
+                endpoint: endpoint.trim_end_matches('/').to_string(),
+                repo: repo.clone(),
+                name: name.clone(),
+                email: email.clone(),
+                affiliation: affiliation.clone(),
+                country: country.clone(),
+                intended_use: intended_use.clone(),
+                answers: answers.clone(),
+            };
+            client::apply(&req).map(|v| {
+                if out.json {
+                    let _ = print_json(&v);
+                } else {
+                    println!("Application sent. Confirm it with the link emailed to {email}.");
+                    println!(
+                        "Status link (keep it): {}",
+                        v["status_url"].as_str().unwrap_or("")
+                    );
+                }
+            })
+        }
+        Command::Status { link, out, .. } => client::status(link).map(|v| {
+            if out.json {
+                let _ = print_json(&v);
+            } else {
+                println!(
+                    "{}: {}",
+                    v["model"].as_str().unwrap_or(""),
+                    v["status"].as_str().unwrap_or("")
+                );
+                if let Some(r) = v["reason"].as_str() {
+                    println!("reason: {r}");
+                }
+                if v["grant_active"] == true {
+                    println!(
+                        "access: granted{}",
+                        v["grant_expires_at"]
+                            .as_i64()
+                            .map(|e| format!(" until {}", util::rfc3339(e)))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+        }),
+        _ => return None,
+    };
+    Some(match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weightgate: {e}");
+            ExitCode::from(e.code)
+        }
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(code) = client_command(&cli.command) {
+        return code;
+    }
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(s) => s,
         Err(e) => {
@@ -434,6 +613,9 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCo
             }
         }
         Command::Verify { dir, out } => return verify_dir(&dir, out.json),
+        Command::Download { .. } | Command::Apply { .. } | Command::Status { .. } => {
+            unreachable!("client commands run before the configuration is read")
+        }
         Command::Applications(cmd) => applications_cmd(cmd, &settings).await?,
         Command::Tokens(cmd) => tokens(cmd, &settings).await?,
         Command::Keys(KeysCmd::Rotate { out }) => {
