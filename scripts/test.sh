@@ -33,16 +33,17 @@ ensure_postgres() {
   su postgres -c "psql -qtAc \"ALTER ROLE postgres CREATEDB\"" >/dev/null 2>&1 || true
 }
 
-# The official Hugging Face client and a real SMTP server (aiosmtpd), pinned, in a
+# The official Hugging Face client, a real SMTP server (aiosmtpd) and an S3-protocol server
+# (moto), pinned, in a
 # virtualenv of the project's own.
 ensure_venv() {
   local venv=.venv
-  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import huggingface_hub, aiosmtpd, sys; sys.exit(huggingface_hub.__version__ != "2.4.0" or aiosmtpd.__version__ != "1.4.6")' 2>/dev/null; then
-    log "huggingface-hub 2.4.0 and aiosmtpd 1.4.6 are in $venv"
+  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import huggingface_hub, aiosmtpd, moto, sys; sys.exit(huggingface_hub.__version__ != "2.4.0" or aiosmtpd.__version__ != "1.4.6" or moto.__version__ != "5.2.5")' 2>/dev/null; then
+    log "huggingface-hub 2.4.0, aiosmtpd 1.4.6 and moto 5.2.5 are in $venv"
   else
-    log "installing huggingface-hub and aiosmtpd into $venv"
+    log "installing huggingface-hub, aiosmtpd and moto[server] into $venv"
     python3 -m venv "$venv"
-    "$venv/bin/pip" install -q --disable-pip-version-check "huggingface-hub==2.4.0" "aiosmtpd==1.4.6"
+    "$venv/bin/pip" install -q --disable-pip-version-check "huggingface-hub==2.4.0" "aiosmtpd==1.4.6" "moto[server]==5.2.5"
   fi
   export WEIGHTGATE_TEST_VENV="$PWD/$venv"
 }

@@ -94,6 +94,14 @@ pub struct StorageSettings {
     pub block_size: u64,
     /// Size of the pieces a verified block is written to the socket in, in bytes.
     pub chunk_size: usize,
+    /// S3-compatible storage (storage.backend = "s3").
+    pub s3_endpoint: String,
+    pub s3_bucket: String,
+    pub s3_region: String,
+    pub s3_access_key_id: String,
+    pub s3_secret_access_key: Secret,
+    /// Path-style URLs (`endpoint/bucket/key`), as MinIO and most self-hosted servers want.
+    pub s3_path_style: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -227,6 +235,12 @@ impl Default for StorageSettings {
             backend: StorageBackend::Local,
             block_size: 8 << 20,
             chunk_size: 1 << 20,
+            s3_endpoint: String::new(),
+            s3_bucket: String::new(),
+            s3_region: "us-east-1".into(),
+            s3_access_key_id: String::new(),
+            s3_secret_access_key: Secret::default(),
+            s3_path_style: true,
         }
     }
 }
@@ -361,11 +375,26 @@ impl Settings {
                 "must be at least 4096 and at most storage.block_size",
             ));
         }
-        if self.storage.backend != StorageBackend::Local {
-            return Err(bad(
-                "storage.backend",
-                "only \"local\" is available in this build",
-            ));
+        match self.storage.backend {
+            StorageBackend::Local => {}
+            StorageBackend::S3 => {
+                if self.storage.s3_bucket.is_empty() {
+                    return Err(bad(
+                        "storage.s3_bucket",
+                        "required when storage.backend = \"s3\"",
+                    ));
+                }
+                if !self.storage.s3_endpoint.is_empty() {
+                    reqwest::Url::parse(&self.storage.s3_endpoint)
+                        .map_err(|e| bad("storage.s3_endpoint", e))?;
+                }
+            }
+            StorageBackend::Upstream => {
+                return Err(bad(
+                    "storage.backend",
+                    "\"upstream\" is not available in this build yet; use local or s3",
+                ));
+            }
         }
         if self.mail.from.parse::<lettre::message::Mailbox>().is_err() {
             return Err(bad(

@@ -135,8 +135,16 @@ enum ModelsCmd {
     /// Import a folder as a revision of ORG/NAME (a new revision only when content changed)
     Add {
         repo: String,
+        /// A local folder to import (copied into storage)
+        #[arg(
+            long,
+            required_unless_present = "from_bucket",
+            conflicts_with = "from_bucket"
+        )]
+        from: Option<PathBuf>,
+        /// A prefix in the configured bucket whose objects are registered where they are
         #[arg(long)]
-        from: PathBuf,
+        from_bucket: Option<String>,
         #[arg(long, value_parser = ["manual", "auto", "domain", "rules"])]
         gating: Option<String>,
         #[arg(long, default_value = "main")]
@@ -723,6 +731,7 @@ async fn models(cmd: ModelsCmd, settings: &Settings) -> anyhow::Result<()> {
         ModelsCmd::Add {
             repo,
             from,
+            from_bucket,
             gating,
             revision,
             description,
@@ -731,14 +740,19 @@ async fn models(cmd: ModelsCmd, settings: &Settings) -> anyhow::Result<()> {
         } => {
             let req = ImportRequest {
                 repo_id: repo,
-                dir: from,
+                dir: from.unwrap_or_default(),
                 revision,
                 gating,
                 description,
                 license,
                 block_size: settings.storage.block_size,
             };
-            let report = import::import(&core.db, &core.store, req).await?;
+            let report = match from_bucket {
+                Some(prefix) => {
+                    import::import_in_place(&core.db, &core.store, req, &prefix).await?
+                }
+                None => import::import(&core.db, &core.store, req).await?,
+            };
             if out.json {
                 print_json(&report)?;
             } else {

@@ -106,6 +106,17 @@ pub async fn import(db: &Db, store: &Store, req: ImportRequest) -> Result<Import
         return Err(e);
     }
 
+    record_revision(db, &req, digests).await
+}
+
+/// Records the revision for imported files (all already stored and their blobs recorded):
+/// the model if new, a new revision only when the content changed, the ref, the audit event.
+async fn record_revision(
+    db: &Db,
+    req: &ImportRequest,
+    digests: Vec<(String, Digest)>,
+) -> Result<ImportReport> {
+    let req = req.clone();
     let entries: Vec<(String, u64, String)> = digests
         .iter()
         .map(|(p, d)| (p.clone(), d.size, d.sha256.clone()))
@@ -391,4 +402,72 @@ fn check_published_sums(
         }
     }
     Ok(())
+}
+
+/// `models add ORG/NAME --from-bucket PREFIX`: registers objects already in the configured
+/// store under `PREFIX/`, hashing them where they are (they keep their keys; nothing is copied).
+pub async fn import_in_place(
+    db: &Db,
+    store: &Store,
+    req: ImportRequest,
+    prefix: &str,
+) -> Result<ImportReport> {
+    use futures_util::StreamExt;
+    paths::validate_repo_id(&req.repo_id)?;
+    paths::validate_ref_name(&req.revision)?;
+    if let Some(g) = &req.gating {
+        validate_gating(g)?;
+    }
+    let prefix = prefix.trim_matches('/').to_string();
+    let mut listing = store.inner.list(Some(&Store::path(&prefix)));
+    let mut objects = Vec::new();
+    while let Some(meta) = listing.next().await {
+        let meta = meta?;
+        let key = meta.location.to_string();
+        let rel = key
+            .strip_prefix(&format!("{prefix}/"))
+            .unwrap_or(&key)
+            .to_string();
+        if rel == CHECKSUM_FILE {
+            continue;
+        }
+        paths::validate_file_path(&rel)?;
+        objects.push((rel, key));
+    }
+    if objects.is_empty() {
+        return Err(Error::bad_request(
+            "bad_source",
+            format!("--from-bucket {prefix}: no objects under this prefix"),
+        ));
+    }
+    objects.sort();
+    let mut digests = Vec::with_capacity(objects.len());
+    for (rel, key) in objects {
+        let mut stream = store.inner.get(&Store::path(&key)).await?.into_stream();
+        let mut hasher = manifest::Hasher::new(req.block_size);
+        while let Some(chunk) = stream.next().await {
+            hasher.update(&chunk?);
+        }
+        let digest = hasher.finish();
+        let now = util::now();
+        let blob = Blob {
+            sha256: digest.sha256.clone(),
+            size: digest.size as i64,
+            block_size: digest.block_size as i64,
+            block_algo: BLOCK_ALGO.into(),
+            block_hashes: digest.block_hashes.clone(),
+            storage_key: key,
+            status: BLOB_OK.into(),
+            status_reason: None,
+            created_at: now,
+            verified_at: Some(now),
+        };
+        db.write(move |c| match catalog::find_blob(c, &blob.sha256)? {
+            Some(existing) if existing.status == BLOB_OK => Ok(()),
+            _ => catalog::upsert_blob(c, &blob),
+        })
+        .await?;
+        digests.push((rel, digest));
+    }
+    record_revision(db, &req, digests).await
 }

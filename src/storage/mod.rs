@@ -30,6 +30,29 @@ impl Store {
                     inner: Arc::new(fs),
                 })
             }
+            StorageBackend::S3 => {
+                let s = &settings.storage;
+                let mut b = object_store::aws::AmazonS3Builder::new()
+                    .with_bucket_name(&s.s3_bucket)
+                    .with_region(&s.s3_region)
+                    .with_virtual_hosted_style_request(!s.s3_path_style);
+                if !s.s3_endpoint.is_empty() {
+                    b = b
+                        .with_endpoint(&s.s3_endpoint)
+                        .with_allow_http(s.s3_endpoint.starts_with("http://"));
+                }
+                if !s.s3_access_key_id.is_empty() {
+                    b = b
+                        .with_access_key_id(&s.s3_access_key_id)
+                        .with_secret_access_key(&s.s3_secret_access_key.0);
+                }
+                let s3 = b
+                    .build()
+                    .map_err(|e| anyhow::anyhow!("storage.s3_*: {e}"))?;
+                Ok(Store {
+                    inner: Arc::new(s3),
+                })
+            }
             other => anyhow::bail!("storage.backend: {other:?} is not available in this build"),
         }
     }

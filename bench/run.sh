@@ -1,0 +1,432 @@
+#!/usr/bin/env bash
+# weightgate vs nginx on the same files, same machine, same run. See bench/README.md.
+# Usage: bench/run.sh            (build first: CARGO_TARGET_DIR=target/bench cargo build --release)
+set -euo pipefail
+shopt -s inherit_errexit
+
+BENCH=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(dirname "$BENCH")
+OUT=$BENCH/out
+WG_BIN=${WG_BIN:-$ROOT/target/bench/release/weightgate}
+HF_BIN=${HF_BIN:-$ROOT/.venv/bin/hf}
+LIB="python3 $BENCH/lib.py"
+NG_ON=${NG_ON:-18181}     # nginx, sendfile on,  access_log off (throughput)
+NG_OFF=${NG_OFF:-18182}   # nginx, sendfile off, access_log off (throughput)
+NG_LOG=${NG_LOG:-18183}   # nginx, sendfile on,  access_log on  (tiny-file rate, TTFB, small files)
+WG_PORT=${WG_PORT:-18190}
+WG_PG_PORT=${WG_PG_PORT:-18191}
+WRK_SECS=${WRK_SECS:-10}
+RSS_CLIENTS=64
+RSS_RANGE_MIB=${RSS_RANGE_MIB:-128}
+TTFB_N=${TTFB_N:-200}
+SMALL_N=200
+BIG_SIZE=2147483648
+EMAIL=bench@example.org
+CLK_TCK=$(getconf CLK_TCK)
+
+DATA=$OUT/data
+BIG_DIR=$DATA/big
+BIG=$BIG_DIR/model.bin
+SMALL_DIR=$DATA/small
+TINY=part-000.bin
+TMP=$OUT/tmp
+METRICS=$OUT/metrics.tsv
+
+FAIL=0
+SERVER_PIDS=()
+PG_DB=""
+NGINX_PID=""
+WG_PID=""
+
+log() { printf '[bench %s] %s\n' "$(date +%T)" "$*" >&2; }
+fail() { log "FAILED: $*"; printf 'status\tFAILED: %s\n' "$*" >>"$METRICS"; FAIL=1; }
+row() { printf 'row\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$METRICS"; }
+meta() { printf 'meta\t%s\n' "$*" >>"$METRICS"; }
+calc() { awk "BEGIN { printf \"%.6g\", $1 }"; }
+now() { date +%s.%N; }
+
+cleanup() {
+    local rc=$?
+    set +e
+    # background clients we started (curl, wrk), then the servers, by pid
+    for p in $(jobs -p); do
+        case " ${SERVER_PIDS[*]} " in *" $p "*) ;; *) kill "$p" 2>/dev/null ;; esac
+    done
+    for p in "${SERVER_PIDS[@]}"; do
+        kill -TERM "$p" 2>/dev/null
+    done
+    for p in "${SERVER_PIDS[@]}"; do
+        for _ in $(seq 1 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$p" 2>/dev/null
+        wait "$p" 2>/dev/null
+    done
+    if [ -n "$PG_DB" ]; then
+        psql -h 127.0.0.1 -U postgres -qtAc "DROP DATABASE IF EXISTS $PG_DB" >/dev/null 2>&1 \
+            || log "could not drop database $PG_DB"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ------------------------------------------------------------------ prerequisites
+[ -x "$WG_BIN" ] || { echo "no $WG_BIN; build with: cd $ROOT && CARGO_TARGET_DIR=$ROOT/target/bench cargo build --release" >&2; exit 2; }
+need=()
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+command -v wrk >/dev/null || need+=(wrk)
+if [ ${#need[@]} -gt 0 ]; then
+    log "installing ${need[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+
+rm -rf "$OUT/wg" "$OUT/wg-pg" "$OUT/hf_home" "$OUT/dl" "$TMP" "$OUT/nginx"
+mkdir -p "$DATA" "$TMP" "$OUT/nginx" "$OUT/dl"
+: >"$METRICS"
+
+# ------------------------------------------------------------------ data
+if [ "$(stat -c %s "$BIG" 2>/dev/null || echo 0)" != "$BIG_SIZE" ]; then
+    log "writing 2 GiB of random bytes to $BIG"
+    mkdir -p "$BIG_DIR"
+    (openssl enc -aes-128-ctr -nosalt -pbkdf2 -pass "pass:$(od -An -tx8 -N16 /dev/urandom | tr -d ' ')" \
+        -in /dev/zero 2>/dev/null || true) | head -c "$BIG_SIZE" >"$BIG.tmp"
+    mv "$BIG.tmp" "$BIG"
+fi
+if [ "$(ls "$SMALL_DIR" 2>/dev/null | wc -l)" != "$SMALL_N" ]; then
+    rm -rf "$SMALL_DIR"
+    $LIB mkdata-small "$SMALL_DIR" "$SMALL_N"
+fi
+log "sha256 of the source file"
+SRC_SHA=$(sha256sum "$BIG" | cut -d' ' -f1)
+cat "$BIG" >/dev/null
+
+# ------------------------------------------------------------------ nginx
+cat >"$OUT/nginx/nginx.conf" <<EOF
+user root;
+worker_processes auto;
+daemon off;
+pid $OUT/nginx/nginx.pid;
+error_log $OUT/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+    client_body_temp_path $OUT/nginx/tmp_body;
+    proxy_temp_path $OUT/nginx/tmp_proxy;
+    fastcgi_temp_path $OUT/nginx/tmp_fcgi;
+    uwsgi_temp_path $OUT/nginx/tmp_uwsgi;
+    scgi_temp_path $OUT/nginx/tmp_scgi;
+    default_type application/octet-stream;
+    keepalive_requests 1000000;
+    server { listen 127.0.0.1:$NG_ON;  root $DATA; sendfile on;  tcp_nopush on; access_log off; }
+    server { listen 127.0.0.1:$NG_OFF; root $DATA; sendfile off; access_log off; }
+    server { listen 127.0.0.1:$NG_LOG; root $DATA; sendfile on;  tcp_nopush on; access_log $OUT/nginx/access.log; }
+}
+EOF
+"$NGINX" -t -q -c "$OUT/nginx/nginx.conf" -p "$OUT/nginx/"
+"$NGINX" -c "$OUT/nginx/nginx.conf" -p "$OUT/nginx/" &
+NGINX_PID=$!
+SERVER_PIDS+=("$NGINX_PID")
+
+wait_http() { # URL
+    for _ in $(seq 1 200); do
+        curl -s -o /dev/null "$1" && return 0
+        sleep 0.1
+    done
+    echo "server at $1 did not come up" >&2
+    return 1
+}
+wait_http "http://127.0.0.1:$NG_ON/small/$TINY"
+ng_workers() { ps -o pid= --ppid "$NGINX_PID" | tr -d ' '; }
+
+# ------------------------------------------------------------------ weightgate
+WG_DATA=""; WG_BIND=""; WG_DBURL=""
+wg() {
+    local envs=(WEIGHTGATE__DATA_DIR="$WG_DATA" WEIGHTGATE__SERVER__BIND="$WG_BIND")
+    [ -n "$WG_DBURL" ] && envs+=(WEIGHTGATE__DATABASE__URL="$WG_DBURL")
+    env "${envs[@]}" "$WG_BIN" "$@"
+}
+wg_start() { # LOGFILE -> sets WG_PID
+    local envs=(WEIGHTGATE__DATA_DIR="$WG_DATA" WEIGHTGATE__SERVER__BIND="$WG_BIND")
+    [ -n "$WG_DBURL" ] && envs+=(WEIGHTGATE__DATABASE__URL="$WG_DBURL")
+    env "${envs[@]}" "$WG_BIN" serve >"$1" 2>&1 &
+    WG_PID=$!
+    SERVER_PIDS+=("$WG_PID")
+    wait_http "http://$WG_BIND/healthz"
+}
+# apply -> confirm -> approve -> token, all through the real HTTP API and CLI; prints the token
+wg_token() { # MODEL
+    local model=$1 outbox=$WG_DATA/outbox seen=$TMP/seen.$$ link="" id
+    ls "$outbox" 2>/dev/null >"$seen" || : >"$seen"
+    curl -fsS -o "$TMP/apply.json" -X POST "http://$WG_BIND/api/v1/models/$model/applications" \
+        -H 'content-type: application/json' \
+        -d "{\"name\":\"Bench\",\"email\":\"$EMAIL\",\"affiliation\":\"Bench\",\"country\":\"FR\",\"intended_use\":\"benchmark\",\"accept_license\":true}"
+    for _ in $(seq 1 150); do
+        link=$($LIB confirm-link "$outbox" "$seen" 2>/dev/null) && break
+        sleep 0.1
+    done
+    [ -n "$link" ] || { echo "no confirmation email for $model" >&2; return 1; }
+    curl -fsS -o /dev/null "$link"
+    id=$(wg applications list --status pending --json | $LIB app-id "$EMAIL" "$model")
+    wg applications approve "$id" >/dev/null
+    wg tokens issue --email "$EMAIL" --model "$model" | tail -n1 | tr -d '[:space:]'
+}
+
+WG_DATA=$OUT/wg WG_BIND=127.0.0.1:$WG_PORT WG_DBURL=""
+log "importing bench/big and bench/small"
+t0=$(now)
+wg models add bench/big --from "$BIG_DIR" >"$TMP/import-big.log" 2>&1
+t1=$(now)
+wg models add bench/small --from "$SMALL_DIR" >"$TMP/import-small.log" 2>&1
+meta "weightgate models add of the 2 GiB file (SHA-256 + BLAKE3 + copy): $(calc "$t1 - $t0") s"
+wg_start "$OUT/wg.log"
+TOK_BIG=$(wg_token bench/big)
+TOK_SMALL=$(wg_token bench/small)
+[ -n "$TOK_BIG" ] && [ -n "$TOK_SMALL" ] || { echo "no token" >&2; exit 1; }
+# warm the page cache with weightgate's own copy of the blob
+find "$WG_DATA" -type f -size +1G -exec cat {} + >/dev/null
+
+WG_URL=http://$WG_BIND
+WG_BIG=$WG_URL/bench/big/resolve/main/model.bin
+WG_TINY=$WG_URL/bench/small/resolve/main/$TINY
+AUTH_BIG="Authorization: Bearer $TOK_BIG"
+AUTH_SMALL="Authorization: Bearer $TOK_SMALL"
+WG_DOWNLOADS=0   # every GET download weightgate answered with a body
+
+# ------------------------------------------------------------------ helpers
+cpu_ticks() { # PID... -> utime+stime ticks summed
+    local t=0 p v
+    for p in "$@"; do
+        v=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13}') || v=0
+        t=$((t + ${v:-0}))
+    done
+    echo "$t"
+}
+server_ticks() { # wg | nginx
+    if [ "$1" = wg ]; then cpu_ticks "$WG_PID"; else cpu_ticks $(ng_workers); fi
+}
+hwm_kib() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
+
+# run N concurrent curl downloads; sets B_BYTES B_OK B_SECS. extra curl args after URL.
+run_batch() { # NAME N URL [curl args...]
+    local name=$1 n=$2 url=$3 i p t0 t1 pids=()
+    shift 3
+    rm -f "$TMP/$name".*
+    t0=$(now)
+    for i in $(seq 1 "$n"); do
+        curl -sS -o /dev/null -w '%{size_download} %{time_total}\n' "$@" "$url" >"$TMP/$name.$i" &
+        pids+=($!)
+    done
+    for p in "${pids[@]}"; do wait "$p" || fail "a curl of $name failed"; done
+    t1=$(now)
+    read -r B_BYTES B_OK < <($LIB batch "$TMP/$name".*)
+    B_SECS=$(calc "$t1 - $t0")
+}
+
+# ------------------------------------------------------------------ 1. throughput + CPU/GB
+declare -A GBPS1 GBPS8 CPUGB
+throughput() { # LABEL KIND URL [curl args]
+    local label=$1 kind=$2 url=$3 c0 c1 bytes
+    shift 3
+    log "throughput: $label"
+    c0=$(server_ticks "$kind")
+    run_batch "${label}_c1" 1 "$url" "$@"
+    [ "$B_BYTES" = "$BIG_SIZE" ] || fail "$label c=1 got $B_BYTES bytes, expected $BIG_SIZE"
+    GBPS1[$label]=$(calc "$B_BYTES / $B_SECS / 1e9")
+    bytes=$B_BYTES
+    run_batch "${label}_c8" 8 "$url" "$@"
+    [ "$B_BYTES" = "$((8 * BIG_SIZE))" ] || fail "$label c=8 got $B_BYTES bytes, expected $((8 * BIG_SIZE))"
+    GBPS8[$label]=$(calc "$B_BYTES / $B_SECS / 1e9")
+    bytes=$((bytes + B_BYTES))
+    c1=$(server_ticks "$kind")
+    CPUGB[$label]=$(calc "($c1 - $c0) / $CLK_TCK / ($bytes / 1e9)")
+    log "  $label: c1 ${GBPS1[$label]} GB/s, c8 ${GBPS8[$label]} GB/s, ${CPUGB[$label]} CPU-s/GB"
+}
+throughput ng_on nginx "http://127.0.0.1:$NG_ON/big/model.bin"
+throughput ng_off nginx "http://127.0.0.1:$NG_OFF/big/model.bin"
+throughput wg wg "$WG_BIG" -H "$AUTH_BIG"
+WG_DOWNLOADS=$((WG_DOWNLOADS + 9))
+
+row "2 GiB download, 1 client, GB/s vs nginx sendfile on" "${GBPS1[wg]}" "${GBPS1[ng_on]}" higher
+row "2 GiB download, 1 client, GB/s vs nginx sendfile off" "${GBPS1[wg]}" "${GBPS1[ng_off]}" higher
+row "2 GiB download, 8 clients, GB/s vs nginx sendfile on" "${GBPS8[wg]}" "${GBPS8[ng_on]}" higher
+row "2 GiB download, 8 clients, GB/s vs nginx sendfile off" "${GBPS8[wg]}" "${GBPS8[ng_off]}" higher
+row "server CPU s per GB served vs nginx sendfile on" "${CPUGB[wg]}" "${CPUGB[ng_on]}" lower
+row "server CPU s per GB served vs nginx sendfile off" "${CPUGB[wg]}" "${CPUGB[ng_off]}" lower
+
+log "sha256 of a full weightgate download"
+WG_SHA=$(curl -fsS -H "$AUTH_BIG" "$WG_BIG" | sha256sum | cut -d' ' -f1)
+WG_DOWNLOADS=$((WG_DOWNLOADS + 1))
+if [ "$WG_SHA" = "$SRC_SHA" ]; then
+    meta "SHA-256 of a full weightgate download matches the source file ($SRC_SHA)"
+else
+    fail "SHA-256 of the weightgate download ($WG_SHA) differs from the source ($SRC_SHA)"
+fi
+
+# ------------------------------------------------------------------ 2. peak RSS, 64 clients
+rss_run() { # NAME URL [curl args] ; 64 ranged downloads of RSS_RANGE_MIB at 8 different offsets
+    local name=$1 url=$2 i p off len pids=() t0 t1
+    shift 2
+    len=$((RSS_RANGE_MIB * 1048576))
+    rm -f "$TMP/$name".*
+    t0=$(now)
+    for i in $(seq 0 $((RSS_CLIENTS - 1))); do
+        off=$(((i % 8) * 256 * 1048576))
+        curl -sS -o /dev/null -w '%{size_download} %{time_total}\n' -H "Range: bytes=$off-$((off + len - 1))" \
+            "$@" "$url" >"$TMP/$name.$i" &
+        pids+=($!)
+    done
+    for p in "${pids[@]}"; do wait "$p" || fail "a curl of $name failed"; done
+    t1=$(now)
+    read -r B_BYTES B_OK < <($LIB batch "$TMP/$name".*)
+    B_SECS=$(calc "$t1 - $t0")
+    [ "$B_BYTES" = "$((RSS_CLIENTS * len))" ] || fail "$name got $B_BYTES bytes, expected $((RSS_CLIENTS * len))"
+}
+log "64 concurrent ranged downloads"
+WG_HWM0=$(hwm_kib "$WG_PID")
+rss_run wg_rss "$WG_BIG" -H "$AUTH_BIG"
+WG_RSS_GBPS=$(calc "$B_BYTES / $B_SECS / 1e9")
+WG_HWM=$(hwm_kib "$WG_PID")
+WG_DOWNLOADS=$((WG_DOWNLOADS + RSS_CLIENTS))
+rss_run ng_rss "http://127.0.0.1:$NG_ON/big/model.bin"
+NG_RSS_GBPS=$(calc "$B_BYTES / $B_SECS / 1e9")
+NG_HWM=0
+for p in $(ng_workers); do NG_HWM=$((NG_HWM + $(hwm_kib "$p"))); done
+row "peak RSS MiB, 64 clients x ${RSS_RANGE_MIB} MiB Range of the 2 GiB file (nginx: sum of workers, sendfile on)" \
+    "$(calc "$WG_HWM / 1024")" "$(calc "$NG_HWM / 1024")" lower
+row "aggregate GB/s, 64 clients x ${RSS_RANGE_MIB} MiB Range (nginx sendfile on)" "$WG_RSS_GBPS" "$NG_RSS_GBPS" higher
+meta "weightgate VmHWM before the 64-client run: $(calc "$WG_HWM0 / 1024") MiB, after: $(calc "$WG_HWM / 1024") MiB"
+
+# ------------------------------------------------------------------ 3. tiny-file request rate (wrk)
+wrk_rate() { # NAME URL [wrk args] -> sets W_RPS W_REQS, checks errors
+    local name=$1 url=$2
+    shift 2
+    wrk -t2 -c64 -d"${WRK_SECS}s" --latency "$@" "$url" >"$TMP/wrk_$name.txt" 2>&1 || fail "wrk $name exited non-zero"
+    W_RPS=$(awk '/^Requests\/sec:/ {print $2}' "$TMP/wrk_$name.txt")
+    W_REQS=$(awk '/requests in/ {print $1}' "$TMP/wrk_$name.txt")
+    W_P99=$(awk '$1 == "99%" {print $2}' "$TMP/wrk_$name.txt")
+    if grep -q 'Non-2xx or 3xx' "$TMP/wrk_$name.txt"; then
+        fail "wrk $name: $(grep 'Non-2xx or 3xx' "$TMP/wrk_$name.txt" | tr -s ' ')"
+    fi
+    if grep -q 'Socket errors' "$TMP/wrk_$name.txt"; then
+        meta "wrk $name: $(grep 'Socket errors' "$TMP/wrk_$name.txt" | tr -s ' ')"
+    fi
+    log "  wrk $name: ${W_RPS:-?} req/s (${W_REQS:-?} requests, p99 ${W_P99:-?})"
+    [ -n "$W_RPS" ] || { fail "wrk $name printed no rate"; W_RPS=0; W_REQS=0; }
+}
+audit_downloads() { wg audit export --format jsonl | grep -c file_download || true; }
+
+log "wrk: tiny-file GET"
+wrk_rate ng_get "http://127.0.0.1:$NG_LOG/small/$TINY"
+NG_GET=$W_RPS; NG_GET_P99=$W_P99
+wrk_rate wg_get "$WG_TINY" -H "$AUTH_SMALL"
+WG_GET=$W_RPS; WG_GET_P99=$W_P99
+WG_DOWNLOADS=$((WG_DOWNLOADS + W_REQS))
+row "tiny-file (4 KiB) GET req/s, wrk 64 conns (audit-heavy path; nginx access_log on)" "$WG_GET" "$NG_GET" higher
+meta "wrk latency p99: weightgate $WG_GET_P99, nginx $NG_GET_P99 (tiny GET, 64 connections)"
+
+A0=$(audit_downloads)
+WG_ETAG=$(curl -fsS -o /dev/null -D - -H "$AUTH_SMALL" "$WG_TINY" | awk -F': ' 'tolower($1)=="etag" {print $2}' | tr -d '\r')
+NG_ETAG=$(curl -fsS -o /dev/null -D - "http://127.0.0.1:$NG_LOG/small/$TINY" | awk -F': ' 'tolower($1)=="etag" {print $2}' | tr -d '\r')
+WG_DOWNLOADS=$((WG_DOWNLOADS + 1))
+log "wrk: If-None-Match -> 304"
+wrk_rate ng_304 "http://127.0.0.1:$NG_LOG/small/$TINY" -H "If-None-Match: $NG_ETAG"
+NG_304=$W_RPS
+wrk_rate wg_304 "$WG_TINY" -H "$AUTH_SMALL" -H "If-None-Match: $WG_ETAG"
+WG_304=$W_RPS
+A1=$(audit_downloads)
+row "tiny-file conditional GET (If-None-Match, 304) req/s (light path)" "$WG_304" "$NG_304" higher
+meta "audit file_download lines written during the 304 run: $((A1 - A0)) for $W_REQS requests"
+wrk_rate wg_health "$WG_URL/healthz"
+meta "weightgate GET /healthz (no auth, no file, no audit): $W_RPS req/s"
+
+# ------------------------------------------------------------------ 4. TTFB p99
+ttfb() { # FILE URL [curl args]
+    local f=$1 url=$2 i
+    shift 2
+    : >"$f"
+    for i in $(seq 1 "$TTFB_N"); do
+        curl -fsS -o /dev/null -w '%{time_starttransfer}\n' "$@" "$url" >>"$f"
+    done
+}
+log "TTFB, $TTFB_N sequential requests each"
+ttfb "$TMP/ttfb_ng" "http://127.0.0.1:$NG_LOG/small/$TINY"
+ttfb "$TMP/ttfb_wg" "$WG_TINY" -H "$AUTH_SMALL"
+WG_DOWNLOADS=$((WG_DOWNLOADS + TTFB_N))
+row "TTFB p99 ms, $TTFB_N sequential curl GETs of the tiny file" \
+    "$(calc "$($LIB pct 99 "$TMP/ttfb_wg") * 1000")" "$(calc "$($LIB pct 99 "$TMP/ttfb_ng") * 1000")" lower
+row "TTFB p50 ms, same requests" \
+    "$(calc "$($LIB pct 50 "$TMP/ttfb_wg") * 1000")" "$(calc "$($LIB pct 50 "$TMP/ttfb_ng") * 1000")" lower
+
+# ------------------------------------------------------------------ 5. small-file model: hf download vs curl
+log "small-file model: hf download / curl -Z"
+mkcfg() { # BASEURL PREFIX OUTDIR > cfg
+    local f
+    for f in $(ls "$SMALL_DIR"); do
+        printf 'url = "%s/%s"\noutput = "%s/%s"\n' "$1" "$f" "$2" "$f"
+    done
+}
+mkdir -p "$OUT/dl/ng" "$OUT/dl/wg"
+mkcfg "http://127.0.0.1:$NG_LOG/small" "$OUT/dl/ng" >"$TMP/ng.cfg"
+mkcfg "$WG_URL/bench/small/resolve/main" "$OUT/dl/wg" >"$TMP/wg.cfg"
+t0=$(now); curl -fsS -Z --parallel-max 8 -K "$TMP/ng.cfg"; t1=$(now)
+NG_SMALL=$(calc "$t1 - $t0")
+t0=$(now); curl -fsS -Z --parallel-max 8 -H "$AUTH_SMALL" -K "$TMP/wg.cfg"; t1=$(now)
+WG_SMALL=$(calc "$t1 - $t0")
+WG_DOWNLOADS=$((WG_DOWNLOADS + SMALL_N))
+diff -rq "$SMALL_DIR" "$OUT/dl/ng" >/dev/null || fail "nginx small-file copy differs"
+diff -rq "$SMALL_DIR" "$OUT/dl/wg" >/dev/null || fail "weightgate small-file copy differs"
+mkdir -p "$OUT/hf_home"
+t0=$(now)
+HF_HOME=$OUT/hf_home HF_ENDPOINT=$WG_URL HF_TOKEN=$TOK_SMALL HF_HUB_DISABLE_TELEMETRY=1 \
+    HF_HUB_DISABLE_PROGRESS_BARS=1 "$HF_BIN" download bench/small >"$TMP/hf.log" 2>&1 \
+    || { cat "$TMP/hf.log" >&2; fail "hf download bench/small failed"; }
+t1=$(now)
+HF_SECS=$(calc "$t1 - $t0")
+HF_SNAP=$(tail -n1 "$TMP/hf.log")
+if [ -d "$HF_SNAP" ] && diff -rq "$SMALL_DIR" "$HF_SNAP" >/dev/null; then
+    WG_DOWNLOADS=$((WG_DOWNLOADS + SMALL_N))
+else
+    fail "hf download did not produce the $SMALL_N files (snapshot: $HF_SNAP)"
+fi
+row "$SMALL_N small files (1-8 KiB): hf download (weightgate) vs curl -Z x8 (nginx), s" "$HF_SECS" "$NG_SMALL" lower
+row "$SMALL_N small files: curl -Z x8, s" "$WG_SMALL" "$NG_SMALL" lower
+
+# ------------------------------------------------------------------ 6. PostgreSQL (optional)
+PG_GET=""
+if pg_isready -q -h 127.0.0.1 -p 5432 && psql -h 127.0.0.1 -U postgres -qtAc 'select 1' >/dev/null 2>&1; then
+    log "PostgreSQL: fresh database, second weightgate"
+    PG_DB=wg_bench_$$_$(date +%s)
+    psql -h 127.0.0.1 -U postgres -qtAc "CREATE DATABASE $PG_DB" >/dev/null
+    SQ_PID=$WG_PID
+    WG_DATA=$OUT/wg-pg WG_BIND=127.0.0.1:$WG_PG_PORT WG_DBURL=postgres://postgres@127.0.0.1:5432/$PG_DB
+    wg models add bench/small --from "$SMALL_DIR" >"$TMP/import-small-pg.log" 2>&1
+    wg_start "$OUT/wg-pg.log"
+    TOK_PG=$(wg_token bench/small)
+    wrk_rate wg_pg_get "http://$WG_BIND/bench/small/resolve/main/$TINY" -H "Authorization: Bearer $TOK_PG"
+    PG_GET=$W_RPS
+    PG_DOWNLOADS=$W_REQS
+    PG_AUDIT=$(audit_downloads)
+    [ "$PG_AUDIT" -ge "$PG_DOWNLOADS" ] || fail "PostgreSQL audit has $PG_AUDIT file_download lines for $PG_DOWNLOADS downloads"
+    kill -TERM "$WG_PID"; wait "$WG_PID" 2>/dev/null || true
+    keep=(); for p in "${SERVER_PIDS[@]}"; do [ "$p" = "$WG_PID" ] || keep+=("$p"); done; SERVER_PIDS=("${keep[@]}")
+    row "tiny-file GET req/s with PostgreSQL (nginx access_log on)" "$PG_GET" "$NG_GET" higher
+    meta "weightgate tiny GET rate PostgreSQL/SQLite: $(calc "$PG_GET / $WG_GET")"
+    WG_PID=$SQ_PID
+    WG_DATA=$OUT/wg WG_BIND=127.0.0.1:$WG_PORT WG_DBURL=""
+else
+    meta "PostgreSQL on 127.0.0.1:5432 not reachable: PostgreSQL rate not measured"
+fi
+
+# ------------------------------------------------------------------ 7. audit count
+sleep 1
+AUDIT=$(audit_downloads)
+meta "audit: $AUDIT file_download lines (weightgate audit export --format jsonl | grep -c file_download) for $WG_DOWNLOADS GET downloads made"
+[ "$AUDIT" -ge "$WG_DOWNLOADS" ] || fail "audit has $AUDIT file_download lines, fewer than the $WG_DOWNLOADS downloads made"
+wg audit verify >"$TMP/audit-verify.log" 2>&1 || fail "weightgate audit verify failed: $(tail -n1 "$TMP/audit-verify.log")"
+
+# ------------------------------------------------------------------ report
+meta "1 GB = 1e9 bytes. Clients (curl, wrk) run on the same $(nproc) cores as the servers. nginx $("$NGINX" -v 2>&1 | sed 's/.*\///'), worker_processes auto; weightgate workers = 1 per core, SQLite unless stated."
+meta "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo) RAM"
+[ "$FAIL" = 0 ] && printf 'status\tall checks passed\n' >>"$METRICS"
+$LIB report "$METRICS" "$OUT/results.md" "$OUT/ratios.svg"
+log "wrote $OUT/results.md and $OUT/ratios.svg"
+exit "$FAIL"
