@@ -510,9 +510,13 @@ pub struct AuditSink {
 
 impl AuditSink {
     /// Starts the writer task; it ends once every sink handle is dropped and the queue is empty.
-    pub fn start(db: Db, batch_max: usize) -> (AuditSink, tokio::task::JoinHandle<()>) {
+    pub fn start(
+        db: Db,
+        batch_max: usize,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ) -> (AuditSink, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(writer(db, rx, batch_max));
+        let task = tokio::spawn(writer(db, rx, batch_max, metrics));
         (AuditSink { tx }, task)
     }
 
@@ -540,7 +544,12 @@ impl AuditSink {
     }
 }
 
-async fn writer(db: Db, mut rx: mpsc::UnboundedReceiver<Msg>, batch_max: usize) {
+async fn writer(
+    db: Db,
+    mut rx: mpsc::UnboundedReceiver<Msg>,
+    batch_max: usize,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+) {
     let mut batch: Vec<Event> = Vec::new();
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
     while let Some(first) = rx.recv().await {
@@ -559,8 +568,18 @@ async fn writer(db: Db, mut rx: mpsc::UnboundedReceiver<Msg>, batch_max: usize) 
         let mut delay = Duration::from_millis(50);
         while !batch.is_empty() {
             let events = batch.clone();
+            let started = std::time::Instant::now();
+            let n = events.len() as u64;
             match db.write(move |c| append(c, &events)).await {
-                Ok(()) => batch.clear(),
+                Ok(()) => {
+                    batch.clear();
+                    use std::sync::atomic::Ordering::Relaxed;
+                    metrics.audit_batches.fetch_add(1, Relaxed);
+                    metrics.audit_events.fetch_add(n, Relaxed);
+                    metrics
+                        .audit_write_micros
+                        .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
+                }
                 Err(e) => {
                     tracing::error!(error = %e, pending = batch.len(), "audit batch not committed; retrying");
                     tokio::time::sleep(delay).await;

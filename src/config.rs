@@ -66,6 +66,8 @@ pub struct ServerSettings {
     pub public_url: String,
     /// Number of HTTP worker threads; 0 means one per core.
     pub workers: usize,
+    /// On SIGTERM, seconds in-flight requests (downloads) get to finish before they are cut.
+    pub shutdown_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -215,6 +217,7 @@ impl Default for ServerSettings {
             bind: "127.0.0.1:8080".into(),
             public_url: String::new(),
             workers: 0,
+            shutdown_timeout_secs: 30,
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod error;
 pub mod integrity;
 pub mod jobs;
 pub mod mail;
+pub mod metrics;
 pub mod paths;
 pub mod routes;
 pub mod storage;
@@ -43,6 +44,9 @@ pub struct State {
     pub store: Store,
     pub keys: Keyring,
     pub audit: AuditSink,
+    pub metrics: Arc<metrics::Metrics>,
+    /// Set when shutdown begins, so `/readyz` turns unready before the listener closes.
+    pub shutting_down: std::sync::atomic::AtomicBool,
     pub mailer: Arc<Mailer>,
     pub webhooks: Arc<webhooks::Sender>,
     pub policy: TokenPolicy,
@@ -125,16 +129,33 @@ fn http_server(
     listener: TcpListener,
     workers: usize,
 ) -> std::io::Result<actix_web::dev::Server> {
+    use actix_web::dev::Service;
+    let grace = state.settings.server.shutdown_timeout_secs;
     let mut server = HttpServer::new(move || {
+        let metrics = state.metrics.clone();
         App::new()
             .app_data(state.clone())
             .app_data(routes::json_config())
             .app_data(routes::query_config())
+            .wrap_fn(move |req, srv| {
+                // Count every request by its route pattern (never the raw path), method and status.
+                let (route, method) = (
+                    req.match_pattern().unwrap_or_else(|| "unmatched".into()),
+                    req.method().to_string(),
+                );
+                let metrics = metrics.clone();
+                let fut = srv.call(req);
+                async move {
+                    let res = fut.await?;
+                    metrics.request(&route, &method, res.status().as_u16());
+                    Ok(res)
+                }
+            })
             .configure(routes::configure)
     })
     .listen(listener)?
     .disable_signals()
-    .shutdown_timeout(30);
+    .shutdown_timeout(grace);
     if workers > 0 {
         server = server.workers(workers);
     }
@@ -167,7 +188,9 @@ pub async fn run(
             settings.public_url()
         );
     }
-    let (audit, audit_task) = AuditSink::start(core.db.clone(), settings.audit.batch_max);
+    let metrics = Arc::new(metrics::Metrics::default());
+    let (audit, audit_task) =
+        AuditSink::start(core.db.clone(), settings.audit.batch_max, metrics.clone());
     let mailer = Arc::new(Mailer::new(&settings, core.db.clone())?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mail_task = tokio::spawn(mailer.clone().run(stop_rx));
@@ -184,7 +207,12 @@ pub async fn run(
             .unwrap_or(std::time::Duration::from_secs(600)),
         stop_tx.subscribe(),
     ));
-    let gate = Gate::new(core.db.clone(), core.keys.clone(), token_policy(&settings));
+    let gate = Gate::new(
+        core.db.clone(),
+        core.keys.clone(),
+        token_policy(&settings),
+        metrics.clone(),
+    );
     let checkpoint_every = (!settings.audit.checkpoint_file.is_empty()
         || !settings.audit.checkpoint_url.is_empty())
     .then(|| util::parse_duration(&settings.audit.checkpoint_interval).ok())
@@ -203,6 +231,8 @@ pub async fn run(
         stop_tx.subscribe(),
     ));
     let state = web::Data::new(State {
+        metrics: metrics.clone(),
+        shutting_down: std::sync::atomic::AtomicBool::new(false),
         instance: core.instance.clone(),
         logins: Default::default(),
         gate,
@@ -230,6 +260,9 @@ pub async fn run(
     let server_task = tokio::spawn(server);
     shutdown.await;
     tracing::info!("shutting down: finishing requests, then flushing the audit log");
+    state
+        .shutting_down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     handle.stop(true).await;
     let _ = server_task.await;
     let _ = stop_tx.send(true);

@@ -10,7 +10,7 @@ fn docker_compose_matches_the_configuration_the_binary_accepts() {
         .unwrap();
     let doc: serde_norway::Value = serde_norway::from_str(&text).unwrap();
     let services = doc["services"].as_mapping().unwrap();
-    for name in ["weightgate", "postgres", "mail"] {
+    for name in ["weightgate", "postgres", "mail", "minio", "minio-init"] {
         assert!(services.contains_key(name), "service {name}");
     }
     let env: Vec<(String, String)> = doc["services"]["weightgate"]["environment"]
@@ -53,6 +53,34 @@ fn docker_compose_matches_the_configuration_the_binary_accepts() {
         other => panic!("compose should use PostgreSQL, not {other:?}"),
     }
     assert_eq!(settings.mail.transport, MailTransport::Smtp);
+    // Storage is the MinIO service, with the credentials MinIO is started with and the bucket
+    // the init container creates.
+    assert_eq!(
+        settings.storage.backend,
+        weightgate::config::StorageBackend::S3
+    );
+    let minio = &doc["services"]["minio"]["environment"];
+    assert_eq!(
+        settings.storage.s3_access_key_id,
+        minio["MINIO_ROOT_USER"].as_str().unwrap()
+    );
+    assert_eq!(
+        settings.storage.s3_secret_access_key.0,
+        minio["MINIO_ROOT_PASSWORD"].as_str().unwrap()
+    );
+    assert_eq!(settings.storage.s3_endpoint, "http://minio:9000");
+    let init = doc["services"]["minio-init"]["entrypoint"]
+        .as_sequence()
+        .unwrap()
+        .last()
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        init.contains(&format!("local/{}", settings.storage.s3_bucket)),
+        "{init}"
+    );
     assert_eq!(settings.mail.smtp_host, "mail");
     assert!(!settings.mail.admin_emails.is_empty());
 }

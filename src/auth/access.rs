@@ -107,15 +107,22 @@ pub struct Gate {
     pub keys: Keyring,
     pub policy: TokenPolicy,
     pub cache: Arc<TokenCache>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Gate {
-    pub fn new(db: Db, keys: Keyring, policy: TokenPolicy) -> Gate {
+    pub fn new(
+        db: Db,
+        keys: Keyring,
+        policy: TokenPolicy,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Gate {
         Gate {
             db,
             keys,
             policy,
             cache: Arc::new(TokenCache::default()),
+            metrics,
         }
     }
 
@@ -150,8 +157,10 @@ impl Gate {
             && p.token_expires_at + self.policy.leeway as i64 > now
             && p.grant_expires_at.is_none_or(|e| e > now)
         {
+            crate::metrics::Metrics::add(&self.metrics.token_cache_hits, 1);
             return Ok(p);
         }
+        crate::metrics::Metrics::add(&self.metrics.token_cache_misses, 1);
         let generation = self.cache.generation();
         let claims = tokens::verify(
             &self.keys,

@@ -622,6 +622,17 @@ impl Stream for AuditedBody {
 
 impl Drop for AuditedBody {
     fn drop(&mut self) {
+        let m = &self.delivery.state.metrics;
+        crate::metrics::Metrics::add(&m.bytes_served, self.sent);
+        crate::metrics::Metrics::add(
+            &m.blocks_verified,
+            self.chunks
+                .blocks_verified
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
+        if self.corrupt {
+            crate::metrics::Metrics::add(&m.integrity_failures, 1);
+        }
         if !self.finished {
             let outcome = match (self.failed, self.corrupt) {
                 (true, true) => "integrity_failure",

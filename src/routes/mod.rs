@@ -38,6 +38,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .configure(admin::configure)
         .route("/healthz", web::get().to(ops::healthz))
         .route("/readyz", web::get().to(ops::readyz))
+        .route("/metrics", web::get().to(ops::metrics))
+        .route("/api/openapi.json", web::get().to(ops::openapi))
         .route("/.well-known/jwks.json", web::get().to(ops::jwks))
         .route(
             "/api/v1/models/{org}/{name}/applications",

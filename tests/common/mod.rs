@@ -164,8 +164,22 @@ impl TestServer {
         let base = format!("http://{addr}");
         let mut settings = self.settings.clone();
         settings.data_dir = dir.path().join("data");
+        // A replica shares the signing keys and the storage; its data dir is its own.
+        std::fs::create_dir_all(settings.data_dir.join("keys")).expect("keys dir");
+        for e in std::fs::read_dir(self.data_dir().join("keys"))
+            .expect("keys")
+            .flatten()
+        {
+            std::fs::copy(e.path(), settings.data_dir.join("keys").join(e.file_name()))
+                .expect("copy key");
+        }
+        std::os::unix::fs::symlink(
+            self.data_dir().join("storage"),
+            settings.data_dir.join("storage"),
+        )
+        .expect("share storage");
         settings.server.bind = addr.to_string();
-        settings.server.public_url = base.clone();
+        // Replicas stand behind one public URL (the load balancer's): the same token issuer.
         let (tx, rx) = oneshot::channel::<()>();
         let s = settings.clone();
         let task = tokio::spawn(async move {

@@ -142,3 +142,12 @@ pub fn failed(conn: &mut AnyConnection, limit: i64) -> Result<Vec<OutboxMail>> {
         .select(OutboxMail::as_select())
         .load(conn)?)
 }
+
+/// Messages not yet delivered nor given up on.
+pub fn backlog(conn: &mut AnyConnection) -> Result<i64> {
+    Ok(mail_outbox::table
+        .filter(mail_outbox::sent_at.is_null())
+        .filter(mail_outbox::failed_at.is_null())
+        .count()
+        .get_result(conn)?)
+}

@@ -154,3 +154,12 @@ pub fn mark(conn: &mut AnyConnection, id: &str, o: &Outcome, now: i64) -> Result
         .execute(conn)?;
     Ok(())
 }
+
+/// Deliveries not yet made nor given up on.
+pub fn backlog(conn: &mut AnyConnection) -> Result<i64> {
+    Ok(webhook_outbox::table
+        .filter(webhook_outbox::sent_at.is_null())
+        .filter(webhook_outbox::failed_at.is_null())
+        .count()
+        .get_result(conn)?)
+}

@@ -1,0 +1,109 @@
+//! Counters for `/metrics`, in the Prometheus text format. Plain atomics and one small map;
+//! nothing on the request path takes more than a short lock.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(String, String, u16), u64>>,
+    pub bytes_served: AtomicU64,
+    pub blocks_verified: AtomicU64,
+    pub integrity_failures: AtomicU64,
+    pub token_cache_hits: AtomicU64,
+    pub token_cache_misses: AtomicU64,
+    pub audit_batches: AtomicU64,
+    pub audit_events: AtomicU64,
+    pub audit_write_micros: AtomicU64,
+}
+
+impl Metrics {
+    pub fn request(&self, route: &str, method: &str, status: u16) {
+        let mut m = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        *m.entry((route.to_string(), method.to_string(), status))
+            .or_default() += 1;
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The text exposition, with the outbox backlog read by the caller.
+    pub fn render(&self, mail_backlog: i64, webhook_backlog: i64) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP weightgate_http_requests_total HTTP requests by route pattern, method and status.\n# TYPE weightgate_http_requests_total counter\n");
+        for ((route, method, status), n) in self
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let route = route.replace('\\', "\\\\").replace('"', "\\\"");
+            out.push_str(&format!("weightgate_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {n}\n"));
+        }
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        for (name, help, kind, v) in [
+            (
+                "weightgate_bytes_served_total",
+                "Verified weight bytes handed to clients.",
+                "counter",
+                g(&self.bytes_served),
+            ),
+            (
+                "weightgate_blocks_verified_total",
+                "Blocks whose BLAKE3 was checked before sending.",
+                "counter",
+                g(&self.blocks_verified),
+            ),
+            (
+                "weightgate_integrity_failures_total",
+                "Streams stopped by a failed verification.",
+                "counter",
+                g(&self.integrity_failures),
+            ),
+            (
+                "weightgate_token_cache_hits_total",
+                "Token checks answered from the verified-token cache.",
+                "counter",
+                g(&self.token_cache_hits),
+            ),
+            (
+                "weightgate_token_cache_misses_total",
+                "Token checks that verified the signature and read the database.",
+                "counter",
+                g(&self.token_cache_misses),
+            ),
+            (
+                "weightgate_audit_batches_total",
+                "Audit batches committed by the download writer.",
+                "counter",
+                g(&self.audit_batches),
+            ),
+            (
+                "weightgate_audit_events_total",
+                "Audit events committed by the download writer.",
+                "counter",
+                g(&self.audit_events),
+            ),
+            (
+                "weightgate_audit_write_seconds_total",
+                "Time spent committing audit batches.",
+                "counter",
+                0,
+            ),
+        ] {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+            if name == "weightgate_audit_write_seconds_total" {
+                out.push_str(&format!(
+                    "{name} {:.6}\n",
+                    g(&self.audit_write_micros) as f64 / 1e6
+                ));
+            } else {
+                out.push_str(&format!("{name} {v}\n"));
+            }
+        }
+        out.push_str(&format!("# HELP weightgate_outbox_backlog Messages waiting to be delivered.\n# TYPE weightgate_outbox_backlog gauge\nweightgate_outbox_backlog{{kind=\"mail\"}} {mail_backlog}\nweightgate_outbox_backlog{{kind=\"webhook\"}} {webhook_backlog}\n"));
+        out
+    }
+}
