@@ -104,6 +104,12 @@ pub struct StorageSettings {
     pub s3_secret_access_key: Secret,
     /// Path-style URLs (`endpoint/bucket/key`), as MinIO and most self-hosted servers want.
     pub s3_path_style: bool,
+    /// Hub-compatible origin pulled through on first request (storage.backend = "upstream").
+    pub upstream_url: String,
+    /// Bearer token sent to the upstream (e.g. a Hugging Face token); never to clients.
+    pub upstream_token: Secret,
+    /// Seconds the upstream may stay silent mid-transfer before the fill is abandoned.
+    pub upstream_idle_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -244,6 +250,9 @@ impl Default for StorageSettings {
             s3_access_key_id: String::new(),
             s3_secret_access_key: Secret::default(),
             s3_path_style: true,
+            upstream_url: String::new(),
+            upstream_token: Secret::default(),
+            upstream_idle_secs: 30,
         }
     }
 }
@@ -393,10 +402,14 @@ impl Settings {
                 }
             }
             StorageBackend::Upstream => {
-                return Err(bad(
-                    "storage.backend",
-                    "\"upstream\" is not available in this build yet; use local or s3",
-                ));
+                let u = reqwest::Url::parse(&self.storage.upstream_url)
+                    .map_err(|e| bad("storage.upstream_url", e))?;
+                if !matches!(u.scheme(), "http" | "https") {
+                    return Err(bad("storage.upstream_url", "must be an http(s) URL"));
+                }
+                if self.storage.upstream_idle_secs == 0 {
+                    return Err(bad("storage.upstream_idle_secs", "must be at least 1"));
+                }
             }
         }
         if self.mail.from.parse::<lettre::message::Mailbox>().is_err() {

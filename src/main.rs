@@ -136,12 +136,12 @@ enum ModelsCmd {
     Add {
         repo: String,
         /// A local folder to import (copied into storage)
-        #[arg(
-            long,
-            required_unless_present = "from_bucket",
-            conflicts_with = "from_bucket"
-        )]
+        #[arg(long, required_unless_present_any = ["from_bucket", "from_upstream"], conflicts_with_all = ["from_bucket", "from_upstream"])]
         from: Option<PathBuf>,
+        /// Record the upstream origin's revision (storage.backend = "upstream"); files are
+        /// pulled through and verified on first download
+        #[arg(long, conflicts_with = "from_bucket")]
+        from_upstream: bool,
         /// A prefix in the configured bucket whose objects are registered where they are
         #[arg(long)]
         from_bucket: Option<String>,
@@ -732,6 +732,7 @@ async fn models(cmd: ModelsCmd, settings: &Settings) -> anyhow::Result<()> {
             repo,
             from,
             from_bucket,
+            from_upstream,
             gating,
             revision,
             description,
@@ -747,11 +748,12 @@ async fn models(cmd: ModelsCmd, settings: &Settings) -> anyhow::Result<()> {
                 license,
                 block_size: settings.storage.block_size,
             };
-            let report = match from_bucket {
-                Some(prefix) => {
+            let report = match (from_bucket, from_upstream) {
+                (Some(prefix), _) => {
                     import::import_in_place(&core.db, &core.store, req, &prefix).await?
                 }
-                None => import::import(&core.db, &core.store, req).await?,
+                (None, true) => import::import_from_upstream(&core.db, &core.store, req).await?,
+                (None, false) => import::import(&core.db, &core.store, req).await?,
             };
             if out.json {
                 print_json(&report)?;

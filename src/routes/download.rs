@@ -20,6 +20,7 @@ use crate::auth::access::Principal;
 use crate::db::models::catalog::{self, BLOB_QUARANTINED, Blob, FileRow};
 use crate::db::models::tokens::{Delivered, record_delivery};
 use crate::error::{Error, HubCode, Result};
+use crate::storage::upstream::BLOB_REMOTE;
 use crate::storage::verify::{self, Chunks, Failure, Plan};
 use crate::{paths, util};
 
@@ -136,7 +137,7 @@ async fn serve(
         })
         .await?;
     log.commit = Some(commit.clone());
-    let Some((file, blob)) = found else {
+    let Some((file, mut blob)) = found else {
         if path == SUMS_FILE {
             return sha256sums(state, &model, &commit, modified).await;
         }
@@ -213,6 +214,53 @@ async fn serve(
             .streaming(futures_util::stream::empty::<Result<Bytes, Error>>()));
     }
 
+    if blob.status == BLOB_REMOTE {
+        // Not cached yet: pull it through from the upstream.
+        let up = state.store.upstream.clone().ok_or_else(|| {
+            Error::unavailable("storage_unavailable", "This file is not in storage.")
+        })?;
+        let block_size = state.settings.storage.block_size;
+        if range.is_none() {
+            // The whole file: stream it to the client while the cache fills.
+            let (tx, rx) = tokio::sync::mpsc::channel(16);
+            let (st, b) = (state.clone(), blob.clone());
+            tokio::spawn(async move {
+                let _ = up.fill(&st.store, &st.db, &b, block_size, Some(tx)).await;
+            });
+            let chunks = Chunks {
+                rx,
+                blocks_verified: Default::default(),
+                first_block: 0,
+            };
+            let delivery = Delivery {
+                state: state.clone(),
+                jti: principal.jti.clone(),
+                sha256: blob.sha256.clone(),
+                path: file.path.clone(),
+                size,
+                start,
+            };
+            let body = AuditedBody::new(
+                util::random_hex(12),
+                delivery,
+                None,
+                chunks,
+                log.clone(),
+                started,
+                state.audit.clone(),
+            );
+            return Ok(resp.no_chunking(len).streaming(body));
+        }
+        // A range: fill the cache first, then serve the range verified as usual.
+        up.fill(&state.store, &state.db, &blob, block_size, None)
+            .await?;
+        let sha = blob.sha256.clone();
+        blob = state
+            .db
+            .read(move |c| catalog::find_blob(c, &sha))
+            .await?
+            .ok_or_else(|| Error::internal("filled blob vanished"))?;
+    }
     let plan = Plan {
         key: blob.storage_key.clone(),
         size,

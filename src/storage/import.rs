@@ -471,3 +471,93 @@ pub async fn import_in_place(
     }
     record_revision(db, &req, digests).await
 }
+
+/// `models add ORG/NAME --from-upstream`: records the origin's revision. Files the origin
+/// publishes a SHA-256 for become remote blobs, fetched and verified on first download; small
+/// files without one are fetched now and stored like an import.
+pub async fn import_from_upstream(
+    db: &Db,
+    store: &Store,
+    req: ImportRequest,
+) -> Result<ImportReport> {
+    use super::upstream::{BLOB_REMOTE, REMOTE_PREFIX};
+    paths::validate_repo_id(&req.repo_id)?;
+    paths::validate_ref_name(&req.revision)?;
+    let up = store.upstream.clone().ok_or_else(|| {
+        Error::bad_request(
+            "not_upstream",
+            "--from-upstream needs storage.backend = \"upstream\"",
+        )
+    })?;
+    let (origin_commit, files) = up.revision(&req.repo_id, &req.revision).await?;
+    let mut digests = Vec::with_capacity(files.len());
+    for f in files {
+        let origin_path = format!(
+            "{}/resolve/{origin_commit}/{}",
+            req.repo_id,
+            paths::encode_path(&f.path)
+        );
+        match f.sha256 {
+            Some(sha) => {
+                let sha = sha.to_ascii_lowercase();
+                if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(Error::bad_request(
+                        "upstream_garbled",
+                        format!("{}: the upstream's SHA-256 is not 64 hex", f.path),
+                    ));
+                }
+                let now = util::now();
+                let blob = Blob {
+                    sha256: sha.clone(),
+                    size: f.size as i64,
+                    block_size: req.block_size as i64,
+                    block_algo: BLOCK_ALGO.into(),
+                    block_hashes: Vec::new(),
+                    storage_key: format!("{REMOTE_PREFIX}{origin_path}"),
+                    status: BLOB_REMOTE.into(),
+                    status_reason: None,
+                    created_at: now,
+                    verified_at: None,
+                };
+                db.write(move |c| match catalog::find_blob(c, &blob.sha256)? {
+                    Some(_) => Ok(()),
+                    None => catalog::upsert_blob(c, &blob),
+                })
+                .await?;
+                digests.push((
+                    f.path,
+                    Digest {
+                        size: f.size,
+                        sha256: sha,
+                        block_size: req.block_size,
+                        block_hashes: Vec::new(),
+                    },
+                ));
+            }
+            None => {
+                let bytes = up.fetch_small(&origin_path, 64 << 20).await?;
+                let mut h = manifest::Hasher::new(req.block_size);
+                h.update(&bytes);
+                let digest = h.finish();
+                let key = Store::blob_key(&digest.sha256);
+                store.inner.put(&Store::path(&key), bytes.into()).await?;
+                let now = util::now();
+                let blob = Blob {
+                    sha256: digest.sha256.clone(),
+                    size: digest.size as i64,
+                    block_size: digest.block_size as i64,
+                    block_algo: BLOCK_ALGO.into(),
+                    block_hashes: digest.block_hashes.clone(),
+                    storage_key: key,
+                    status: BLOB_OK.into(),
+                    status_reason: None,
+                    created_at: now,
+                    verified_at: Some(now),
+                };
+                db.write(move |c| catalog::upsert_blob(c, &blob)).await?;
+                digests.push((f.path, digest));
+            }
+        }
+    }
+    record_revision(db, &req, digests).await
+}

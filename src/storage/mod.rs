@@ -3,6 +3,7 @@
 
 pub mod import;
 pub mod manifest;
+pub mod upstream;
 pub mod verify;
 
 use std::sync::Arc;
@@ -17,6 +18,8 @@ use crate::config::{Settings, StorageBackend};
 #[derive(Clone)]
 pub struct Store {
     pub inner: Arc<dyn ObjectStore>,
+    /// The origin files are pulled through from (storage.backend = "upstream").
+    pub upstream: Option<Arc<upstream::Upstream>>,
 }
 
 impl Store {
@@ -28,6 +31,7 @@ impl Store {
                 let fs = LocalFileSystem::new_with_prefix(&dir)?;
                 Ok(Store {
                     inner: Arc::new(fs),
+                    upstream: None,
                 })
             }
             StorageBackend::S3 => {
@@ -51,9 +55,20 @@ impl Store {
                     .map_err(|e| anyhow::anyhow!("storage.s3_*: {e}"))?;
                 Ok(Store {
                     inner: Arc::new(s3),
+                    upstream: None,
                 })
             }
-            other => anyhow::bail!("storage.backend: {other:?} is not available in this build"),
+            StorageBackend::Upstream => {
+                // The cache is a local folder; the origin is read through `upstream`.
+                let dir = settings.data_dir.join("storage");
+                std::fs::create_dir_all(&dir)?;
+                let fs = LocalFileSystem::new_with_prefix(&dir)?;
+                let up = upstream::Upstream::new(&settings.storage)?;
+                Ok(Store {
+                    inner: Arc::new(fs),
+                    upstream: Some(Arc::new(up)),
+                })
+            }
         }
     }
 

@@ -188,6 +188,7 @@ mod tests {
 
     async fn blob(data: &[u8]) -> (Store, Plan) {
         let store = Store {
+            upstream: None,
             inner: Arc::new(InMemory::new()),
         };
         store

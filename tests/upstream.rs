@@ -1,0 +1,223 @@
+//! Pull-through from an upstream origin that this test controls: a good origin is fetched
+//! once and cached verified; an origin that cuts the connection, corrupts a byte or stalls
+//! leaves nothing in the cache and fails the client's transfer; concurrent first requests
+//! fill once.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::{Backend, TestServer, approved_token, pseudo_random};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const GOOD: u8 = 0;
+const CUT: u8 = 1;
+const CORRUPT: u8 = 2;
+const STALL: u8 = 3;
+const SLOW: u8 = 4;
+
+struct Origin {
+    base: String,
+    mode: Arc<AtomicU8>,
+    hits: Arc<AtomicUsize>,
+    data: Vec<u8>,
+}
+
+async fn origin() -> Origin {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let data = pseudo_random(400_000, 9);
+    let sha = weightgate::util::sha256_hex(&data);
+    let commit = "ab".repeat(20);
+    let (mode, hits) = (Arc::new(AtomicU8::new(GOOD)), Arc::new(AtomicUsize::new(0)));
+    let (m, h, d) = (mode.clone(), hits.clone(), data.clone());
+    tokio::spawn(async move {
+        loop {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let (m, h, d, sha, commit) =
+                (m.clone(), h.clone(), d.clone(), sha.clone(), commit.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let n = sock.read(&mut buf).await.unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                let path = req.split_whitespace().nth(1).unwrap_or("").to_string();
+                let head = |len: usize| {
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n"
+                    )
+                };
+                let json_reply = |v: serde_json::Value| {
+                    let b = v.to_string();
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n{b}", b.len()).into_bytes()
+                };
+                if path.starts_with("/api/models/o/m/revision/") {
+                    let _ = sock
+                        .write_all(&json_reply(json!({"id": "o/m", "sha": commit})))
+                        .await;
+                } else if path.starts_with("/api/models/o/m/tree/") {
+                    let _ = sock.write_all(&json_reply(json!([
+                        {"type": "file", "path": "w.bin", "size": d.len(), "oid": "1".repeat(40), "lfs": {"oid": sha, "size": d.len(), "pointerSize": 130}},
+                        {"type": "file", "path": "config.json", "size": 2, "oid": "2".repeat(40)},
+                    ]))).await;
+                } else if path.ends_with("/config.json") {
+                    let _ = sock.write_all(format!("{}{{}}", head(2)).as_bytes()).await;
+                } else if path.ends_with("/w.bin") {
+                    h.fetch_add(1, Ordering::SeqCst);
+                    let _ = sock.write_all(head(d.len()).as_bytes()).await;
+                    let half = d.len() / 2;
+                    match m.load(Ordering::SeqCst) {
+                        CUT => {
+                            let _ = sock.write_all(&d[..half]).await;
+                        }
+                        CORRUPT => {
+                            let mut bad = d.clone();
+                            bad[d.len() - 3] ^= 1;
+                            let _ = sock.write_all(&bad).await;
+                        }
+                        STALL => {
+                            let _ = sock.write_all(&d[..half]).await;
+                            tokio::time::sleep(Duration::from_secs(30)).await;
+                        }
+                        SLOW => {
+                            let _ = sock.write_all(&d[..half]).await;
+                            tokio::time::sleep(Duration::from_millis(400)).await; // keeps two first requests overlapping
+                            let _ = sock.write_all(&d[half..]).await;
+                        }
+                        _ => {
+                            let _ = sock.write_all(&d).await;
+                        }
+                    }
+                } else {
+                    let _ = sock.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
+                }
+            });
+        }
+    });
+    Origin {
+        base,
+        mode,
+        hits,
+        data,
+    }
+}
+
+async fn server(o: &Origin) -> (TestServer, String) {
+    let url: &'static str = Box::leak(o.base.clone().into_boxed_str());
+    let s = TestServer::start_with(
+        Backend::Sqlite,
+        &[
+            ("WEIGHTGATE__STORAGE__BACKEND", "upstream"),
+            ("WEIGHTGATE__STORAGE__UPSTREAM_URL", url),
+            ("WEIGHTGATE__STORAGE__UPSTREAM_TOKEN", "origin-secret"),
+            ("WEIGHTGATE__STORAGE__UPSTREAM_IDLE_SECS", "2"),
+            ("WEIGHTGATE__STORAGE__BLOCK_SIZE", "65536"),
+            ("WEIGHTGATE__STORAGE__CHUNK_SIZE", "16384"),
+        ],
+    )
+    .await;
+    let report = s.cli_json(&["models", "add", "o/m", "--from-upstream"]);
+    assert_eq!(report["files"].as_array().unwrap().len(), 2);
+    let token = approved_token(&s, "o/m", "ada@example.org").await;
+    (s, token)
+}
+
+/// Fetches the file; returns (status, bytes received, whether the body failed).
+async fn get(s: &TestServer, token: &str, range: Option<&str>) -> (u16, Vec<u8>, bool) {
+    let mut req = s
+        .http
+        .get(s.url("/o/m/resolve/main/w.bin"))
+        .bearer_auth(token);
+    if let Some(r) = range {
+        req = req.header("Range", r);
+    }
+    let mut r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    let mut got = Vec::new();
+    loop {
+        match r.chunk().await {
+            Ok(Some(c)) => got.extend_from_slice(&c),
+            Ok(None) => return (status, got, false),
+            Err(_) => return (status, got, true),
+        }
+    }
+}
+
+fn cached(s: &TestServer, o: &Origin) -> bool {
+    let sha = weightgate::util::sha256_hex(&o.data);
+    s.data_dir()
+        .join("storage")
+        .join(format!("blobs/sha256/{}/{sha}", &sha[..2]))
+        .exists()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_good_origin_is_fetched_once_and_served_verified() {
+    let o = origin().await;
+    let (s, token) = server(&o).await;
+    let (status, got, failed) = get(&s, &token, None).await;
+    assert_eq!((status, failed), (200, false));
+    assert!(got == o.data, "streamed through, byte for byte");
+    assert!(cached(&s, &o));
+    let (_, again, _) = get(&s, &token, None).await;
+    assert!(again == o.data);
+    let (status, part, _) = get(&s, &token, Some("bytes=100000-100099")).await;
+    assert_eq!(status, 206);
+    assert!(part[..] == o.data[100_000..100_100]);
+    assert_eq!(o.hits.load(Ordering::SeqCst), 1, "the origin was read once");
+    // Files without a published SHA-256 were fetched at import.
+    let r = s
+        .http
+        .get(s.url("/o/m/resolve/main/config.json"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(&r.bytes().await.unwrap()[..], b"{}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_origin_leaves_nothing_in_the_cache() {
+    let o = origin().await;
+    let (s, token) = server(&o).await;
+    for (mode, what) in [(CUT, "cut"), (CORRUPT, "corrupt"), (STALL, "stall")] {
+        o.mode.store(mode, Ordering::SeqCst);
+        let (status, got, failed) = get(&s, &token, None).await;
+        assert!(
+            failed || status >= 500,
+            "{what}: the client's transfer fails ({status}, {} bytes)",
+            got.len()
+        );
+        assert!(got.len() < o.data.len(), "{what}: never a complete file");
+        assert!(
+            got[..] == o.data[..got.len()] || mode == CORRUPT,
+            "{what}: bytes sent are the origin's"
+        );
+        assert!(!cached(&s, &o), "{what}: nothing cached");
+        let leftovers: Vec<_> = std::fs::read_dir(s.data_dir().join("storage/tmp"))
+            .map(|d| d.flatten().count())
+            .into_iter()
+            .collect();
+        assert!(
+            leftovers.iter().all(|n| *n == 0),
+            "{what}: no partial file left"
+        );
+    }
+    // The origin recovers: the next request fills the cache.
+    o.mode.store(GOOD, Ordering::SeqCst);
+    let (_, got, failed) = get(&s, &token, None).await;
+    assert!(!failed && got == o.data);
+    assert!(cached(&s, &o));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_requests_fill_once() {
+    let o = origin().await;
+    o.mode.store(SLOW, Ordering::SeqCst);
+    let (s, token) = server(&o).await;
+    let (a, b) = tokio::join!(get(&s, &token, None), get(&s, &token, None));
+    assert!(a.1 == o.data && b.1 == o.data, "both complete and correct");
+    assert_eq!(o.hits.load(Ordering::SeqCst), 1, "one fill");
+}
