@@ -41,6 +41,29 @@ pub struct Settings {
     pub audit: AuditSettings,
     pub integrity: IntegritySettings,
     pub admin: AdminSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// "text" for people, "json" (one object a line, with the request id) for log pipelines.
+    pub format: LogFormat,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            format: LogFormat::Text,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -68,6 +91,9 @@ pub struct ServerSettings {
     pub workers: usize,
     /// On SIGTERM, seconds in-flight requests (downloads) get to finish before they are cut.
     pub shutdown_timeout_secs: u64,
+    /// On SIGTERM, seconds `/readyz` answers 503 (so load balancers stop sending) before the
+    /// listener closes.
+    pub drain_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -213,6 +239,7 @@ impl Default for Settings {
             audit: AuditSettings::default(),
             integrity: IntegritySettings::default(),
             admin: AdminSettings::default(),
+            log: LogSettings::default(),
         }
     }
 }
@@ -224,6 +251,7 @@ impl Default for ServerSettings {
             public_url: String::new(),
             workers: 0,
             shutdown_timeout_secs: 30,
+            drain_secs: 0,
         }
     }
 }

@@ -138,18 +138,33 @@ fn http_server(
             .app_data(routes::json_config())
             .app_data(routes::query_config())
             .wrap_fn(move |req, srv| {
-                // Count every request by its route pattern (never the raw path), method and status.
-                let (route, method) = (
-                    req.match_pattern().unwrap_or_else(|| "unmatched".into()),
-                    req.method().to_string(),
-                );
+                // Every request gets an id (echoed as X-Request-Id and on its log lines) and is
+                // counted by route pattern, method and status. The raw path and query string
+                // (which may hold a token) are never logged.
+                use tracing::Instrument;
+                let (route, method) = (req.match_pattern().unwrap_or_else(|| "unmatched".into()), req.method().to_string());
+                let id = req
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .filter(|v| v.len() <= 64 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+                    .map(str::to_string)
+                    .unwrap_or_else(|| util::random_hex(8));
+                let span = tracing::info_span!("request", request_id = %id, method = %method, route = %route);
                 let metrics = metrics.clone();
+                let started = std::time::Instant::now();
                 let fut = srv.call(req);
                 async move {
-                    let res = fut.await?;
-                    metrics.request(&route, &method, res.status().as_u16());
+                    let mut res = fut.await?;
+                    let status = res.status().as_u16();
+                    metrics.request(&route, &method, status);
+                    tracing::debug!(status, ms = started.elapsed().as_millis() as u64, "answered");
+                    if let Ok(v) = actix_web::http::header::HeaderValue::from_str(&id) {
+                        res.headers_mut().insert(actix_web::http::header::HeaderName::from_static("x-request-id"), v);
+                    }
                     Ok(res)
                 }
+                .instrument(span)
             })
             .configure(routes::configure)
     })
@@ -263,6 +278,9 @@ pub async fn run(
     state
         .shutting_down
         .store(true, std::sync::atomic::Ordering::SeqCst);
+    if settings.server.drain_secs > 0 {
+        tokio::time::sleep(std::time::Duration::from_secs(settings.server.drain_secs)).await;
+    }
     handle.stop(true).await;
     let _ = server_task.await;
     let _ = stop_tx.send(true);

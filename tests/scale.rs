@@ -242,3 +242,88 @@ async fn operations_endpoints() {
     assert_eq!(api["openapi"], "3.1.0");
     assert!(api["paths"]["/api/v1/models/{org}/{name}/applications"]["post"].is_object());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_then_lets_downloads_finish() {
+    let mut s = common::TestServer::start_with(
+        Backend::Sqlite,
+        &[
+            ("WEIGHTGATE__SERVER__DRAIN_SECS", "2"),
+            ("WEIGHTGATE__STORAGE__BLOCK_SIZE", "65536"),
+            ("WEIGHTGATE__STORAGE__CHUNK_SIZE", "16384"),
+        ],
+    )
+    .await;
+    let src = s.dir.path().join("src");
+    common::write_model_dir(&src, &common::sample_files());
+    s.cli_ok(&[
+        "models",
+        "add",
+        "acme/tiny",
+        "--from",
+        src.to_str().unwrap(),
+    ]);
+    let token = common::approved_token(&s, "acme/tiny", "ada@example.org").await;
+    let r = s
+        .http
+        .get(s.url("/acme/tiny/resolve/main/config.json"))
+        .header("X-Request-Id", "trace-me-1")
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["x-request-id"],
+        "trace-me-1",
+        "the request id is echoed"
+    );
+    assert_eq!(
+        s.http
+            .get(s.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .headers()["x-request-id"]
+            .len(),
+        16
+    );
+    // A download is in flight when shutdown begins.
+    let mut inflight = s
+        .http
+        .get(s.url("/acme/tiny/resolve/main/model.safetensors"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    let first = inflight.chunk().await.unwrap().unwrap();
+    s.begin_stop();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let st = s
+            .http
+            .get(s.url("/readyz"))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0);
+        if st == 503 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "readyz never turned unready");
+        tokio::time::sleep(Duration::from_millis(20)).await; // poll until the drain starts
+    }
+    assert_eq!(
+        s.http.get(s.url("/healthz")).send().await.unwrap().status(),
+        200,
+        "still serving while draining"
+    );
+    let mut got = first.to_vec();
+    while let Some(c) = inflight.chunk().await.unwrap() {
+        got.extend_from_slice(&c);
+    }
+    assert!(
+        got == common::sample_files()[0].1,
+        "the in-flight download finished"
+    );
+    s.stop().await;
+}

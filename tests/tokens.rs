@@ -599,6 +599,7 @@ fn spawn_server(env: &[(String, String)]) -> Spawned {
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("RUST_LOG", "debug")
+        .env("WEIGHTGATE__LOG__FORMAT", "json")
         .envs(env.iter().cloned())
         .stderr(Stdio::piped())
         .spawn()
@@ -854,6 +855,12 @@ async fn hostile_and_forged_requests_are_refused_without_leaking_the_token() {
     assert!(
         log.contains("weightgate is serving"),
         "the log was captured"
+    );
+    assert!(
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .any(|v| v["span"]["request_id"].is_string()),
+        "JSON log lines carry the request id"
     );
     let audit = s.cli_ok(&["audit", "export", "--format", "jsonl"]);
     for secret in &secrets {

@@ -223,6 +223,13 @@ impl TestServer {
         }
     }
 
+    /// Asks the server to shut down without waiting for it (SIGTERM, as it were).
+    pub fn begin_stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+
     /// Stops the server gracefully (draining the audit queue).
     pub async fn stop(&mut self) {
         if let Some(tx) = self.stop.take() {
