@@ -30,6 +30,9 @@ pub struct Event {
     pub ts_ms: i64,
     /// For downloads: opens or closes an entry in `open_downloads`, in the same transaction.
     pub track: Option<Track>,
+    /// For downloads: the bytes a token received, recorded for its quota in the same
+    /// transaction (so a download costs no write of its own).
+    pub delivered: Option<crate::db::models::tokens::Delivered>,
 }
 
 /// A download's life in the audit log: its `started` event opens it, its final event closes it.
@@ -50,6 +53,7 @@ impl Event {
             detail: json!({}),
             ts_ms: util::now_ms(),
             track: None,
+            delivered: None,
         }
     }
 
@@ -113,6 +117,9 @@ pub fn append(conn: &mut AnyConnection, events: &[Event]) -> Result<()> {
         row.hash = row_hash(&row);
         prev = row.hash.clone();
         crate::webhooks::enqueue(conn, e, seq)?;
+        if let Some(d) = &e.delivered {
+            crate::db::models::tokens::record_delivery(conn, d, e.ts_ms / 1000)?;
+        }
         match &e.track {
             Some(Track::Start(id, instance)) => rows::open_download(
                 conn,
@@ -498,7 +505,7 @@ pub fn export_value(r: &AuditRow) -> Value {
 }
 
 enum Msg {
-    Event(Event),
+    Event(Box<Event>),
     Flush(oneshot::Sender<()>),
 }
 
@@ -522,7 +529,7 @@ impl AuditSink {
 
     /// Queues an event; it is committed with the next batch.
     pub fn record(&self, event: Event) {
-        if self.tx.send(Msg::Event(event)).is_err() {
+        if self.tx.send(Msg::Event(Box::new(event))).is_err() {
             tracing::error!("audit writer has stopped; an event could not be queued");
         }
     }
@@ -556,7 +563,7 @@ async fn writer(
         let mut next = Some(first);
         while let Some(msg) = next.take() {
             match msg {
-                Msg::Event(e) => batch.push(e),
+                Msg::Event(e) => batch.push(*e),
                 Msg::Flush(w) => waiters.push(w),
             }
             if batch.len() >= batch_max {

@@ -18,7 +18,7 @@ use crate::State;
 use crate::audit::{AuditSink, Event, Track};
 use crate::auth::access::Principal;
 use crate::db::models::catalog::{self, BLOB_QUARANTINED, Blob, FileRow};
-use crate::db::models::tokens::{Delivered, record_delivery};
+use crate::db::models::tokens::Delivered;
 use crate::error::{Error, HubCode, Result};
 use crate::storage::upstream::BLOB_REMOTE;
 use crate::storage::verify::{self, Chunks, Failure, Plan};
@@ -589,6 +589,18 @@ impl AuditedBody {
         }
     }
 
+    /// The bytes this stream handed on, for the token's quota (none when a failure cut it).
+    fn delivered(&self, sent: u64) -> Option<Delivered> {
+        let d = &self.delivery;
+        (sent > 0 && !self.failed).then(|| Delivered {
+            jti: d.jti.clone(),
+            sha256: d.sha256.clone(),
+            path: d.path.clone(),
+            size: d.size,
+            range: d.start..d.start + sent,
+        })
+    }
+
     fn final_event(&self, outcome: &str) -> Event {
         let mut e = self
             .log
@@ -616,7 +628,9 @@ impl AuditedBody {
             // The final event counts the held chunk as sent; it is released only once that
             // event is committed.
             self.sent += b.len() as u64;
-            let ack = self.sink.commit(self.final_event(outcome));
+            let mut e = self.final_event(outcome);
+            e.delivered = self.delivered(self.sent);
+            let ack = self.sink.commit(e);
             self.sent -= b.len() as u64;
             self.held = Some((b, ack));
             return self.release(cx);
@@ -687,32 +701,15 @@ impl Drop for AuditedBody {
                 (true, false) => "storage_error",
                 _ => "aborted_by_client",
             };
-            self.sink.record(self.final_event(outcome));
+            let mut e = self.final_event(outcome);
+            e.delivered = self.delivered(self.sent);
+            self.sink.record(e);
         } else if self.held.is_some() {
             // The client left while the last chunk waited for the log: correct the record.
             let mut e = self.final_event("aborted_by_client");
             e.detail["reason"] = json!("closed before the last chunk was delivered");
             e.track = None;
             self.sink.record(e);
-        }
-        if self.sent > 0 && !self.failed {
-            let d = &self.delivery;
-            let db = d.state.db.clone();
-            let delivered = Delivered {
-                jti: d.jti.clone(),
-                sha256: d.sha256.clone(),
-                path: d.path.clone(),
-                size: d.size,
-                range: d.start..d.start + self.sent,
-            };
-            tokio::spawn(async move {
-                let r = db
-                    .write(move |c| record_delivery(c, &delivered, util::now()))
-                    .await;
-                if let Err(e) = r {
-                    tracing::warn!(error = %e, "could not record a delivery for quota accounting");
-                }
-            });
         }
     }
 }

@@ -20,6 +20,9 @@ pub struct Store {
     pub inner: Arc<dyn ObjectStore>,
     /// The origin files are pulled through from (storage.backend = "upstream").
     pub upstream: Option<Arc<upstream::Upstream>>,
+    /// For stores on local disk: the folder keys are relative to, read directly on the
+    /// download path (one handle per stream, no zero-filled buffers).
+    pub local_root: Option<std::path::PathBuf>,
 }
 
 impl Store {
@@ -32,6 +35,7 @@ impl Store {
                 Ok(Store {
                     inner: Arc::new(fs),
                     upstream: None,
+                    local_root: Some(dir),
                 })
             }
             StorageBackend::S3 => {
@@ -56,6 +60,7 @@ impl Store {
                 Ok(Store {
                     inner: Arc::new(s3),
                     upstream: None,
+                    local_root: None,
                 })
             }
             StorageBackend::Upstream => {
@@ -67,6 +72,7 @@ impl Store {
                 Ok(Store {
                     inner: Arc::new(fs),
                     upstream: Some(Arc::new(up)),
+                    local_root: Some(dir),
                 })
             }
         }

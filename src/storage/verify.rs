@@ -99,6 +99,107 @@ where
     }
 }
 
+/// Reads blocks one after another: from a local file through one handle (read and hash in
+/// one blocking call, no zero-filled buffers), or through the object store.
+enum Reader {
+    Local(Option<std::fs::File>),
+    Store(object_store::path::Path),
+}
+
+impl Reader {
+    /// Opens the object and checks its size: a file that grew or shrank is caught before the
+    /// first byte, not at its end.
+    async fn open(store: &Store, plan: &Plan) -> Result<Reader, Failure> {
+        if let Some(root) = &store.local_root {
+            let path = root.join(&plan.key);
+            let size = plan.size;
+            return tokio::task::spawn_blocking(move || match std::fs::File::open(&path) {
+                Ok(f) => match f.metadata() {
+                    Ok(m) if m.len() != size => Err(Failure::WrongSize {
+                        expected: size,
+                        actual: m.len(),
+                    }),
+                    Ok(_) => Ok(Reader::Local(Some(f))),
+                    Err(e) => Err(Failure::Unreadable(e.to_string())),
+                },
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Failure::Missing),
+                Err(e) => Err(Failure::Unreadable(e.to_string())),
+            })
+            .await
+            .map_err(|e| Failure::Unreadable(e.to_string()))?;
+        }
+        let path = Store::path(&plan.key);
+        match store.inner.head(&path).await {
+            Ok(meta) if meta.size != plan.size => Err(Failure::WrongSize {
+                expected: plan.size,
+                actual: meta.size,
+            }),
+            Ok(_) => Ok(Reader::Store(path)),
+            Err(object_store::Error::NotFound { .. }) => Err(Failure::Missing),
+            Err(e) => Err(Failure::Unreadable(e.to_string())),
+        }
+    }
+
+    /// Reads `start..end` and returns it only if its BLAKE3 is `expected`.
+    async fn verified_block(
+        &mut self,
+        store: &Store,
+        start: u64,
+        end: u64,
+        block: u64,
+        expected: Vec<u8>,
+    ) -> Result<Bytes, Failure> {
+        let len = end - start;
+        match self {
+            Reader::Local(slot) => {
+                let file = slot
+                    .take()
+                    .ok_or_else(|| Failure::Unreadable("reader closed".into()))?;
+                let (file, result) = tokio::task::spawn_blocking(move || {
+                    use std::io::{Read, Seek, SeekFrom};
+                    let mut file = file;
+                    let mut buf = Vec::with_capacity(len as usize);
+                    let read = file
+                        .seek(SeekFrom::Start(start))
+                        .and_then(|_| (&mut file).take(len).read_to_end(&mut buf));
+                    let result = match read {
+                        Ok(n) if n as u64 != len => Err(Failure::WrongSize {
+                            expected: len,
+                            actual: start + n as u64,
+                        }),
+                        Ok(_) if blake3::hash(&buf).as_bytes()[..] == expected[..] => {
+                            Ok(Bytes::from(buf))
+                        }
+                        Ok(_) => Err(Failure::Mismatch { block }),
+                        Err(e) => Err(Failure::Unreadable(e.to_string())),
+                    };
+                    (file, result)
+                })
+                .await
+                .map_err(|e| Failure::Unreadable(e.to_string()))?;
+                *slot = Some(file);
+                result
+            }
+            Reader::Store(path) => {
+                let data = match store.inner.get_range(path, start..end).await {
+                    Ok(d) => d,
+                    Err(object_store::Error::NotFound { .. }) => return Err(Failure::Missing),
+                    Err(e) => return Err(Failure::Unreadable(e.to_string())),
+                };
+                if data.len() as u64 != len {
+                    return Err(Failure::WrongSize {
+                        expected: len,
+                        actual: start + data.len() as u64,
+                    });
+                }
+                verify_block(data, expected)
+                    .await
+                    .ok_or(Failure::Mismatch { block })
+            }
+        }
+    }
+}
+
 async fn produce(
     store: &Store,
     plan: &Plan,
@@ -108,44 +209,21 @@ async fn produce(
     if plan.range.is_empty() {
         return Ok(());
     }
-    let path = Store::path(&plan.key);
-    // A file that grew or shrank is caught before the first byte, not at its end.
-    match store.inner.head(&path).await {
-        Ok(meta) if meta.size != plan.size => {
-            return Err(Failure::WrongSize {
-                expected: plan.size,
-                actual: meta.size,
-            });
-        }
-        Ok(_) => {}
-        Err(object_store::Error::NotFound { .. }) => return Err(Failure::Missing),
-        Err(e) => return Err(Failure::Unreadable(e.to_string())),
-    }
+    let mut reader = Reader::open(store, plan).await?;
     let bs = plan.block_size;
     let first = plan.range.start / bs;
     let last = (plan.range.end - 1) / bs;
     for block in first..=last {
         let start = block * bs;
         let end = ((block + 1) * bs).min(plan.size);
-        let data = match store.inner.get_range(&path, start..end).await {
-            Ok(d) => d,
-            Err(object_store::Error::NotFound { .. }) => return Err(Failure::Missing),
-            Err(e) => return Err(Failure::Unreadable(e.to_string())),
-        };
-        if data.len() as u64 != end - start {
-            return Err(Failure::WrongSize {
-                expected: plan.size,
-                actual: start + data.len() as u64,
-            });
-        }
         let expected = plan
             .block_hashes
             .get(block as usize * HASH_LEN..(block as usize + 1) * HASH_LEN)
             .ok_or(Failure::Mismatch { block })?
             .to_vec();
-        let data = verify_block(data, expected)
-            .await
-            .ok_or(Failure::Mismatch { block })?;
+        let data = reader
+            .verified_block(store, start, end, block, expected)
+            .await?;
         verified.fetch_add(1, Ordering::Relaxed);
         // Hand on only the wanted part of the verified block, in socket-sized pieces.
         let from = plan.range.start.max(start) - start;
@@ -188,6 +266,7 @@ mod tests {
 
     async fn blob(data: &[u8]) -> (Store, Plan) {
         let store = Store {
+            local_root: None,
             upstream: None,
             inner: Arc::new(InMemory::new()),
         };
