@@ -297,29 +297,7 @@ async fn events_cover_reads_withdrawals_and_filters(backend: Backend) {
             .success(),
         "an empty password is refused"
     );
-    let created = {
-        use std::io::Write;
-        let mut p = Command::new(env!("CARGO_BIN_EXE_weightgate"))
-            .args(["admin", "create", "--email", "root@example.org"])
-            .env_clear()
-            .env("WEIGHTGATE__DATA_DIR", s.data_dir())
-            .env("WEIGHTGATE__DATABASE__URL", &s.db.url)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        p.stdin
-            .take()
-            .unwrap()
-            .write_all(b"a long enough password\n")
-            .unwrap();
-        p.wait().unwrap()
-    };
-    assert!(created.success());
-    let admin = s.cli_json(&["admin", "token", "create", "--email", "root@example.org"])["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let admin = common::admin_token(&s);
     let mut url = s.url("/api/v1/admin/audit?model=acme/tiny&limit=5");
     let mut got = Vec::new();
     loop {

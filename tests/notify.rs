@@ -188,29 +188,7 @@ async fn permanent_failures_are_marked_and_shown(backend: Backend) {
     assert_eq!(row.attempts, 1, "a 5xx is not retried");
     assert!(row.last_error.as_deref().unwrap_or("").contains("550"));
     // Visible to administrators.
-    let created = {
-        use std::io::Write;
-        let mut p = std::process::Command::new(env!("CARGO_BIN_EXE_weightgate"))
-            .args(["admin", "create", "--email", "root@example.org"])
-            .env_clear()
-            .env("WEIGHTGATE__DATA_DIR", s.data_dir())
-            .env("WEIGHTGATE__DATABASE__URL", &s.db.url)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        p.stdin
-            .take()
-            .unwrap()
-            .write_all(b"a long admin password\n")
-            .unwrap();
-        p.wait().unwrap()
-    };
-    assert!(created.success());
-    let admin = s.cli_json(&["admin", "token", "create", "--email", "root@example.org"])["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let admin = common::admin_token(&s);
     let failed: Value = s
         .http
         .get(s.url("/api/v1/admin/outbox/failed"))

@@ -68,28 +68,7 @@ async fn replicas_share_revocations_decisions_and_the_chain() {
         .send()
         .await
         .unwrap();
-    {
-        use std::io::Write;
-        let mut p = std::process::Command::new(env!("CARGO_BIN_EXE_weightgate"))
-            .args(["admin", "create", "--email", "root@example.org"])
-            .env_clear()
-            .env("WEIGHTGATE__DATA_DIR", a.data_dir())
-            .env("WEIGHTGATE__DATABASE__URL", &a.db.url)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        p.stdin
-            .take()
-            .unwrap()
-            .write_all(b"a long admin password\n")
-            .unwrap();
-        assert!(p.wait().unwrap().success());
-    }
-    let admin = a.cli_json(&["admin", "token", "create", "--email", "root@example.org"])["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let admin = common::admin_token(&a);
     let body = json!({"requestId": id, "status": "accepted"});
     let (ra, rb) = tokio::join!(
         a.http

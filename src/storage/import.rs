@@ -310,19 +310,7 @@ async fn promote(
             .inner
             .rename(&Store::path(tmp), &Store::path(&key))
             .await?;
-        let now = util::now();
-        let blob = Blob {
-            sha256: digest.sha256.clone(),
-            size: digest.size as i64,
-            block_size: digest.block_size as i64,
-            block_algo: BLOCK_ALGO.into(),
-            block_hashes: digest.block_hashes.clone(),
-            storage_key: key,
-            status: BLOB_OK.into(),
-            status_reason: None,
-            created_at: now,
-            verified_at: Some(now),
-        };
+        let blob = verified_blob(digest, key);
         // Re-importing quarantined content replaces its bytes and manifest and lifts the quarantine.
         db.write(move |c| catalog::upsert_blob(c, &blob)).await?;
     }
@@ -449,19 +437,7 @@ pub async fn import_in_place(
             hasher.update(&chunk?);
         }
         let digest = hasher.finish();
-        let now = util::now();
-        let blob = Blob {
-            sha256: digest.sha256.clone(),
-            size: digest.size as i64,
-            block_size: digest.block_size as i64,
-            block_algo: BLOCK_ALGO.into(),
-            block_hashes: digest.block_hashes.clone(),
-            storage_key: key,
-            status: BLOB_OK.into(),
-            status_reason: None,
-            created_at: now,
-            verified_at: Some(now),
-        };
+        let blob = verified_blob(&digest, key);
         db.write(move |c| match catalog::find_blob(c, &blob.sha256)? {
             Some(existing) if existing.status == BLOB_OK => Ok(()),
             _ => catalog::upsert_blob(c, &blob),
@@ -541,23 +517,28 @@ pub async fn import_from_upstream(
                 let digest = h.finish();
                 let key = Store::blob_key(&digest.sha256);
                 store.inner.put(&Store::path(&key), bytes.into()).await?;
-                let now = util::now();
-                let blob = Blob {
-                    sha256: digest.sha256.clone(),
-                    size: digest.size as i64,
-                    block_size: digest.block_size as i64,
-                    block_algo: BLOCK_ALGO.into(),
-                    block_hashes: digest.block_hashes.clone(),
-                    storage_key: key,
-                    status: BLOB_OK.into(),
-                    status_reason: None,
-                    created_at: now,
-                    verified_at: Some(now),
-                };
+                let blob = verified_blob(&digest, key);
                 db.write(move |c| catalog::upsert_blob(c, &blob)).await?;
                 digests.push((f.path, digest));
             }
         }
     }
     record_revision(db, &req, digests).await
+}
+
+/// The row of content just hashed and stored under `key`: verified now.
+pub fn verified_blob(digest: &Digest, key: String) -> Blob {
+    let now = util::now();
+    Blob {
+        sha256: digest.sha256.clone(),
+        size: digest.size as i64,
+        block_size: digest.block_size as i64,
+        block_algo: BLOCK_ALGO.into(),
+        block_hashes: digest.block_hashes.clone(),
+        storage_key: key,
+        status: BLOB_OK.into(),
+        status_reason: None,
+        created_at: now,
+        verified_at: Some(now),
+    }
 }

@@ -17,7 +17,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::Store;
-use super::manifest::{self, BLOCK_ALGO, Digest};
+use super::manifest::{self, Digest};
 use crate::config::StorageSettings;
 use crate::db::Db;
 use crate::db::models::catalog::{self, BLOB_OK, Blob};
@@ -236,19 +236,7 @@ impl Upstream {
             Ok((digest, held)) => {
                 let key = Store::blob_key(&blob.sha256);
                 store.inner.rename(&tmp, &Store::path(&key)).await?;
-                let now = util::now();
-                let filled = Blob {
-                    sha256: blob.sha256.clone(),
-                    size: digest.size as i64,
-                    block_size: digest.block_size as i64,
-                    block_algo: BLOCK_ALGO.into(),
-                    block_hashes: digest.block_hashes,
-                    storage_key: key,
-                    status: BLOB_OK.into(),
-                    status_reason: None,
-                    created_at: now,
-                    verified_at: Some(now),
-                };
+                let filled = super::import::verified_blob(&digest, key);
                 db.write(move |c| catalog::upsert_blob(c, &filled)).await?;
                 if let (Some(tx), Some(last)) = (tx, held) {
                     let _ = tx.send(Ok(last)).await;

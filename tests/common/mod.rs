@@ -406,6 +406,9 @@ fn read_mails(dir: &Path) -> Vec<Mail> {
     files
         .into_iter()
         .filter_map(|(_, p)| std::fs::read_to_string(p).ok())
+        // The file transport writes in place: skip a message still being written (every
+        // message is multipart and ends with its closing boundary).
+        .filter(|raw| raw.trim_end().ends_with("--"))
         .map(|raw| Mail {
             text: decode_qp(&raw),
             raw,
@@ -642,4 +645,29 @@ pub fn sqlite(url: &str) -> diesel::SqliteConnection {
     c.batch_execute("PRAGMA busy_timeout = 10000")
         .expect("busy_timeout");
     c
+}
+
+/// Creates the administrator root@example.org (password on stdin, as an operator would) and
+/// returns an API token for it.
+pub fn admin_token(s: &TestServer) -> String {
+    use std::io::Write;
+    let mut p = Command::new(env!("CARGO_BIN_EXE_weightgate"))
+        .args(["admin", "create", "--email", "root@example.org"])
+        .env_clear()
+        .env("WEIGHTGATE__DATA_DIR", s.data_dir())
+        .env("WEIGHTGATE__DATABASE__URL", &s.db.url)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("weightgate admin create");
+    p.stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"a long admin password\n")
+        .expect("password");
+    assert!(p.wait().expect("wait").success(), "admin create failed");
+    s.cli_json(&["admin", "token", "create", "--email", "root@example.org"])["token"]
+        .as_str()
+        .expect("token")
+        .to_string()
 }
