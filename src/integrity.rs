@@ -49,6 +49,7 @@ pub async fn check_blob(store: &Store, blob: &Blob, chunk_size: usize) -> Result
         block_hashes: blob.block_hashes.clone(),
         range: 0..size,
         chunk_size,
+        share: false,
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
     let mut chunks = verify::stream(store.clone(), plan, move |f| {

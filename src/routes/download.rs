@@ -268,6 +268,7 @@ async fn serve(
         block_hashes: blob.block_hashes.clone(),
         range: start..end,
         chunk_size: state.settings.storage.chunk_size,
+        share: true,
     };
     let on_failure = quarantine_on_failure(
         state.clone(),

@@ -3,6 +3,7 @@
 
 pub mod import;
 pub mod manifest;
+pub mod shared;
 pub mod upstream;
 pub mod verify;
 
@@ -23,6 +24,8 @@ pub struct Store {
     /// For stores on local disk: the folder keys are relative to, read directly on the
     /// download path (one handle per stream, no zero-filled buffers).
     pub local_root: Option<std::path::PathBuf>,
+    /// Verified blocks currently held by streams, shared with concurrent streams.
+    pub blocks: Arc<shared::Blocks>,
 }
 
 impl Store {
@@ -36,6 +39,7 @@ impl Store {
                     inner: Arc::new(fs),
                     upstream: None,
                     local_root: Some(dir),
+                    blocks: Default::default(),
                 })
             }
             StorageBackend::S3 => {
@@ -61,6 +65,7 @@ impl Store {
                     inner: Arc::new(s3),
                     upstream: None,
                     local_root: None,
+                    blocks: Default::default(),
                 })
             }
             StorageBackend::Upstream => {
@@ -73,6 +78,7 @@ impl Store {
                     inner: Arc::new(fs),
                     upstream: Some(Arc::new(up)),
                     local_root: Some(dir),
+                    blocks: Default::default(),
                 })
             }
         }

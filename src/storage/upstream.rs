@@ -213,6 +213,7 @@ impl Upstream {
                     block_hashes: b.block_hashes.clone(),
                     range: 0..b.size as u64,
                     chunk_size: 1 << 20,
+                    share: true,
                 };
                 let mut chunks = super::verify::stream(store.clone(), plan, |_| {});
                 while let Some(c) = chunks.rx.recv().await {

@@ -55,6 +55,9 @@ pub struct Plan {
     pub block_hashes: Vec<u8>,
     pub range: Range<u64>,
     pub chunk_size: usize,
+    /// Whether verified blocks may be shared with concurrent streams of the same blob
+    /// (downloads); a scrub must read the store itself and sets this to false.
+    pub share: bool,
 }
 
 /// The consumer side of a verified stream.
@@ -221,9 +224,17 @@ async fn produce(
             .get(block as usize * HASH_LEN..(block as usize + 1) * HASH_LEN)
             .ok_or(Failure::Mismatch { block })?
             .to_vec();
-        let data = reader
-            .verified_block(store, start, end, block, expected)
-            .await?;
+        let data = if plan.share {
+            let read = reader.verified_block(store, start, end, block, expected.clone());
+            store
+                .blocks
+                .get_or_fill(&plan.key, start, end, &expected, read)
+                .await?
+        } else {
+            reader
+                .verified_block(store, start, end, block, expected)
+                .await?
+        };
         verified.fetch_add(1, Ordering::Relaxed);
         // Hand on only the wanted part of the verified block, in socket-sized pieces.
         let from = plan.range.start.max(start) - start;
@@ -269,6 +280,7 @@ mod tests {
             local_root: None,
             upstream: None,
             inner: Arc::new(InMemory::new()),
+            blocks: Default::default(),
         };
         store
             .inner
@@ -285,6 +297,7 @@ mod tests {
             block_hashes: d.block_hashes,
             range: 0..d.size,
             chunk_size: 16 * 1024,
+            share: true,
         };
         (store, plan)
     }
