@@ -482,3 +482,118 @@ async fn apply_and_status_from_the_terminal() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("email"));
     let _ = approved;
 }
+
+/// A manifest whose SHA-256 is a path (it names the partial file on disk) or whose block
+/// size would not fit in memory is refused before anything is fetched or written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_manifest_writes_nothing_outside_the_folder() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let root = tempfile::tempdir().unwrap();
+    let victim = root.path().join("victim.txt");
+    std::fs::write(&victim, b"keep me").unwrap();
+    let data = vec![7u8; 1000];
+    let hostile = [
+        (victim.to_str().unwrap().to_string(), 65536u64),
+        ("../../victim.txt".to_string(), 65536),
+        (weightgate::util::sha256_hex(&data), 1 << 40),
+    ];
+    for (sha, block_size) in hostile {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let manifest = json!({"model": "o/m", "revision": "main", "commit": "c".repeat(40), "files": [{
+            "path": "w.bin", "size": 1000, "sha256": sha, "block_size": block_size,
+            "block_algo": "blake3", "block_hashes": [blake3::hash(&data).to_hex().to_string()]}]});
+        let fetches = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = fetches.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut sock, _) = listener.accept().await.unwrap();
+                let (m, counter) = (manifest.to_string(), counter.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let n = sock.read(&mut buf).await.unwrap_or(0);
+                    let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                    let (status, body) = if req.starts_with("GET /api/v1/models/o/m/manifest") {
+                        ("200 OK", m.into_bytes())
+                    } else {
+                        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        ("500 Internal Server Error", Vec::new())
+                    };
+                    let head = format!(
+                        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = sock.write_all(head.as_bytes()).await;
+                    let _ = sock.write_all(&body).await;
+                });
+            }
+        });
+        let dl = root.path().join("a/b/dl");
+        let out = tokio::task::spawn_blocking({
+            let d = dl.clone();
+            move || {
+                wg(&[
+                    "download",
+                    "o/m",
+                    "--endpoint",
+                    &base,
+                    "--token",
+                    "t",
+                    "--dir",
+                    d.to_str().unwrap(),
+                ])
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(out.status.code(), Some(9), "{sha} {block_size}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("w.bin"));
+        assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
+        assert!(!dl.join("w.bin").exists());
+    }
+}
+
+/// Two paths with the same bytes (copies, empty files) share one partial download; each
+/// still ends up in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_with_the_same_content_each_get_their_copy() {
+    let s = TestServer::start_with(Backend::Sqlite, SMALL_BLOCKS).await;
+    let src = s.dir.path().join("src");
+    let shared = pseudo_random(200_000, 5);
+    let files = [
+        ("a.bin", shared.clone()),
+        ("copy/a.bin", shared.clone()),
+        ("empty1", Vec::new()),
+        ("sub/empty2", Vec::new()),
+    ];
+    write_model_dir(&src, &files);
+    s.cli_ok(&["models", "add", "acme/dup", "--from", src.to_str().unwrap()]);
+    let token = approved_token(&s, "acme/dup", "ada@example.org").await;
+    let dir = s.dir.path().join("dl");
+    let out = tokio::task::spawn_blocking({
+        let (base, d) = (s.base.clone(), dir.clone());
+        move || {
+            wg(&[
+                "download",
+                "acme/dup",
+                "--endpoint",
+                &base,
+                "--token",
+                &token,
+                "--dir",
+                d.to_str().unwrap(),
+            ])
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (path, bytes) in &files {
+        assert_eq!(&std::fs::read(dir.join(path)).unwrap(), bytes, "{path}");
+    }
+}

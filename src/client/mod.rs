@@ -31,6 +31,9 @@ pub mod exit {
     pub const UNAVAILABLE: u8 = 11;
 }
 
+/// The largest block a manifest may ask the client to hold in memory.
+const MAX_BLOCK_SIZE: u64 = 256 << 20;
+
 pub const EXIT_CODES_HELP: &str = "Exit codes: 0 every file verified; 1 other failure; 3 no access (missing, invalid or wrong token, never applied); 4 application awaiting confirmation or review; 5 application rejected; 6 token or access expired; 7 token or access revoked; 8 download quota used up; 9 integrity failure (server or local verification); 10 model, revision or file not found; 11 server unreachable or unavailable.";
 
 /// A failure with its exit code and one line that says what to do.
@@ -185,8 +188,22 @@ pub fn fetch_manifest(
                 format!("refusing a manifest entry: {}", e.message),
             )
         })?;
+        // The SHA-256 names the partial file on disk: it must be a plain hex digest, and a
+        // block must fit in memory.
+        if f.sha256.len() != 64
+            || !f
+                .sha256
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(fail(
+                exit::INTEGRITY,
+                format!("{}: the manifest's SHA-256 is not a hex digest", f.path),
+            ));
+        }
         if f.block_algo != "blake3"
             || f.block_size == 0
+            || f.block_size > MAX_BLOCK_SIZE
             || f.block_hashes.len() as u64 != f.size.div_ceil(f.block_size)
         {
             return Err(fail(
@@ -404,9 +421,19 @@ pub fn download(req: &DownloadRequest) -> Result<Report, ClientError> {
 
     // Every block verified: check each whole file and move it into place.
     let mut done = Vec::new();
+    // Files with the same content share one partial: the first is moved, the rest copied.
+    let mut placed: std::collections::HashMap<&str, PathBuf> = Default::default();
     for (i, f) in files.iter().enumerate() {
         let dest = req.dir.join(&f.path);
-        if partials[i].is_some() {
+        if let (Some(_), Some(first)) = (&partials[i], placed.get(f.sha256.as_str())) {
+            if let Some(parent) = dest.parent() {
+                fs::create_dir_all(parent)
+                    .map_err(|e| fail(exit::FAILED, format!("{}: {e}", parent.display())))?;
+            }
+            fs::copy(first, &dest)
+                .map_err(|e| fail(exit::FAILED, format!("{}: {e}", dest.display())))?;
+            progress.finish_file(i, &f.path);
+        } else if partials[i].is_some() {
             let sd = state_dir(&req.dir);
             let part = sd.join(&f.sha256);
             let actual =
@@ -428,6 +455,7 @@ pub fn download(req: &DownloadRequest) -> Result<Report, ClientError> {
             fs::rename(&part, &dest)
                 .map_err(|e| fail(exit::FAILED, format!("{}: {e}", dest.display())))?;
             let _ = fs::remove_file(sd.join(format!("{}.blocks", f.sha256)));
+            placed.insert(&f.sha256, dest.clone());
             progress.finish_file(i, &f.path);
         }
         done.push((f.path.clone(), f.sha256.clone()));
