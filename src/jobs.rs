@@ -126,6 +126,9 @@ pub async fn notices_loop(
         let c2 = ctx.clone();
         let result = db
             .write(move |c| {
+                // One replica at a time: on PostgreSQL two replicas could otherwise both
+                // read the same grants before either marks them, and warn twice.
+                crate::db::models::audit::lock_chain(c)?;
                 let now = crate::util::now();
                 let mut n = crate::applications::expiry_notices(c, &c2, now)?;
                 let last: i64 = crate::db::models::kv::get(c, DIGEST_KEY)?

@@ -313,6 +313,30 @@ async fn expiry_warnings_notices_digests_and_revocations() {
         1
     );
 
+    // An administrator giving more time re-arms the warning for the new end date.
+    let later = now + 2 * 86400;
+    let db = weightgate::db::Db::open(&s.settings).unwrap();
+    db.write(move |c| {
+        use diesel::prelude::*;
+        use weightgate::db::schema::grants;
+        let id: String = grants::table.select(grants::id).first(c)?;
+        assert!(weightgate::db::models::access::set_grant_expiry(
+            c,
+            &id,
+            Some(later)
+        )?);
+        Ok(())
+    })
+    .await
+    .unwrap();
+    let ends = weightgate::util::rfc3339(later);
+    s.wait_for_mail("a warning for the new end date", |m| {
+        m.header("Subject")
+            .is_some_and(|x| x.contains("less than 7 days"))
+            && m.text.contains(&ends)
+    })
+    .await;
+
     // A digest model: admins get one message listing the day's applications, none per application.
     sql("UPDATE models SET notify = 'digest'");
     for email in ["d1@example.org", "d2@example.org"] {

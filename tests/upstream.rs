@@ -18,6 +18,8 @@ const CUT: u8 = 1;
 const CORRUPT: u8 = 2;
 const STALL: u8 = 3;
 const SLOW: u8 = 4;
+/// The tree listing points its next page at another host.
+const FOREIGN_LINK: u8 = 5;
 
 struct Origin {
     base: String,
@@ -27,6 +29,11 @@ struct Origin {
 }
 
 async fn origin() -> Origin {
+    origin_with_next_page_at("http://127.0.0.1:9/steal").await
+}
+
+async fn origin_with_next_page_at(foreign: &str) -> Origin {
+    let foreign = foreign.to_string();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let data = pseudo_random(400_000, 9);
@@ -37,8 +44,14 @@ async fn origin() -> Origin {
     tokio::spawn(async move {
         loop {
             let (mut sock, _) = listener.accept().await.unwrap();
-            let (m, h, d, sha, commit) =
-                (m.clone(), h.clone(), d.clone(), sha.clone(), commit.clone());
+            let (m, h, d, sha, commit, foreign) = (
+                m.clone(),
+                h.clone(),
+                d.clone(),
+                sha.clone(),
+                commit.clone(),
+                foreign.clone(),
+            );
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 8192];
                 let n = sock.read(&mut buf).await.unwrap_or(0);
@@ -49,9 +62,14 @@ async fn origin() -> Origin {
                         "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n"
                     )
                 };
+                let link = if m.load(Ordering::SeqCst) == FOREIGN_LINK {
+                    format!("Link: <{foreign}>; rel=\"next\"\r\n")
+                } else {
+                    String::new()
+                };
                 let json_reply = |v: serde_json::Value| {
                     let b = v.to_string();
-                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n{b}", b.len()).into_bytes()
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/json\r\n{link}Connection: close\r\n\r\n{b}", b.len()).into_bytes()
                 };
                 if path.starts_with("/api/models/o/m/revision/") {
                     let _ = sock
@@ -220,4 +238,39 @@ async fn concurrent_first_requests_fill_once() {
     let (a, b) = tokio::join!(get(&s, &token, None), get(&s, &token, None));
     assert!(a.1 == o.data && b.1 == o.data, "both complete and correct");
     assert_eq!(o.hits.load(Ordering::SeqCst), 1, "one fill");
+}
+
+/// A listing whose next-page link names another host is refused: the upstream token is
+/// never sent there, and the model is not added.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_next_page_on_another_host_gets_no_token() {
+    let thief = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let visits = Arc::new(AtomicUsize::new(0));
+    let seen = visits.clone();
+    let thief_url = format!("http://{}/steal", thief.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((_sock, _)) = thief.accept().await {
+            seen.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let o = origin_with_next_page_at(&thief_url).await;
+    o.mode.store(FOREIGN_LINK, Ordering::SeqCst);
+    let url: &'static str = Box::leak(o.base.clone().into_boxed_str());
+    let s = TestServer::start_with(
+        Backend::Sqlite,
+        &[
+            ("WEIGHTGATE__STORAGE__BACKEND", "upstream"),
+            ("WEIGHTGATE__STORAGE__UPSTREAM_URL", url),
+            ("WEIGHTGATE__STORAGE__UPSTREAM_TOKEN", "origin-secret"),
+        ],
+    )
+    .await;
+    let out = s.cli(&["models", "add", "o/m", "--from-upstream"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("outside the upstream"), "{err}");
+    assert!(!err.contains("origin-secret"));
+    assert_eq!(visits.load(Ordering::SeqCst), 0);
+    let models = s.cli_json(&["models", "list"]);
+    assert_eq!(models.as_array().map(Vec::len), Some(0), "{models}");
 }

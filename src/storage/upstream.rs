@@ -59,6 +59,25 @@ impl Upstream {
         })
     }
 
+    /// Resolves a `Link: rel="next"` target against the page it came from and keeps it on
+    /// the upstream's own origin, so the upstream token is never sent anywhere else.
+    fn same_origin(&self, current: &str, next: &str) -> Result<String> {
+        let refuse = || {
+            Error::unavailable(
+                "upstream_refused",
+                "The upstream's next-page link points outside the upstream.",
+            )
+        };
+        let base = reqwest::Url::parse(&self.base).map_err(|_| refuse())?;
+        let url = reqwest::Url::parse(current)
+            .and_then(|c| c.join(next))
+            .map_err(|_| refuse())?;
+        if url.origin() != base.origin() {
+            return Err(refuse());
+        }
+        Ok(url.to_string())
+    }
+
     fn get(&self, url: &str) -> reqwest::RequestBuilder {
         let r = self.http.get(url);
         match &self.token {
@@ -142,7 +161,7 @@ impl Upstream {
                 });
             }
             match next {
-                Some(n) => url = n,
+                Some(n) => url = self.same_origin(&url, &n)?,
                 None => break,
             }
         }

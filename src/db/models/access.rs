@@ -299,7 +299,12 @@ pub fn set_grant_expiry(
     expires_at: Option<i64>,
 ) -> Result<bool> {
     let n = diesel::update(grants::table.find(id).filter(grants::revoked_at.is_null()))
-        .set(grants::expires_at.eq(expires_at))
+        .set((
+            grants::expires_at.eq(expires_at),
+            // A new end date gets its own warning and notice.
+            grants::expiry_warned_at.eq(None::<i64>),
+            grants::expiry_noticed_at.eq(None::<i64>),
+        ))
         .execute(conn)?;
     Ok(n == 1)
 }
