@@ -69,15 +69,32 @@ impl LoginLimiter {
         ]
     }
 
-    /// Seconds until a login may be tried again, if it is locked now.
-    pub fn locked(&self, ip: Option<IpAddr>, email: &str) -> Option<u64> {
+    /// Reserves an attempt before the password is checked, so that parallel guesses count
+    /// at once; returns when it was reserved, or the seconds to wait when locked.
+    pub fn begin(&self, ip: Option<IpAddr>, email: &str) -> std::result::Result<Instant, u64> {
         let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
+        if map.len() > 100_000 {
+            // Forget expired entries; if that is not enough, drop per-address ones first so
+            // that many addresses cannot wipe an account's lockout.
+            map.retain(|_, v| {
+                v.last()
+                    .is_some_and(|t| now.duration_since(*t) < self.window)
+            });
+            if map.len() > 100_000 {
+                map.retain(|k, _| k.starts_with("acct:"));
+            }
+        }
+        let keys = Self::keys(ip, email);
         let mut wait = None;
-        for (key, is_ip) in Self::keys(ip, email) {
-            if let Some(v) = map.get_mut(&key) {
+        for (key, is_ip) in &keys {
+            if let Some(v) = map.get_mut(key) {
                 v.retain(|t| now.duration_since(*t) < self.window);
-                let limit = if is_ip { self.per_ip } else { self.per_account };
+                let limit = if *is_ip {
+                    self.per_ip
+                } else {
+                    self.per_account
+                };
                 if v.len() >= limit {
                     let oldest = v[0];
                     let left = self
@@ -89,24 +106,25 @@ impl LoginLimiter {
                 }
             }
         }
-        wait
+        if let Some(w) = wait {
+            return Err(w);
+        }
+        for (key, _) in keys {
+            map.entry(key).or_default().push(now);
+        }
+        Ok(now)
     }
 
-    pub fn failed(&self, ip: Option<IpAddr>, email: &str) {
+    /// A reserved attempt that succeeded: it does not count, and the account starts afresh.
+    pub fn succeeded(&self, ip: Option<IpAddr>, email: &str, at: Instant) {
         let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() > 100_000 {
-            map.clear();
+        let [(ip_key, _), (acct_key, _)] = Self::keys(ip, email);
+        map.remove(&acct_key);
+        if let Some(v) = map.get_mut(&ip_key)
+            && let Some(i) = v.iter().position(|t| *t == at)
+        {
+            v.remove(i);
         }
-        for (key, _) in Self::keys(ip, email) {
-            map.entry(key).or_default().push(Instant::now());
-        }
-    }
-
-    pub fn succeeded(&self, email: &str) {
-        self.failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&format!("acct:{email}"));
     }
 }
 
@@ -124,16 +142,19 @@ pub async fn login(
     ttl: Duration,
 ) -> Result<(String, WebSession)> {
     let email = email.trim().to_ascii_lowercase();
-    if let Some(wait) = limiter.locked(ip, &email) {
-        return Err(Error::new(
-            actix_web::http::StatusCode::TOO_MANY_REQUESTS,
-            "login_locked",
-            format!(
-                "Too many failed logins. Try again in {} minutes.",
-                wait.div_ceil(60)
-            ),
-        ));
-    }
+    let attempt = match limiter.begin(ip, &email) {
+        Ok(at) => at,
+        Err(wait) => {
+            return Err(Error::new(
+                actix_web::http::StatusCode::TOO_MANY_REQUESTS,
+                "login_locked",
+                format!(
+                    "Too many failed logins. Try again in {} minutes.",
+                    wait.div_ceil(60)
+                ),
+            ));
+        }
+    };
     let e = email.clone();
     let found = db.read(move |c| admins::find_by_email(c, &e)).await?;
     let hash = match &found {
@@ -149,7 +170,7 @@ pub async fn login(
     let admin = found.filter(|a| ok && a.disabled_at.is_none());
     let client = ip.map(|i| i.to_string());
     let Some(admin) = admin else {
-        limiter.failed(ip, &email);
+        // The attempt reserved above stays counted as a failure.
         db.write(move |c| {
             audit::append(
                 c,
@@ -162,7 +183,7 @@ pub async fn login(
             "Wrong email or password.",
         ));
     };
-    limiter.succeeded(&email);
+    limiter.succeeded(ip, &email, attempt);
     let raw = util::random_secret();
     let csrf = util::random_secret();
     let (id_hash, admin_id, c2) = (util::sha256_hex(&raw), admin.id.clone(), csrf.clone());
@@ -235,4 +256,38 @@ pub async fn complete_setup(db: &Db, code: &str, email: &str, password: &str) ->
         Ok(())
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attempts_count_before_the_password_is_checked() {
+        let l = LoginLimiter::default();
+        // Five guesses in flight at once, from five addresses: the sixth is refused even
+        // though none of them has finished.
+        for i in 0..5u8 {
+            let ip = Some(IpAddr::from([10, 0, 0, i]));
+            assert!(l.begin(ip, "root@example.org").is_ok());
+        }
+        let sixth = l.begin(Some(IpAddr::from([10, 0, 0, 9])), "root@example.org");
+        assert!(sixth.is_err_and(|wait| wait > 0));
+        assert!(l.begin(None, "other@example.org").is_ok());
+    }
+
+    #[test]
+    fn successful_logins_do_not_use_up_an_address() {
+        let l = LoginLimiter::default();
+        let ip = Some(IpAddr::from([192, 0, 2, 1]));
+        for _ in 0..50 {
+            let at = l.begin(ip, "ada@example.org").unwrap();
+            l.succeeded(ip, "ada@example.org", at);
+        }
+        // Failures still add up per address across accounts.
+        for i in 0..20 {
+            l.begin(ip, &format!("u{i}@example.org")).unwrap();
+        }
+        assert!(l.begin(ip, "ada@example.org").is_err());
+    }
 }
