@@ -29,14 +29,16 @@ struct Origin {
 }
 
 async fn origin() -> Origin {
-    origin_with_next_page_at("http://127.0.0.1:9/steal").await
+    origin_with(400_000, "http://127.0.0.1:9/steal").await
 }
 
-async fn origin_with_next_page_at(foreign: &str) -> Origin {
+/// An origin whose weight file has `size` bytes and whose listing, in FOREIGN_LINK mode,
+/// points its next page at `foreign`.
+async fn origin_with(size: usize, foreign: &str) -> Origin {
     let foreign = foreign.to_string();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let data = pseudo_random(400_000, 9);
+    let data = pseudo_random(size, 9);
     let sha = weightgate::util::sha256_hex(&data);
     let commit = "ab".repeat(20);
     let (mode, hits) = (Arc::new(AtomicU8::new(GOOD)), Arc::new(AtomicUsize::new(0)));
@@ -240,6 +242,30 @@ async fn concurrent_first_requests_fill_once() {
     assert_eq!(o.hits.load(Ordering::SeqCst), 1, "one fill");
 }
 
+/// A client that stops reading during a fill is let go after the idle timeout: the fill
+/// completes and the next request gets the file, instead of waiting behind it forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_does_not_hold_up_the_fill() {
+    let o = origin_with(48 << 20, "http://127.0.0.1:9/steal").await;
+    let (s, token) = server(&o).await;
+    let stuck = s
+        .http
+        .get(s.url("/o/m/resolve/main/w.bin"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stuck.status(), 200);
+    let next = tokio::time::timeout(Duration::from_secs(30), get(&s, &token, None))
+        .await
+        .expect("the second request was held up by the stuck client");
+    assert_eq!(next.0, 200);
+    assert!(next.1 == o.data, "complete and correct");
+    assert!(cached(&s, &o));
+    assert_eq!(o.hits.load(Ordering::SeqCst), 1, "one fill");
+    drop(stuck);
+}
+
 /// A listing whose next-page link names another host is refused: the upstream token is
 /// never sent there, and the model is not added.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -253,7 +279,7 @@ async fn a_next_page_on_another_host_gets_no_token() {
             seen.fetch_add(1, Ordering::SeqCst);
         }
     });
-    let o = origin_with_next_page_at(&thief_url).await;
+    let o = origin_with(400_000, &thief_url).await;
     o.mode.store(FOREIGN_LINK, Ordering::SeqCst);
     let url: &'static str = Box::leak(o.base.clone().into_boxed_str());
     let s = TestServer::start_with(

@@ -219,11 +219,13 @@ impl Upstream {
         tx: Option<mpsc::Sender<io::Result<Bytes>>>,
     ) -> Result<()> {
         let lock = self.lock_for(&blob.sha256);
-        let _guard = lock.lock().await;
+        let guard = lock.lock().await;
         let sha = blob.sha256.clone();
         let current = db.read(move |c| catalog::find_blob(c, &sha)).await?;
         if let Some(b) = current.filter(|b| b.status == BLOB_OK) {
-            // Filled by another request meanwhile: hand on the cached, verified bytes.
+            // Filled by another request meanwhile: hand on the cached, verified bytes,
+            // without holding up the others that waited for the fill.
+            drop(guard);
             if let Some(tx) = tx {
                 let plan = super::verify::Plan {
                     key: b.storage_key.clone(),
@@ -252,12 +254,23 @@ impl Upstream {
         let result = self
             .stream_into(store, &origin, &tmp, blob, block_size, tx.as_ref())
             .await;
-        match result {
+        let result = match result {
             Ok((digest, held)) => {
                 let key = Store::blob_key(&blob.sha256);
-                store.inner.rename(&tmp, &Store::path(&key)).await?;
-                let filled = super::import::verified_blob(&digest, key);
-                db.write(move |c| catalog::upsert_blob(c, &filled)).await?;
+                let promoted: Result<()> = async {
+                    store.inner.rename(&tmp, &Store::path(&key)).await?;
+                    let filled = super::import::verified_blob(&digest, key);
+                    db.write(move |c| catalog::upsert_blob(c, &filled)).await?;
+                    Ok(())
+                }
+                .await;
+                promoted.map(|()| held)
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(held) => {
+                drop(guard);
                 if let (Some(tx), Some(last)) = (tx, held) {
                     let _ = tx.send(Ok(last)).await;
                 }
@@ -265,6 +278,7 @@ impl Upstream {
             }
             Err(e) => {
                 let _ = store.inner.delete(&tmp).await;
+                drop(guard);
                 tracing::error!(sha256 = %blob.sha256, error = %e.message, "pull-through fill failed; nothing was cached");
                 if let Some(tx) = tx {
                     let _ = tx.send(Err(io::Error::other(e.message.clone()))).await;
@@ -312,6 +326,7 @@ impl Upstream {
         let mut hasher = manifest::Hasher::new(block_size);
         let mut got = 0u64;
         let mut pending: Option<Bytes> = None;
+        let mut client = tx;
         loop {
             let next = match tokio::time::timeout(self.idle, body.next()).await {
                 Ok(n) => n,
@@ -346,9 +361,18 @@ impl Upstream {
             }
             hasher.update(&chunk);
             writer.put(chunk.clone());
-            // Forward the previous chunk; keep this one back in case it is the last.
-            if let (Some(tx), Some(prev)) = (tx, pending.replace(chunk)) {
-                let _ = tx.send(Ok(prev)).await;
+            // Forward the previous chunk; keep this one back in case it is the last. A
+            // client that stops reading is let go (its transfer ends short) rather than
+            // holding up the fill, and everyone waiting for it, indefinitely.
+            if let (Some(t), Some(prev)) = (client, pending.replace(chunk)) {
+                match tokio::time::timeout(self.idle, t.send(Ok(prev))).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => client = None,
+                    Err(_) => {
+                        tracing::warn!(sha256 = %blob.sha256, "a client stopped reading during a pull-through fill; the fill goes on without it");
+                        client = None;
+                    }
+                }
             }
         }
         let digest = hasher.finish();
@@ -363,6 +387,7 @@ impl Upstream {
             ));
         }
         writer.finish().await?;
-        Ok((digest, pending))
+        // A client let go above must not receive the last chunk after a gap.
+        Ok((digest, pending.filter(|_| client.is_some())))
     }
 }
