@@ -110,6 +110,9 @@ impl Mailer {
 
     /// Attempts every due message once; returns how many were sent.
     pub async fn deliver_due(&self) -> Result<usize> {
+        // The claim is ours until the lease runs out; a message is only attempted while a
+        // whole attempt still fits, so no other replica can claim it while it is being sent.
+        let lease_ends = std::time::Instant::now() + Duration::from_secs(CLAIM_LEASE_SECS as u64);
         let now = util::now();
         let due = self
             .db
@@ -117,9 +120,14 @@ impl Mailer {
             .await?;
         let mut sent = 0;
         for mail in due {
+            if std::time::Instant::now() + ATTEMPT_LIMIT >= lease_ends {
+                break; // the rest are claimed again once their lease has run out
+            }
             let id = mail.id.clone();
             let attempts = mail.attempts;
-            let result = self.attempt(&mail).await;
+            let result = tokio::time::timeout(ATTEMPT_LIMIT, self.attempt(&mail))
+                .await
+                .unwrap_or_else(|_| Attempt::Retry("the SMTP server took too long".into()));
             let now = util::now();
             match result {
                 Attempt::Sent => {
@@ -204,6 +212,8 @@ impl Mailer {
 
 /// How long a worker holds a claimed message before another worker may try it.
 const CLAIM_LEASE_SECS: i64 = 120;
+/// The longest one delivery attempt may take (it is cut off then and retried later).
+const ATTEMPT_LIMIT: Duration = Duration::from_secs(45);
 /// Attempts before a message that keeps failing is marked failed.
 pub const MAX_ATTEMPTS: i32 = 10;
 
