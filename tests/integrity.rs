@@ -142,9 +142,23 @@ async fn every_kind_of_damage_is_caught(backend: Backend) {
 
         // Quarantined: audited, the admins told, later requests 503 with a clear message.
         let sha = weightgate::util::sha256_hex(&good);
-        let failures = s
-            .wait_audit(what, |e| e["kind"] == "integrity_failure")
-            .await;
+        // This round's event (earlier rounds left theirs): the quarantine is committed with it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let failures = loop {
+            let found: Vec<Value> = s
+                .audit()
+                .into_iter()
+                .filter(|e| e["kind"] == "integrity_failure")
+                .collect();
+            if let Some(e) = found.get(round) {
+                break e.clone();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: no integrity_failure event"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await; // poll interval while waiting for the quarantine write
+        };
         assert_eq!(failures["detail"]["sha256"], sha.as_str());
         let mails = s.wait_mail(round + 3).await;
         assert!(
