@@ -54,6 +54,7 @@ pub async fn check_blob(store: &Store, blob: &Blob, chunk_size: usize) -> Result
     let (tx, rx) = tokio::sync::oneshot::channel();
     let mut chunks = verify::stream(store.clone(), plan, move |f| {
         let _ = tx.send(f);
+        std::future::ready(())
     });
     let mut sha = Sha256::new();
     while let Some(piece) = chunks.rx.recv().await {

@@ -140,9 +140,26 @@ async fn every_kind_of_damage_is_caught(backend: Backend) {
             );
         }
 
-        // Quarantined: audited, the admins told, later requests 503 with a clear message.
         let sha = weightgate::util::sha256_hex(&good);
-        // This round's event (earlier rounds left theirs): the quarantine is committed with it.
+        // Quarantined before the client saw its transfer fail: the very next request is refused.
+        let r = s
+            .http
+            .get(s.url("/acme/tiny/resolve/main/model.safetensors"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503, "{what}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"], "quarantined");
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap()
+                .contains("model.safetensors")
+        );
+
+        // Audited (this round's event; earlier rounds left theirs) and the admins told.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         let failures = loop {
             let found: Vec<Value> = s
@@ -167,22 +184,6 @@ async fn every_kind_of_damage_is_caught(backend: Backend) {
                 .any(|m| m.header("To").as_deref() == Some("ops@example.org")
                     && m.header("Subject").unwrap().contains("Integrity failure")),
             "{what}: admin mail"
-        );
-        let r = s
-            .http
-            .get(s.url("/acme/tiny/resolve/main/model.safetensors"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 503, "{what}");
-        let body: Value = r.json().await.unwrap();
-        assert_eq!(body["error"], "quarantined");
-        assert!(
-            body["message"]
-                .as_str()
-                .unwrap()
-                .contains("model.safetensors")
         );
 
         // Re-importing the publisher's folder restores the bytes and lifts the quarantine.

@@ -504,13 +504,14 @@ fn quarantine_on_failure(
     model: String,
     path: String,
     sha256: String,
-) -> impl FnOnce(Failure) + Send + 'static {
+) -> impl FnOnce(Failure) -> futures_util::future::BoxFuture<'static, ()> + Send + 'static {
     move |failure: Failure| {
         tracing::error!(%model, %path, problem = %failure.describe(), "verification failed; response stopped");
         if !failure.is_corruption() {
-            return;
+            return Box::pin(std::future::ready(()));
         }
-        tokio::spawn(async move {
+        // Committed before the client sees its transfer fail: the next request is refused.
+        Box::pin(async move {
             let admins = state.ctx.admin_emails.clone();
             let problem = failure.describe();
             let result = state
@@ -523,7 +524,7 @@ fn quarantine_on_failure(
                 Ok(_) => state.mail_queued(),
                 Err(e) => tracing::error!(error = %e, "could not record a quarantine"),
             }
-        });
+        })
     }
 }
 

@@ -236,7 +236,8 @@ impl Upstream {
                     chunk_size: 1 << 20,
                     share: true,
                 };
-                let mut chunks = super::verify::stream(store.clone(), plan, |_| {});
+                let mut chunks =
+                    super::verify::stream(store.clone(), plan, |_| std::future::ready(()));
                 while let Some(c) = chunks.rx.recv().await {
                     if tx.send(c).await.is_err() {
                         break;

@@ -70,10 +70,12 @@ pub struct Chunks {
 }
 
 /// Starts the producer task and returns the receiving end; `on_failure` is called once,
-/// from the producer, when verification or reading fails.
-pub fn stream<F>(store: Store, plan: Plan, on_failure: F) -> Chunks
+/// from the producer, when verification or reading fails, and the future it returns (for
+/// example recording a quarantine) completes before the consumer sees the error.
+pub fn stream<F, Fut>(store: Store, plan: Plan, on_failure: F) -> Chunks
 where
-    F: FnOnce(Failure) + Send + 'static,
+    F: FnOnce(Failure) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
 {
     let blocks_verified = Arc::new(AtomicU64::new(0));
     let counter = blocks_verified.clone();
@@ -91,7 +93,7 @@ where
             } else {
                 io::ErrorKind::Other
             };
-            on_failure(failure);
+            on_failure(failure).await;
             let _ = tx.send(Err(io::Error::new(kind, msg))).await;
         }
     });
@@ -314,7 +316,9 @@ mod tests {
     async fn a_slow_reader_holds_the_producer_at_most_three_blocks_ahead() {
         let data: Vec<u8> = (0..40 * BS).map(|i| (i % 251) as u8).collect();
         let (store, plan) = blob(&data).await;
-        let mut chunks = stream(store, plan, |f| panic!("unexpected failure {f:?}"));
+        let mut chunks = stream(store, plan, |f| -> std::future::Ready<()> {
+            panic!("unexpected failure {f:?}")
+        });
         let mut received = 0u64;
         let mut max_lead = 0;
         loop {
@@ -347,7 +351,9 @@ mod tests {
         let data: Vec<u8> = (0..10 * BS).map(|i| (i % 13) as u8).collect();
         let (store, mut plan) = blob(&data).await;
         plan.range = 3 * BS - 1..5 * BS + 1; // blocks 2..=5
-        let mut chunks = stream(store, plan, |f| panic!("unexpected failure {f:?}"));
+        let mut chunks = stream(store, plan, |f| -> std::future::Ready<()> {
+            panic!("unexpected failure {f:?}")
+        });
         let mut got = Vec::new();
         while let Some(piece) = chunks.rx.recv().await {
             got.extend_from_slice(&piece.unwrap());
@@ -374,6 +380,7 @@ mod tests {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let mut chunks = stream(store, plan, move |f| {
             let _ = tx.send(f);
+            std::future::ready(())
         });
         let mut got = Vec::new();
         let mut failed = false;
