@@ -300,3 +300,41 @@ async fn a_next_page_on_another_host_gets_no_token() {
     let models = s.cli_json(&["models", "list"]);
     assert_eq!(models.as_array().map(Vec::len), Some(0), "{models}");
 }
+
+/// `weightgate download` needs block lists, which a pull-through file only has once it is
+/// cached: before that the client says so (exit 11) and writes nothing; afterwards it works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_client_downloads_once_files_are_cached() {
+    let o = origin().await;
+    let (s, token) = server(&o).await;
+    let dir = s.dir.path().join("dl");
+    let download = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_weightgate"))
+            .args(["download", "o/m", "--endpoint", &s.base, "--token", &token])
+            .arg("--dir")
+            .arg(&dir)
+            .env_clear()
+            .output()
+            .unwrap()
+    };
+    let out = download();
+    assert_eq!(out.status.code(), Some(11));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has not pulled this file"));
+    assert!(!dir.join("w.bin").exists());
+    assert_eq!(get(&s, &token, None).await.1, o.data);
+    let r = s
+        .http
+        .get(s.url("/o/m/resolve/main/config.json"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.bytes().await.unwrap().as_ref(), b"{}");
+    let out = download();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(dir.join("w.bin")).unwrap(), o.data);
+}

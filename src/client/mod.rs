@@ -201,6 +201,15 @@ pub fn fetch_manifest(
                 format!("{}: the manifest's SHA-256 is not a hex digest", f.path),
             ));
         }
+        if f.block_hashes.is_empty() && f.size > 0 {
+            return Err(fail(
+                exit::UNAVAILABLE,
+                format!(
+                    "{}: the server has not pulled this file from its upstream yet, so it has no block list; fetch it once (curl, wget or hf download), then run this again",
+                    f.path
+                ),
+            ));
+        }
         if f.block_algo != "blake3"
             || f.block_size == 0
             || f.block_size > MAX_BLOCK_SIZE
