@@ -357,23 +357,23 @@ async fn a_killed_download_resumes_from_its_verified_blocks() {
     );
 }
 
-/// A server that serves a manifest and then wrong bytes: the client fetches the bad block
-/// twice, then gives up naming the file, and writes nothing.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lying_server_is_caught_block_by_block() {
+/// A stand-in server for model `o/m`: answers the manifest request with `manifest` and every
+/// other request with `status` and `body` (as bytes 0-999 of 1000), counting those.
+async fn fake_server(
+    manifest: Value,
+    status: &'static str,
+    body: Vec<u8>,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let data = vec![7u8; 1000];
-    let manifest = json!({"model": "o/m", "revision": "main", "commit": "c".repeat(40), "files": [{
-        "path": "w.bin", "size": 1000, "sha256": weightgate::util::sha256_hex(&data), "block_size": 65536,
-        "block_algo": "blake3", "block_hashes": [blake3::hash(&data).to_hex().to_string()]}]});
-    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let h2 = hits.clone();
+    let others = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = others.clone();
+    let manifest = manifest.to_string();
     tokio::spawn(async move {
         loop {
             let (mut sock, _) = listener.accept().await.unwrap();
-            let (m, hits) = (manifest.to_string(), h2.clone());
+            let (m, body, counter) = (manifest.clone(), body.clone(), counter.clone());
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 4096];
                 let n = sock.read(&mut buf).await.unwrap_or(0);
@@ -381,8 +381,8 @@ async fn a_lying_server_is_caught_block_by_block() {
                 let (status, body) = if req.starts_with("GET /api/v1/models/o/m/manifest") {
                     ("200 OK", m.into_bytes())
                 } else {
-                    hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    ("206 Partial Content", vec![8u8; 1000])
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    (status, body)
                 };
                 let head = format!(
                     "HTTP/1.1 {status}\r\nContent-Length: {}\r\nContent-Range: bytes 0-999/1000\r\nConnection: close\r\n\r\n",
@@ -393,6 +393,18 @@ async fn a_lying_server_is_caught_block_by_block() {
             });
         }
     });
+    (base, others)
+}
+
+/// A server that serves a manifest and then wrong bytes: the client fetches the bad block
+/// twice, then gives up naming the file, and writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_server_is_caught_block_by_block() {
+    let data = vec![7u8; 1000];
+    let manifest = json!({"model": "o/m", "revision": "main", "commit": "c".repeat(40), "files": [{
+        "path": "w.bin", "size": 1000, "sha256": weightgate::util::sha256_hex(&data), "block_size": 65536,
+        "block_algo": "blake3", "block_hashes": [blake3::hash(&data).to_hex().to_string()]}]});
+    let (base, hits) = fake_server(manifest, "206 Partial Content", vec![8u8; 1000]).await;
     let dir = tempfile::tempdir().unwrap();
     let out = tokio::task::spawn_blocking({
         let (base, d) = (base.clone(), dir.path().join("dl"));
@@ -487,7 +499,6 @@ async fn apply_and_status_from_the_terminal() {
 /// size would not fit in memory is refused before anything is fetched or written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_manifest_writes_nothing_outside_the_folder() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let root = tempfile::tempdir().unwrap();
     let victim = root.path().join("victim.txt");
     std::fs::write(&victim, b"keep me").unwrap();
@@ -498,36 +509,10 @@ async fn a_hostile_manifest_writes_nothing_outside_the_folder() {
         (weightgate::util::sha256_hex(&data), 1 << 40),
     ];
     for (sha, block_size) in hostile {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
         let manifest = json!({"model": "o/m", "revision": "main", "commit": "c".repeat(40), "files": [{
             "path": "w.bin", "size": 1000, "sha256": sha, "block_size": block_size,
             "block_algo": "blake3", "block_hashes": [blake3::hash(&data).to_hex().to_string()]}]});
-        let fetches = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counter = fetches.clone();
-        tokio::spawn(async move {
-            loop {
-                let (mut sock, _) = listener.accept().await.unwrap();
-                let (m, counter) = (manifest.to_string(), counter.clone());
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
-                    let n = sock.read(&mut buf).await.unwrap_or(0);
-                    let req = String::from_utf8_lossy(&buf[..n]).to_string();
-                    let (status, body) = if req.starts_with("GET /api/v1/models/o/m/manifest") {
-                        ("200 OK", m.into_bytes())
-                    } else {
-                        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        ("500 Internal Server Error", Vec::new())
-                    };
-                    let head = format!(
-                        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                        body.len()
-                    );
-                    let _ = sock.write_all(head.as_bytes()).await;
-                    let _ = sock.write_all(&body).await;
-                });
-            }
-        });
+        let (base, fetches) = fake_server(manifest, "500 Internal Server Error", Vec::new()).await;
         let dl = root.path().join("a/b/dl");
         let out = tokio::task::spawn_blocking({
             let d = dl.clone();
