@@ -56,6 +56,8 @@ pub struct State {
     pub instance: String,
     /// Failed admin logins, per IP and per account.
     pub logins: auth::session::LoginLimiter,
+    /// `(model, revision, path)` → what `/resolve` found, while the catalog is unchanged.
+    pub resolved: routes::download::ResolveCache,
 }
 
 impl State {
@@ -168,6 +170,15 @@ fn http_server(
             })
             .configure(routes::configure)
     })
+    // No Nagle: a response whose last chunk waits for its audit commit goes out as a second
+    // small write, which Nagle would hold until the client's delayed ACK (40 ms) came back.
+    .on_connect(|conn, _| {
+        if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>()
+            && let Err(e) = tcp.set_nodelay(true)
+        {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    })
     .listen(listener)?
     .disable_signals()
     .shutdown_timeout(grace);
@@ -250,6 +261,7 @@ pub async fn run(
         shutting_down: std::sync::atomic::AtomicBool::new(false),
         instance: core.instance.clone(),
         logins: Default::default(),
+        resolved: routes::download::ResolveCache::new(gate.policy.refresh, 100_000),
         gate,
         policy: token_policy(&settings),
         ctx: context(&settings),

@@ -2,6 +2,7 @@
 //! an r2d2 pool, embedded migrations, and the `Db::read` / `Db::write` helpers that run
 //! queries off the async workers.
 
+pub mod epoch;
 pub mod models;
 pub mod schema;
 
@@ -75,6 +76,8 @@ pub struct Db {
     pub backend: Backend,
     /// How many migrations ran when this handle was opened.
     pub migrated: usize,
+    /// Changes whenever a committed transaction changed the catalog.
+    pub epoch: Arc<epoch::Epoch>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +122,9 @@ impl Db {
             write_lock: (backend == Backend::Sqlite).then(|| Arc::new(std::sync::Mutex::new(()))),
             backend,
             migrated: 0,
+            epoch: Arc::new(epoch::Epoch::new(Some(
+                settings.data_dir.join("catalog.epoch"),
+            ))),
         };
         let mut db = db;
         db.migrated = db.migrate()?;
@@ -178,7 +184,8 @@ impl Db {
             .map(|lock| lock.lock().unwrap_or_else(|p| p.into_inner()));
         let mut pooled = self.pool.get()?;
         let conn: &mut AnyConnection = &mut pooled;
-        conn.transaction(|c| {
+        epoch::take_changed();
+        let result = conn.transaction(|c| {
             if let AnyConnection::Sqlite(s) = c {
                 // Take SQLite's write lock before reading anything, so that a read-then-write
                 // transaction never meets another process's commit (SQLITE_BUSY_SNAPSHOT);
@@ -186,6 +193,10 @@ impl Db {
                 s.batch_execute("UPDATE kv SET updated_at = updated_at WHERE key = ''")?;
             }
             f(c)
-        })
+        });
+        if epoch::take_changed() && result.is_ok() {
+            self.epoch.bump();
+        }
+        result
     }
 }

@@ -125,17 +125,11 @@ async fn serve(
     log.revision = Some(revision.clone());
     log.path = Some(path.clone());
 
-    let (m, rev, p) = (model.clone(), revision.clone(), path.clone());
-    let (commit, modified, found) = state
-        .db
-        .read(move |c| {
-            catalog::require_model(c, &m)?;
-            let commit = catalog::resolve_revision(c, &m, &rev)?;
-            let modified = catalog::revision_created_at(c, &m, &commit)?;
-            let found = catalog::find_file(c, &m, &commit, &p)?;
-            Ok((commit, modified, found))
-        })
-        .await?;
+    let Resolved {
+        commit,
+        modified,
+        found,
+    } = resolve_path(state, &model, &revision, &path).await?;
     log.commit = Some(commit.clone());
     let Some((file, mut blob)) = found else {
         if path == SUMS_FILE {
@@ -308,6 +302,48 @@ async fn serve(
         state.audit.clone(),
     );
     Ok(resp.no_chunking(len).streaming(body))
+}
+
+/// What a `(model, revision, path)` resolved to.
+#[derive(Clone)]
+pub struct Resolved {
+    commit: String,
+    modified: i64,
+    found: Option<(FileRow, Blob)>,
+}
+
+/// Resolutions kept while the catalog epoch stands still (see `db::epoch`): steady-state
+/// downloads do no catalog query, and a quarantine or re-import is seen at once.
+pub type ResolveCache = crate::db::epoch::EpochCache<(String, String, String), Resolved>;
+
+async fn resolve_path(
+    state: &web::Data<State>,
+    model: &str,
+    revision: &str,
+    path: &str,
+) -> Result<Resolved> {
+    let key = (model.to_string(), revision.to_string(), path.to_string());
+    let stamp = state.db.epoch.current();
+    if let Some(hit) = state.resolved.get(&key, stamp) {
+        return Ok(hit);
+    }
+    let (m, rev, p) = key.clone();
+    let found = state
+        .db
+        .read(move |c| {
+            catalog::require_model(c, &m)?;
+            let commit = catalog::resolve_revision(c, &m, &rev)?;
+            let modified = catalog::revision_created_at(c, &m, &commit)?;
+            let found = catalog::find_file(c, &m, &commit, &p)?;
+            Ok(Resolved {
+                commit,
+                modified,
+                found,
+            })
+        })
+        .await?;
+    state.resolved.put(key, stamp, found.clone());
+    Ok(found)
 }
 
 /// Each revision's checksum list, generated (never stored): works with `sha256sum -c`.
@@ -538,10 +574,13 @@ struct Delivery {
     start: u64,
 }
 
-/// The response body: verified chunks, counted. Its `started` event is queued when it is
-/// created; when the last chunk is ready, the final event is committed *before* that chunk
-/// is released, so a client never sees a complete download the log does not hold. A body
-/// dropped early records `aborted_by_client` or `integrity_failure`.
+/// The response body: verified chunks, counted. When the last chunk is ready, the final
+/// event is committed *before* that chunk is released, so a client never sees a complete
+/// download the log does not hold. A download longer than one chunk also queues a `started`
+/// event (which opens it in `open_downloads`, so a crash leaves it recorded as aborted) as
+/// its first chunk leaves; a one-chunk download needs none, since none of its bytes leave
+/// before its final event is committed. A body dropped early records `aborted_by_client`
+/// or `integrity_failure`.
 struct AuditedBody {
     id: String,
     delivery: Delivery,
@@ -558,6 +597,8 @@ struct AuditedBody {
     /// The last chunk, held until its final event is committed.
     held: Option<(Bytes, tokio::sync::oneshot::Receiver<()>)>,
     finished: bool,
+    /// Whether the `started` event was queued.
+    opened: bool,
 }
 
 impl AuditedBody {
@@ -570,11 +611,6 @@ impl AuditedBody {
         started: Instant,
         sink: AuditSink,
     ) -> AuditedBody {
-        let mut e = log
-            .event("started", 0, started, None)
-            .track(Track::Start(id.clone(), delivery.state.instance.clone()));
-        e.detail["download"] = json!(id);
-        sink.record(e);
         AuditedBody {
             id,
             delivery,
@@ -588,7 +624,25 @@ impl AuditedBody {
             corrupt: false,
             held: None,
             finished: false,
+            opened: false,
         }
+    }
+
+    /// Queues the `started` event, before the first byte of a multi-chunk download leaves.
+    fn open(&mut self) {
+        if self.opened {
+            return;
+        }
+        self.opened = true;
+        let mut e = self
+            .log
+            .event("started", 0, self.started, None)
+            .track(Track::Start(
+                self.id.clone(),
+                self.delivery.state.instance.clone(),
+            ));
+        e.detail["download"] = json!(self.id);
+        self.sink.record(e);
     }
 
     /// The bytes this stream handed on, for the token's quota (none when a failure cut it).
@@ -604,10 +658,10 @@ impl AuditedBody {
     }
 
     fn final_event(&self, outcome: &str) -> Event {
-        let mut e = self
-            .log
-            .event(outcome, self.sent, self.started, None)
-            .track(Track::End(self.id.clone()));
+        let mut e = self.log.event(outcome, self.sent, self.started, None);
+        if self.opened {
+            e = e.track(Track::End(self.id.clone()));
+        }
         e.detail["download"] = json!(self.id);
         e.detail["first_block"] = json!(self.chunks.first_block);
         e.detail["blocks_verified"] = json!(
@@ -637,6 +691,7 @@ impl AuditedBody {
             self.held = Some((b, ack));
             return self.release(cx);
         }
+        self.open();
         self.sent += b.len() as u64;
         Poll::Ready(Some(Ok(b)))
     }

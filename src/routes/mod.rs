@@ -4,7 +4,7 @@ mod access_requests;
 mod admin;
 mod admin_api;
 mod apply;
-mod download;
+pub mod download;
 mod hub;
 mod links;
 mod manifest;

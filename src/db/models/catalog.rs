@@ -85,11 +85,13 @@ pub fn list_models(conn: &mut AnyConnection) -> Result<Vec<Model>> {
 }
 
 pub fn insert_model(conn: &mut AnyConnection, m: &Model) -> Result<()> {
+    crate::db::epoch::catalog_changed();
     diesel::insert_into(models::table).values(m).execute(conn)?;
     Ok(())
 }
 
 pub fn set_gating(conn: &mut AnyConnection, id: &str, gating: &str, now: i64) -> Result<()> {
+    crate::db::epoch::catalog_changed();
     diesel::update(models::table.find(id))
         .set((models::gating.eq(gating), models::updated_at.eq(now)))
         .execute(conn)?;
@@ -111,6 +113,7 @@ pub fn set_ref(
     commit: &str,
     now: i64,
 ) -> Result<()> {
+    crate::db::epoch::catalog_changed();
     let updated = diesel::update(refs::table.find((model, name)))
         .set((refs::commit_sha.eq(commit), refs::updated_at.eq(now)))
         .execute(conn)?;
@@ -153,6 +156,7 @@ pub fn insert_revision(
     commit: &str,
     now: i64,
 ) -> Result<()> {
+    crate::db::epoch::catalog_changed();
     diesel::insert_into(revisions::table)
         .values((
             revisions::model_id.eq(model),
@@ -182,6 +186,7 @@ pub fn resolve_revision(conn: &mut AnyConnection, model: &str, rev: &str) -> Res
 }
 
 pub fn insert_files(conn: &mut AnyConnection, rows: &[FileRow]) -> Result<()> {
+    crate::db::epoch::catalog_changed();
     // MultiConnection has no multi-row INSERT; rows go one by one inside the caller's transaction.
     for row in rows {
         diesel::insert_into(files::table)
@@ -226,6 +231,7 @@ pub fn find_blob(conn: &mut AnyConnection, sha256: &str) -> Result<Option<Blob>>
 
 /// Inserts a blob, or replaces an existing row for the same content (a re-import).
 pub fn upsert_blob(conn: &mut AnyConnection, blob: &Blob) -> Result<()> {
+    crate::db::epoch::catalog_changed();
     let n = diesel::update(blobs::table.find(&blob.sha256))
         .set((
             blobs::size.eq(blob.size),
@@ -248,6 +254,7 @@ pub fn upsert_blob(conn: &mut AnyConnection, blob: &Blob) -> Result<()> {
 
 /// Marks a blob quarantined; returns false when it already was (so callers report once).
 pub fn quarantine_blob(conn: &mut AnyConnection, sha256: &str, reason: &str) -> Result<bool> {
+    crate::db::epoch::catalog_changed();
     let n = diesel::update(
         blobs::table
             .find(sha256)
@@ -263,6 +270,7 @@ pub fn quarantine_blob(conn: &mut AnyConnection, sha256: &str, reason: &str) -> 
 
 /// Clears a quarantine after a re-import or an admin's decision.
 pub fn clear_quarantine(conn: &mut AnyConnection, sha256: &str, now: i64) -> Result<()> {
+    crate::db::epoch::catalog_changed();
     diesel::update(blobs::table.find(sha256))
         .set((
             blobs::status.eq(BLOB_OK),
@@ -376,6 +384,7 @@ pub fn update_settings(
     s: &ModelSettings,
     now: i64,
 ) -> Result<()> {
+    crate::db::epoch::catalog_changed();
     diesel::update(models::table.find(id))
         .set((
             models::gating.eq(&s.gating),

@@ -1,0 +1,164 @@
+//! The catalog epoch: a value that changes whenever models, revisions, files or blobs
+//! change, so that request paths can cache catalog lookups and still see a quarantine, a
+//! re-import or a new revision at once.
+//!
+//! Catalog writers call [`catalog_changed`] inside their transaction; `Db::write_blocking`
+//! then bumps the epoch after the commit. In this process that is a counter; for other
+//! processes on the same data dir (the CLI beside the server) it is the file
+//! `<data_dir>/catalog.epoch`, replaced by a rename on each change, whose inode and mtime a
+//! reader compares with one `stat`. Processes on other machines see changes once their
+//! cache entries age out (the same bound as token revocation).
+
+use std::cell::Cell;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+thread_local! {
+    static CHANGED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks the current transaction as one that changes the catalog.
+pub fn catalog_changed() {
+    CHANGED.with(|c| c.set(true));
+}
+
+/// Reads and clears the mark (called around each write transaction).
+pub(crate) fn take_changed() -> bool {
+    CHANGED.with(|c| c.replace(false))
+}
+
+/// One observation of the epoch; equal observations mean nothing changed in between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    local: u64,
+    file: Option<(u64, i64, i64)>,
+}
+
+#[derive(Debug)]
+pub struct Epoch {
+    path: Option<PathBuf>,
+    local: AtomicU64,
+}
+
+impl Epoch {
+    pub fn new(path: Option<PathBuf>) -> Epoch {
+        Epoch {
+            path,
+            local: AtomicU64::new(0),
+        }
+    }
+
+    pub fn current(&self) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            local: self.local.load(Ordering::SeqCst),
+            file: self
+                .path
+                .as_ref()
+                .and_then(|p| std::fs::metadata(p).ok())
+                .map(|m| (m.ino(), m.mtime(), m.mtime_nsec())),
+        }
+    }
+
+    /// Records a committed change, for this process and for others on the same data dir.
+    pub fn bump(&self) {
+        self.local.fetch_add(1, Ordering::SeqCst);
+        let Some(path) = &self.path else { return };
+        // A fresh file renamed over the old one: a new inode, whatever the clock says.
+        let tmp = path.with_extension(format!("epoch.{}", crate::util::random_hex(6)));
+        let written = std::fs::write(&tmp, crate::util::now_ms().to_string())
+            .and_then(|_| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            tracing::warn!(error = %e, path = %path.display(), "could not signal a catalog change to other processes");
+        }
+    }
+}
+
+/// Values read from the catalog, kept while the epoch stands still and for at most `ttl`.
+pub struct EpochCache<K, V> {
+    map: std::sync::RwLock<std::collections::HashMap<K, (Stamp, std::time::Instant, V)>>,
+    ttl: std::time::Duration,
+    max: usize,
+}
+
+impl<K: std::hash::Hash + Eq, V: Clone> EpochCache<K, V> {
+    pub fn new(ttl: std::time::Duration, max: usize) -> Self {
+        EpochCache {
+            map: Default::default(),
+            ttl,
+            max,
+        }
+    }
+
+    /// The value for `key` if it was read at epoch `now` and is younger than the ttl.
+    pub fn get(&self, key: &K, now: Stamp) -> Option<V> {
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        let (stamp, at, v) = map.get(key)?;
+        (*stamp == now && at.elapsed() < self.ttl).then(|| v.clone())
+    }
+
+    /// Keeps `value`, read after the epoch was observed as `stamp` (so a change that
+    /// committed during the read leaves the entry already stale).
+    pub fn put(&self, key: K, stamp: Stamp, value: V) {
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= self.max {
+            map.retain(|_, (s, _, _)| *s == stamp);
+            if map.len() >= self.max {
+                map.clear();
+            }
+        }
+        map.insert(key, (stamp, std::time::Instant::now(), value));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bump_in_another_handle_changes_the_stamp() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.epoch");
+        let (a, b) = (Epoch::new(Some(path.clone())), Epoch::new(Some(path)));
+        let before = a.current();
+        assert_eq!(before, a.current());
+        b.bump();
+        let after = a.current();
+        assert_ne!(before, after, "a's stamp sees b's change through the file");
+        b.bump();
+        assert_ne!(after, a.current());
+        a.bump();
+        assert_ne!(b.current(), a.current(), "the local counter differs too");
+    }
+
+    #[test]
+    fn cached_values_die_with_the_epoch_and_the_ttl() {
+        let epoch = Epoch::new(None);
+        let cache = EpochCache::new(std::time::Duration::from_secs(60), 2);
+        let s0 = epoch.current();
+        cache.put("a", s0, 1);
+        assert_eq!(cache.get(&"a", epoch.current()), Some(1));
+        epoch.bump();
+        assert_eq!(cache.get(&"a", epoch.current()), None);
+        let s1 = epoch.current();
+        cache.put("b", s1, 2);
+        cache.put("c", s1, 3);
+        cache.put("d", s1, 4); // full: the stale "a" goes first, then everything
+        assert_eq!(cache.get(&"d", s1), Some(4));
+        let short = EpochCache::new(std::time::Duration::ZERO, 8);
+        short.put("a", s1, 1);
+        assert_eq!(short.get(&"a", s1), None, "a zero ttl keeps nothing");
+    }
+
+    #[test]
+    fn the_mark_is_per_thread_and_taken_once() {
+        assert!(!take_changed());
+        catalog_changed();
+        std::thread::spawn(|| assert!(!take_changed()))
+            .join()
+            .unwrap();
+        assert!(take_changed());
+        assert!(!take_changed());
+    }
+}
