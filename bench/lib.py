@@ -119,7 +119,7 @@ def report(metrics_path, out_md, out_svg):
         elif parts[0] == "status":
             status.append(parts[1])
     out = []
-    out.append("| measure | weightgate | nginx | ratio (wg/nginx) |")
+    out.append("| measure | weightgate | nginx (or as the row says) | ratio |")
     out.append("| --- | ---: | ---: | ---: |")
     for measure, wgv, ngv, ratio, better in rows:
         arrow = {"higher": " (higher is better)", "lower": " (lower is better)"}.get(better, "")

@@ -15,6 +15,7 @@ NG_OFF=${NG_OFF:-18182}   # nginx, sendfile off, access_log off (throughput)
 NG_LOG=${NG_LOG:-18183}   # nginx, sendfile on,  access_log on  (tiny-file rate, TTFB, small files)
 WG_PORT=${WG_PORT:-18190}
 WG_PG_PORT=${WG_PG_PORT:-18191}
+WG_NOAUDIT_PORT=${WG_NOAUDIT_PORT:-18192}
 WRK_SECS=${WRK_SECS:-10}
 RSS_CLIENTS=64
 RSS_RANGE_MIB=${RSS_RANGE_MIB:-128}
@@ -138,7 +139,7 @@ wait_http "http://127.0.0.1:$NG_ON/small/$TINY"
 ng_workers() { ps -o pid= --ppid "$NGINX_PID" | tr -d ' '; }
 
 # ------------------------------------------------------------------ weightgate
-WG_DATA=""; WG_BIND=""; WG_DBURL=""
+WG_DATA=""; WG_BIND=""; WG_DBURL=""; WG_EXTRA=()
 wg() {
     local envs=(WEIGHTGATE__DATA_DIR="$WG_DATA" WEIGHTGATE__SERVER__BIND="$WG_BIND")
     [ -n "$WG_DBURL" ] && envs+=(WEIGHTGATE__DATABASE__URL="$WG_DBURL")
@@ -147,6 +148,7 @@ wg() {
 wg_start() { # LOGFILE -> sets WG_PID
     local envs=(WEIGHTGATE__DATA_DIR="$WG_DATA" WEIGHTGATE__SERVER__BIND="$WG_BIND")
     [ -n "$WG_DBURL" ] && envs+=(WEIGHTGATE__DATABASE__URL="$WG_DBURL")
+    envs+=("${WG_EXTRA[@]}")
     env "${envs[@]}" "$WG_BIN" serve >"$1" 2>&1 &
     WG_PID=$!
     SERVER_PIDS+=("$WG_PID")
@@ -337,6 +339,22 @@ row "tiny-file conditional GET (If-None-Match, 304, no body) req/s" "$WG_304" "$
 meta "the 304 path is audited too: file_download lines written during the 304 run: $((A1 - A0)) for $W_REQS requests"
 wrk_rate wg_health "$WG_URL/healthz"
 meta "weightgate GET /healthz (no auth, no file, no audit): $W_RPS req/s"
+
+# the same GETs with download auditing off (audit.downloads = false), from a second server on
+# the same data dir while the first one idles: what the audit log costs per request
+log "wrk: tiny-file GET with download auditing off"
+A0=$(audit_downloads)
+MAIN_PID=$WG_PID MAIN_BIND=$WG_BIND
+WG_BIND=127.0.0.1:$WG_NOAUDIT_PORT WG_EXTRA=(WEIGHTGATE__AUDIT__DOWNLOADS=false)
+wg_start "$OUT/wg-noaudit.log"
+wrk_rate wg_get_noaudit "http://$WG_BIND/bench/small/resolve/main/$TINY" -H "$AUTH_SMALL"
+WG_GET_NOAUDIT=$W_RPS
+kill -TERM "$WG_PID"; wait "$WG_PID" 2>/dev/null || true
+keep=(); for p in "${SERVER_PIDS[@]}"; do [ "$p" = "$WG_PID" ] || keep+=("$p"); done; SERVER_PIDS=("${keep[@]}")
+WG_PID=$MAIN_PID WG_BIND=$MAIN_BIND WG_EXTRA=()
+A1=$(audit_downloads)
+[ "$A1" = "$A0" ] || fail "audit.downloads = false still wrote $((A1 - A0)) file_download lines"
+row "tiny-file GET req/s, download auditing on vs off (both weightgate; target >= 0.9)" "$WG_GET" "$WG_GET_NOAUDIT" higher
 
 # ------------------------------------------------------------------ 4. TTFB p99
 ttfb() { # FILE URL [curl args]

@@ -33,6 +33,8 @@ pub struct Event {
     /// For downloads: the bytes a token received, recorded for its quota in the same
     /// transaction (so a download costs no write of its own).
     pub delivered: Option<crate::db::models::tokens::Delivered>,
+    /// Not written to the chain (download auditing turned off); only `delivered` is kept.
+    pub unlogged: bool,
 }
 
 /// A download's life in the audit log: its `started` event opens it, its final event closes it.
@@ -54,6 +56,7 @@ impl Event {
             ts_ms: util::now_ms(),
             track: None,
             delivered: None,
+            unlogged: false,
         }
     }
 
@@ -96,10 +99,18 @@ pub fn append(conn: &mut AnyConnection, events: &[Event]) -> Result<()> {
     if events.is_empty() {
         return Ok(());
     }
+    for e in events.iter().filter(|e| e.unlogged) {
+        if let Some(d) = &e.delivered {
+            crate::db::models::tokens::record_delivery(conn, d, e.ts_ms / 1000)?;
+        }
+    }
+    if events.iter().all(|e| e.unlogged) {
+        return Ok(());
+    }
     rows::lock_chain(conn)?;
     let (mut seq, mut prev) = rows::head(conn)?.unwrap_or((0, GENESIS.to_string()));
     let mut out = Vec::with_capacity(events.len());
-    for e in events {
+    for e in events.iter().filter(|e| !e.unlogged) {
         seq += 1;
         // serde_json's default map is ordered by key, so this text is canonical.
         let detail = serde_json::to_string(&e.detail).unwrap_or_else(|_| "{}".into());
@@ -513,6 +524,8 @@ enum Msg {
 #[derive(Clone)]
 pub struct AuditSink {
     tx: mpsc::UnboundedSender<Msg>,
+    /// `audit.downloads`: whether download and HEAD events go into the chain.
+    downloads: bool,
 }
 
 impl AuditSink {
@@ -520,15 +533,23 @@ impl AuditSink {
     pub fn start(
         db: Db,
         batch_max: usize,
+        downloads: bool,
         metrics: std::sync::Arc<crate::metrics::Metrics>,
     ) -> (AuditSink, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(writer(db, rx, batch_max, metrics));
-        (AuditSink { tx }, task)
+        (AuditSink { tx, downloads }, task)
     }
 
     /// Queues an event; it is committed with the next batch.
-    pub fn record(&self, event: Event) {
+    pub fn record(&self, mut event: Event) {
+        if !self.downloads && matches!(event.kind.as_str(), "file_download" | "file_head") {
+            if event.delivered.is_none() {
+                return;
+            }
+            event.unlogged = true;
+            event.track = None;
+        }
         if self.tx.send(Msg::Event(Box::new(event))).is_err() {
             tracing::error!("audit writer has stopped; an event could not be queued");
         }

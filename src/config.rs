@@ -225,6 +225,9 @@ pub struct AuditSettings {
     pub checkpoint_file: String,
     /// URL that checkpoints are POSTed to as JSON; empty for none.
     pub checkpoint_url: String,
+    /// Whether file downloads and HEADs are written to the audit log. Off only to measure
+    /// what auditing costs (bench/); token quotas are still counted when it is off.
+    pub downloads: bool,
 }
 
 impl Default for Settings {
@@ -322,6 +325,7 @@ impl Default for AuditSettings {
             checkpoint_interval: "1h".into(),
             checkpoint_file: String::new(),
             checkpoint_url: String::new(),
+            downloads: true,
         }
     }
 }

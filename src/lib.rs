@@ -144,7 +144,12 @@ fn http_server(
                 // counted by route pattern, method and status. The raw path and query string
                 // (which may hold a token) are never logged.
                 use tracing::Instrument;
-                let (route, method) = (req.match_pattern().unwrap_or_else(|| "unmatched".into()), req.method().to_string());
+                let route = if routes::is_download_path(req.path()) {
+                    routes::DOWNLOAD_ROUTE.to_string()
+                } else {
+                    req.match_pattern().unwrap_or_else(|| "unmatched".into())
+                };
+                let method = req.method().to_string();
                 let id = req
                     .headers()
                     .get("x-request-id")
@@ -215,8 +220,12 @@ pub async fn run(
         );
     }
     let metrics = Arc::new(metrics::Metrics::default());
-    let (audit, audit_task) =
-        AuditSink::start(core.db.clone(), settings.audit.batch_max, metrics.clone());
+    let (audit, audit_task) = AuditSink::start(
+        core.db.clone(),
+        settings.audit.batch_max,
+        settings.audit.downloads,
+        metrics.clone(),
+    );
     let mailer = Arc::new(Mailer::new(&settings, core.db.clone())?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mail_task = tokio::spawn(mailer.clone().run(stop_rx));

@@ -349,7 +349,84 @@ async fn events_cover_reads_withdrawals_and_filters(backend: Backend) {
     );
 }
 
+/// `audit.downloads = false` (for measuring what auditing costs): downloads leave no rows
+/// in the chain, other events still do, and a token's quota is still counted.
+async fn download_auditing_can_be_turned_off(backend: Backend) {
+    let mut envs = common::SMALL_BLOCKS.to_vec();
+    envs.push(("WEIGHTGATE__AUDIT__DOWNLOADS", "false"));
+    let s = TestServer::start_with(backend, &envs).await;
+    let src = s.dir.path().join("src");
+    common::write_model_dir(&src, &common::sample_files());
+    s.cli_ok(&[
+        "models",
+        "add",
+        "acme/tiny",
+        "--from",
+        src.to_str().unwrap(),
+    ]);
+    common::approved(&s, "acme/tiny", "ada@example.org").await;
+    let token = s.cli_json(&[
+        "tokens",
+        "issue",
+        "--email",
+        "ada@example.org",
+        "--model",
+        "acme/tiny",
+        "--max-downloads",
+        "1",
+    ])["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let get = |path: &str| s.http.get(s.url(path)).bearer_auth(&token).send();
+    let r = get("/acme/tiny/resolve/main/config.json").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        &r.bytes().await.unwrap()[..],
+        &common::sample_files()[1].1[..]
+    );
+    // The quota still counts the file: a second, different one is refused...
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = get("/acme/tiny/resolve/main/model.safetensors")
+            .await
+            .unwrap();
+        if r.status() == 403 {
+            assert_eq!(r.json::<Value>().await.unwrap()["error"], "quota_exhausted");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the quota never counted the first file"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll for the delivery record
+    }
+    // ...while the first stays free.
+    assert_eq!(
+        get("/acme/tiny/resolve/main/config.json")
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let events = s.audit();
+    assert!(
+        events.iter().any(|e| e["kind"] == "token_issued"),
+        "other events are still logged"
+    );
+    let downloads: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "file_download" || e["kind"] == "file_head")
+        .collect();
+    assert!(
+        downloads.is_empty(),
+        "download events were logged: {downloads:?}"
+    );
+    assert_eq!(verify(&s, &[]).0, 0, "the chain is intact");
+}
+
 on_both_backends!(
+    download_auditing_can_be_turned_off,
     swapped_and_forged_rows_are_detected,
     checkpoints_catch_a_cut_tail_and_archives_stay_verifiable,
     concurrent_writers_keep_one_chain,

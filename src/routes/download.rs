@@ -292,7 +292,7 @@ async fn serve(
         size,
         start,
     };
-    let body = AuditedBody::new(
+    let mut body = AuditedBody::new(
         util::random_hex(12),
         delivery,
         first.and_then(Result::ok),
@@ -301,6 +301,7 @@ async fn serve(
         started,
         state.audit.clone(),
     );
+    body.settle().await;
     Ok(resp.no_chunking(len).streaming(body))
 }
 
@@ -594,8 +595,9 @@ struct AuditedBody {
     failed: bool,
     /// Whether the failure proved the bytes wrong (rather than unreadable).
     corrupt: bool,
-    /// The last chunk, held until its final event is committed.
-    held: Option<(Bytes, tokio::sync::oneshot::Receiver<()>)>,
+    /// The last chunk, held until its final event is committed (the receiver is gone once
+    /// it has been awaited).
+    held: Option<(Bytes, Option<tokio::sync::oneshot::Receiver<()>>)>,
     finished: bool,
     /// Whether the `started` event was queued.
     opened: bool,
@@ -672,23 +674,46 @@ impl AuditedBody {
         e
     }
 
+    fn is_last(&self, b: &Bytes) -> bool {
+        self.sent + b.len() as u64 >= self.log.expected && !self.finished
+    }
+
+    /// Holds the last chunk and commits the final event, which counts it as sent.
+    fn hold_last(&mut self, b: Bytes) {
+        self.finished = true;
+        let outcome = if self.log.status == 206 {
+            "partial"
+        } else {
+            "complete"
+        };
+        self.sent += b.len() as u64;
+        let mut e = self.final_event(outcome);
+        e.delivered = self.delivered(self.sent);
+        let ack = self.sink.commit(e);
+        self.sent -= b.len() as u64;
+        self.held = Some((b, Some(ack)));
+    }
+
+    /// A download whose first chunk is its last waits for its final event here, before the
+    /// headers go out, so headers and body leave in one write.
+    async fn settle(&mut self) {
+        match self.first.take() {
+            Some(b) if self.is_last(&b) => {
+                self.hold_last(b);
+                if let Some((_, ack)) = self.held.as_mut()
+                    && let Some(rx) = ack.take()
+                {
+                    let _ = rx.await;
+                }
+            }
+            other => self.first = other,
+        }
+    }
+
     /// Counts a chunk; when it is the last one, holds it until the final event commits.
     fn pass(&mut self, b: Bytes, cx: &mut TaskContext<'_>) -> Poll<Option<std::io::Result<Bytes>>> {
-        if self.sent + b.len() as u64 >= self.log.expected && !self.finished {
-            self.finished = true;
-            let outcome = if self.log.status == 206 {
-                "partial"
-            } else {
-                "complete"
-            };
-            // The final event counts the held chunk as sent; it is released only once that
-            // event is committed.
-            self.sent += b.len() as u64;
-            let mut e = self.final_event(outcome);
-            e.delivered = self.delivered(self.sent);
-            let ack = self.sink.commit(e);
-            self.sent -= b.len() as u64;
-            self.held = Some((b, ack));
+        if self.is_last(&b) {
+            self.hold_last(b);
             return self.release(cx);
         }
         self.open();
@@ -700,7 +725,11 @@ impl AuditedBody {
         let Some((_, ack)) = self.held.as_mut() else {
             return Poll::Ready(None);
         };
-        match Pin::new(ack).poll(cx) {
+        let committed = match ack.as_mut() {
+            None => Poll::Ready(Ok(())),
+            Some(rx) => Pin::new(rx).poll(cx),
+        };
+        match committed {
             Poll::Pending => Poll::Pending,
             Poll::Ready(_) => {
                 let held = self.held.take().map(|(b, _)| b);

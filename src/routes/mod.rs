@@ -15,7 +15,42 @@ use actix_web::{HttpRequest, web};
 
 use crate::error::Error;
 
+/// The first path segments the other routes start with. A path starting with anything else
+/// can only be a download (`/{org}/{name}/resolve/…`), so downloads are routed first,
+/// without trying the other patterns (each one a regex match); paths starting with one of
+/// these take the usual order, where the download route comes last.
+const RESERVED_FIRST: [&str; 10] = [
+    "",
+    ".well-known",
+    "admin",
+    "api",
+    "applications",
+    "healthz",
+    "metrics",
+    "models",
+    "readyz",
+    "static",
+];
+
+pub const DOWNLOAD_ROUTE: &str = "/{org}/{name}/resolve/{tail:.*}";
+
+/// Whether `path` is certainly a download, judged from its segments alone.
+pub fn is_download_path(path: &str) -> bool {
+    let mut parts = path.split('/').skip(1);
+    let first = parts.next().unwrap_or("");
+    !RESERVED_FIRST.contains(&first) && parts.nth(1) == Some("resolve")
+}
+
+fn download_resource() -> actix_web::Resource {
+    web::resource(DOWNLOAD_ROUTE)
+        .route(web::get().to(download::resolve))
+        .route(web::head().to(download::resolve))
+}
+
 pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(download_resource().guard(actix_web::guard::fn_guard(|ctx| {
+        is_download_path(ctx.head().uri.path())
+    })));
     cfg.route("/", web::get().to(pages::catalogue))
         .route("/static/{file}", web::get().to(pages::static_file))
         .route("/models/{org}/{name}", web::get().to(pages::model))
@@ -112,11 +147,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             "/api/models/{org}/{name}/settings",
             web::put().to(access_requests::settings),
         )
-        .service(
-            web::resource("/{org}/{name}/resolve/{tail:.*}")
-                .route(web::get().to(download::resolve))
-                .route(web::head().to(download::resolve)),
-        )
+        .service(download_resource())
         .default_service(web::to(ops::not_found));
 }
 
@@ -175,4 +206,43 @@ pub(crate) fn bearer(req: &HttpRequest) -> Option<String> {
             .ok()
             .and_then(|q| q.get("token").cloned())
     })
+}
+
+#[cfg(test)]
+mod route_tests {
+    use super::*;
+
+    #[test]
+    fn every_other_route_starts_with_a_reserved_segment() {
+        for file in [include_str!("mod.rs"), include_str!("admin.rs")] {
+            let source = file.split("#[cfg(test)]").next().unwrap_or(file);
+            for (i, _) in source.match_indices("\"/") {
+                let rest = &source[i + 1..];
+                let Some(end) = rest.find('"') else { continue };
+                let pattern = &rest[..end];
+                let route_like = pattern
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"/{}.:*_-".contains(&b));
+                if !route_like || pattern == DOWNLOAD_ROUTE {
+                    continue;
+                }
+                let first = pattern.split('/').nth(1).unwrap_or("");
+                assert!(
+                    RESERVED_FIRST.contains(&first),
+                    "route {pattern} starts with {first:?}, which is not in RESERVED_FIRST"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn downloads_are_told_apart_from_other_paths() {
+        assert!(is_download_path("/org/model/resolve/main/a.bin"));
+        assert!(is_download_path("/org/model/resolve/"));
+        assert!(!is_download_path("/api/models/resolve/x"));
+        assert!(!is_download_path("/models/org/resolve/apply"));
+        assert!(!is_download_path("/org/model/tree/main"));
+        assert!(!is_download_path("/org/resolve"));
+        assert!(!is_download_path("/"));
+    }
 }

@@ -104,34 +104,47 @@ where
     }
 }
 
-/// Reads blocks one after another: from a local file through one handle (read and hash in
-/// one blocking call, no zero-filled buffers), or through the object store.
+/// Reads blocks one after another: from a local file through one handle (opened, read and
+/// hashed in one blocking call, no zero-filled buffers), or through the object store.
 enum Reader {
-    Local(Option<std::fs::File>),
+    Local {
+        path: std::path::PathBuf,
+        size: u64,
+        /// Opened by the first block read; `None` again only while a read holds it.
+        file: Option<std::fs::File>,
+        opened: bool,
+    },
     Store(object_store::path::Path),
 }
 
+/// Opens a local object and checks its size: a file that grew or shrank is caught before
+/// its first byte is sent, not at its end.
+fn open_local(path: &std::path::Path, size: u64) -> Result<std::fs::File, Failure> {
+    match std::fs::File::open(path) {
+        Ok(f) => match f.metadata() {
+            Ok(m) if m.len() != size => Err(Failure::WrongSize {
+                expected: size,
+                actual: m.len(),
+            }),
+            Ok(_) => Ok(f),
+            Err(e) => Err(Failure::Unreadable(e.to_string())),
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Failure::Missing),
+        Err(e) => Err(Failure::Unreadable(e.to_string())),
+    }
+}
+
 impl Reader {
-    /// Opens the object and checks its size: a file that grew or shrank is caught before the
-    /// first byte, not at its end.
+    /// Prepares to read the object; an object store's object is checked for its size here,
+    /// a local file when the first block is read.
     async fn open(store: &Store, plan: &Plan) -> Result<Reader, Failure> {
         if let Some(root) = &store.local_root {
-            let path = root.join(&plan.key);
-            let size = plan.size;
-            return tokio::task::spawn_blocking(move || match std::fs::File::open(&path) {
-                Ok(f) => match f.metadata() {
-                    Ok(m) if m.len() != size => Err(Failure::WrongSize {
-                        expected: size,
-                        actual: m.len(),
-                    }),
-                    Ok(_) => Ok(Reader::Local(Some(f))),
-                    Err(e) => Err(Failure::Unreadable(e.to_string())),
-                },
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Failure::Missing),
-                Err(e) => Err(Failure::Unreadable(e.to_string())),
-            })
-            .await
-            .map_err(|e| Failure::Unreadable(e.to_string()))?;
+            return Ok(Reader::Local {
+                path: root.join(&plan.key),
+                size: plan.size,
+                file: None,
+                opened: false,
+            });
         }
         let path = Store::path(&plan.key);
         match store.inner.head(&path).await {
@@ -156,13 +169,27 @@ impl Reader {
     ) -> Result<Bytes, Failure> {
         let len = end - start;
         match self {
-            Reader::Local(slot) => {
-                let file = slot
-                    .take()
-                    .ok_or_else(|| Failure::Unreadable("reader closed".into()))?;
+            Reader::Local {
+                path,
+                size,
+                file: slot,
+                opened,
+            } => {
+                let held = slot.take();
+                if held.is_none() && *opened {
+                    return Err(Failure::Unreadable("reader closed".into()));
+                }
+                *opened = true;
+                let (path, size) = (path.clone(), *size);
                 let (file, result) = tokio::task::spawn_blocking(move || {
                     use std::io::{Read, Seek, SeekFrom};
-                    let mut file = file;
+                    let mut file = match held {
+                        Some(f) => f,
+                        None => match open_local(&path, size) {
+                            Ok(f) => f,
+                            Err(e) => return (None, Err(e)),
+                        },
+                    };
                     let mut buf = Vec::with_capacity(len as usize);
                     let read = file
                         .seek(SeekFrom::Start(start))
@@ -178,11 +205,11 @@ impl Reader {
                         Ok(_) => Err(Failure::Mismatch { block }),
                         Err(e) => Err(Failure::Unreadable(e.to_string())),
                     };
-                    (file, result)
+                    (Some(file), result)
                 })
                 .await
                 .map_err(|e| Failure::Unreadable(e.to_string()))?;
-                *slot = Some(file);
+                *slot = file;
                 result
             }
             Reader::Store(path) => {
