@@ -72,4 +72,4 @@ cargo fmt --check
 log "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
 log "cargo test"
-cargo test --locked --all-targets
+cargo test --locked --all-targets --no-fail-fast
