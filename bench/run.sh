@@ -345,7 +345,9 @@ meta "weightgate GET /healthz (no auth, no file, no audit): $W_RPS req/s"
 log "wrk: tiny-file GET with download auditing off"
 A0=$(audit_downloads)
 MAIN_PID=$WG_PID MAIN_BIND=$WG_BIND
-WG_BIND=127.0.0.1:$WG_NOAUDIT_PORT WG_EXTRA=(WEIGHTGATE__AUDIT__DOWNLOADS=false)
+# the same public URL as the first server: tokens name it as their issuer and audience
+WG_BIND=127.0.0.1:$WG_NOAUDIT_PORT
+WG_EXTRA=(WEIGHTGATE__AUDIT__DOWNLOADS=false WEIGHTGATE__SERVER__PUBLIC_URL=http://$MAIN_BIND)
 wg_start "$OUT/wg-noaudit.log"
 wrk_rate wg_get_noaudit "http://$WG_BIND/bench/small/resolve/main/$TINY" -H "$AUTH_SMALL"
 WG_GET_NOAUDIT=$W_RPS

@@ -54,14 +54,73 @@ pub fn set_archive_base(conn: &mut AnyConnection, seq: i64, hash: &str) -> Resul
     super::kv::set(conn, ARCHIVE_BASE, &format!("{seq} {hash}"))
 }
 
+/// Rows per INSERT statement (9 bound values each, far below either backend's limit).
+const ROWS_PER_INSERT: usize = 64;
+
+/// Inserts rows with one multi-row statement per `ROWS_PER_INSERT` (a batch of downloads is
+/// then a few statements, not one per event). diesel's `MultiConnection` has no multi-row
+/// INSERT, so each backend gets its own boxed query with its own placeholders.
 pub fn insert(conn: &mut AnyConnection, rows: &[AuditRow]) -> Result<()> {
-    // MultiConnection has no multi-row INSERT; rows go one by one inside the caller's transaction.
-    for row in rows {
-        diesel::insert_into(audit_events::table)
-            .values(row)
-            .execute(conn)?;
+    for part in rows.chunks(ROWS_PER_INSERT) {
+        match conn {
+            AnyConnection::Sqlite(c) => {
+                let sql = insert_sql(part.len(), |_| "?".to_string());
+                bind_rows(diesel::sql_query(sql).into_boxed(), part).execute(c)?;
+            }
+            AnyConnection::Postgresql(c) => {
+                let sql = insert_sql(part.len(), |i| format!("${}", i + 1));
+                bind_rows(diesel::sql_query(sql).into_boxed(), part).execute(c)?;
+            }
+        }
     }
     Ok(())
+}
+
+/// `INSERT INTO audit_events (…) VALUES (…), (…)` for `n` rows; `mark(i)` is the i-th
+/// placeholder.
+fn insert_sql(n: usize, mark: impl Fn(usize) -> String) -> String {
+    let mut sql = String::from(
+        "INSERT INTO audit_events (seq, ts_ms, kind, outcome, actor, model_id, detail, prev_hash, hash) VALUES ",
+    );
+    for r in 0..n {
+        if r > 0 {
+            sql.push_str(", ");
+        }
+        let marks: Vec<String> = (0..9).map(|c| mark(r * 9 + c)).collect();
+        sql.push('(');
+        sql.push_str(&marks.join(", "));
+        sql.push(')');
+    }
+    sql
+}
+
+fn bind_rows<'f, DB>(
+    mut q: diesel::query_builder::BoxedSqlQuery<'f, DB, diesel::query_builder::SqlQuery>,
+    rows: &'f [AuditRow],
+) -> diesel::query_builder::BoxedSqlQuery<'f, DB, diesel::query_builder::SqlQuery>
+where
+    DB: diesel::backend::Backend
+        + diesel::sql_types::HasSqlType<diesel::sql_types::BigInt>
+        + diesel::sql_types::HasSqlType<diesel::sql_types::Text>,
+    i64: diesel::serialize::ToSql<diesel::sql_types::BigInt, DB>,
+    str: diesel::serialize::ToSql<diesel::sql_types::Text, DB>,
+    Option<&'f str>:
+        diesel::serialize::ToSql<diesel::sql_types::Nullable<diesel::sql_types::Text>, DB>,
+{
+    use diesel::sql_types::{BigInt, Nullable, Text};
+    for r in rows {
+        q = q
+            .bind::<BigInt, _>(r.seq)
+            .bind::<BigInt, _>(r.ts_ms)
+            .bind::<Text, _>(r.kind.as_str())
+            .bind::<Text, _>(r.outcome.as_str())
+            .bind::<Nullable<Text>, _>(r.actor.as_deref())
+            .bind::<Nullable<Text>, _>(r.model_id.as_deref())
+            .bind::<Text, _>(r.detail.as_str())
+            .bind::<Text, _>(r.prev_hash.as_str())
+            .bind::<Text, _>(r.hash.as_str());
+    }
+    q
 }
 
 /// Up to `limit` rows with `seq > after`, in chain order.
