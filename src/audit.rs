@@ -99,10 +99,22 @@ pub fn append(conn: &mut AnyConnection, events: &[Event]) -> Result<()> {
     if events.is_empty() {
         return Ok(());
     }
-    for e in events.iter().filter(|e| e.unlogged) {
-        if let Some(d) = &e.delivered {
-            crate::db::models::tokens::record_delivery(conn, d, e.ts_ms / 1000)?;
+    // Files a token had completed before this batch need no delivery record (a later event
+    // in the batch that completes a file is still checked by `record_delivery` itself).
+    let done = crate::db::models::tokens::completed_among(
+        conn,
+        events.iter().filter_map(|e| e.delivered.as_ref()),
+    )?;
+    let record = |conn: &mut AnyConnection, e: &Event| -> Result<()> {
+        match &e.delivered {
+            Some(d) if !done.contains(&(d.jti.clone(), d.sha256.clone())) => {
+                crate::db::models::tokens::record_delivery(conn, d, e.ts_ms / 1000).map(|_| ())
+            }
+            _ => Ok(()),
         }
+    };
+    for e in events.iter().filter(|e| e.unlogged) {
+        record(conn, e)?;
     }
     if events.iter().all(|e| e.unlogged) {
         return Ok(());
@@ -128,9 +140,7 @@ pub fn append(conn: &mut AnyConnection, events: &[Event]) -> Result<()> {
         row.hash = row_hash(&row);
         prev = row.hash.clone();
         crate::webhooks::enqueue(conn, e, seq)?;
-        if let Some(d) = &e.delivered {
-            crate::db::models::tokens::record_delivery(conn, d, e.ts_ms / 1000)?;
-        }
+        record(conn, e)?;
         match &e.track {
             Some(Track::Start(id, instance)) => rows::open_download(
                 conn,
