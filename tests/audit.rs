@@ -353,32 +353,14 @@ async fn events_cover_reads_withdrawals_and_filters(backend: Backend) {
 /// `audit.downloads = false` (for measuring what auditing costs): downloads leave no rows
 /// in the chain, other events still do, and a token's quota is still counted.
 async fn download_auditing_can_be_turned_off(backend: Backend) {
-    let mut envs = common::SMALL_BLOCKS.to_vec();
-    envs.push(("WEIGHTGATE__AUDIT__DOWNLOADS", "false"));
-    let s = TestServer::start_with(backend, &envs).await;
-    let src = s.dir.path().join("src");
-    common::write_model_dir(&src, &common::sample_files());
-    s.cli_ok(&[
-        "models",
-        "add",
+    let s = common::server_with_model_and(
+        backend,
         "acme/tiny",
-        "--from",
-        src.to_str().unwrap(),
-    ]);
-    common::approved(&s, "acme/tiny", "ada@example.org").await;
-    let token = s.cli_json(&[
-        "tokens",
-        "issue",
-        "--email",
-        "ada@example.org",
-        "--model",
-        "acme/tiny",
-        "--max-downloads",
-        "1",
-    ])["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+        &[("WEIGHTGATE__AUDIT__DOWNLOADS", "false")],
+    )
+    .await;
+    approved(&s, "acme/tiny", "ada@example.org").await;
+    let token = common::quota_token(&s, "ada@example.org", "acme/tiny", 1);
     let get = |path: &str| s.http.get(s.url(path)).bearer_auth(&token).send();
     let r = get("/acme/tiny/resolve/main/config.json").await.unwrap();
     assert_eq!(r.status(), 200);

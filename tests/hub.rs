@@ -556,19 +556,7 @@ async fn every_denial_raises_the_right_exception() {
     );
 
     // Quota used up: one completed file, then the next one is refused with GatedRepoError.
-    let quota = s.cli_json(&[
-        "tokens",
-        "issue",
-        "--email",
-        "dave@example.org",
-        "--model",
-        "acme/tiny",
-        "--max-downloads",
-        "1",
-    ])["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let quota = common::quota_token(&s, "dave@example.org", "acme/tiny", 1);
     let r = s
         .http
         .get(s.url("/acme/tiny/resolve/main/config.json"))

@@ -130,19 +130,7 @@ async fn keys_rotate_retire_and_publish_a_jwks() {
 async fn quotas_count_completed_files(backend: Backend) {
     let s = server_with_model(backend, "acme/tiny").await;
     let (_, status_url) = approved(&s, "acme/tiny", "ada@example.org").await;
-    let token = s.cli_json(&[
-        "tokens",
-        "issue",
-        "--email",
-        "ada@example.org",
-        "--model",
-        "acme/tiny",
-        "--max-downloads",
-        "2",
-    ])["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let token = common::quota_token(&s, "ada@example.org", "acme/tiny", 2);
     let big = s.url("/acme/tiny/resolve/main/model.safetensors");
     let get = |url: String, range: Option<&'static str>| {
         let mut r = s.http.get(url).bearer_auth(&token);
@@ -365,19 +353,7 @@ async fn researcher_self_service(backend: Backend) {
 async fn parallel_requests_cannot_overrun_a_quota(backend: Backend) {
     let s = server_with_model(backend, "acme/tiny").await;
     approved(&s, "acme/tiny", "ada@example.org").await;
-    let token = s.cli_json(&[
-        "tokens",
-        "issue",
-        "--email",
-        "ada@example.org",
-        "--model",
-        "acme/tiny",
-        "--max-downloads",
-        "2",
-    ])["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let token = common::quota_token(&s, "ada@example.org", "acme/tiny", 2);
     let paths = [
         "model.safetensors",
         "config.json",
@@ -652,19 +628,7 @@ async fn hostile_and_forged_requests_are_refused_without_leaking_the_token() {
     ]);
     let token = approved_token(&s, "acme/tiny", "ada@example.org").await;
     let other = approved_token(&s, "acme/other", "bob@example.org").await;
-    let quota = s.cli_json(&[
-        "tokens",
-        "issue",
-        "--email",
-        "ada@example.org",
-        "--model",
-        "acme/tiny",
-        "--max-downloads",
-        "1",
-    ])["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let quota = common::quota_token(&s, "ada@example.org", "acme/tiny", 1);
     let revoked = s.cli_json(&[
         "tokens",
         "issue",

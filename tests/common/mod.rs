@@ -507,11 +507,40 @@ pub const SMALL_BLOCKS: &[(&str, &str)] = &[
 ];
 
 pub async fn server_with_model(backend: Backend, model: &str) -> TestServer {
-    let s = TestServer::start_with(backend, SMALL_BLOCKS).await;
+    server_with_model_and(backend, model, &[]).await
+}
+
+/// `server_with_model`, with more settings on top of `SMALL_BLOCKS`.
+pub async fn server_with_model_and(
+    backend: Backend,
+    model: &str,
+    extra: &[(&str, &str)],
+) -> TestServer {
+    let mut envs = SMALL_BLOCKS.to_vec();
+    envs.extend_from_slice(extra);
+    let s = TestServer::start_with(backend, &envs).await;
     let src = s.dir.path().join("src");
     write_model_dir(&src, &sample_files());
     s.cli_ok(&["models", "add", model, "--from", src.to_str().unwrap()]);
     s
+}
+
+/// Issues (on the CLI) a token for an approved researcher limited to `files` downloads.
+pub fn quota_token(s: &TestServer, email: &str, model: &str, files: u32) -> String {
+    let n = files.to_string();
+    s.cli_json(&[
+        "tokens",
+        "issue",
+        "--email",
+        email,
+        "--model",
+        model,
+        "--max-downloads",
+        &n,
+    ])["token"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 pub fn application(email: &str) -> serde_json::Value {
