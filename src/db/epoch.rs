@@ -5,8 +5,9 @@
 //! Catalog writers call [`catalog_changed`] inside their transaction; `Db::write_blocking`
 //! then bumps the epoch after the commit. In this process that is a counter; for other
 //! processes on the same data dir (the CLI beside the server) it is the file
-//! `<data_dir>/catalog.epoch`, replaced by a rename on each change, whose inode and mtime a
-//! reader compares with one `stat`. Processes on other machines see changes once their
+//! `<data_dir>/catalog.epoch`, which grows by one byte on each change (appends are atomic
+//! across processes), so its size, read with one `stat`, never repeats; the inode and mtime
+//! tell a rotated file apart. Processes on other machines see changes once their
 //! cache entries age out (the same bound as token revocation).
 
 use std::cell::Cell;
@@ -28,11 +29,14 @@ pub(crate) fn take_changed() -> bool {
 }
 
 /// One observation of the epoch; equal observations mean nothing changed in between.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Stamp {
     local: u64,
-    file: Option<(u64, i64, i64)>,
+    file: Option<(u64, u64, i64, i64)>,
 }
+
+/// The epoch file is started afresh (by a rename) once it is this long.
+const ROTATE_AT: u64 = 1 << 20;
 
 #[derive(Debug)]
 pub struct Epoch {
@@ -56,7 +60,7 @@ impl Epoch {
                 .path
                 .as_ref()
                 .and_then(|p| std::fs::metadata(p).ok())
-                .map(|m| (m.ino(), m.mtime(), m.mtime_nsec())),
+                .map(|m| (m.ino(), m.len(), m.mtime(), m.mtime_nsec())),
         }
     }
 
@@ -64,12 +68,28 @@ impl Epoch {
     pub fn bump(&self) {
         self.local.fetch_add(1, Ordering::SeqCst);
         let Some(path) = &self.path else { return };
-        // A fresh file renamed over the old one: a new inode, whatever the clock says.
-        let tmp = path.with_extension(format!("epoch.{}", crate::util::random_hex(6)));
-        let written = std::fs::write(&tmp, crate::util::now_ms().to_string())
-            .and_then(|_| std::fs::rename(&tmp, path));
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
+        let appended = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut f| {
+                use std::io::Write;
+                f.write_all(b".")?;
+                f.metadata()
+            });
+        let result = match appended {
+            // Rare: start a fresh (one-byte) file, whose new inode and mtime keep it distinct.
+            Ok(m) if m.len() >= ROTATE_AT => {
+                let tmp = path.with_extension(format!("epoch.{}", crate::util::random_hex(6)));
+                let r = std::fs::write(&tmp, b".").and_then(|_| std::fs::rename(&tmp, path));
+                if r.is_err() {
+                    let _ = std::fs::remove_file(&tmp);
+                }
+                r
+            }
+            other => other.map(|_| ()),
+        };
+        if let Err(e) = result {
             tracing::warn!(error = %e, path = %path.display(), "could not signal a catalog change to other processes");
         }
     }
@@ -130,6 +150,18 @@ mod tests {
         assert_ne!(after, a.current());
         a.bump();
         assert_ne!(b.current(), a.current(), "the local counter differs too");
+    }
+
+    #[test]
+    fn stamps_never_repeat_however_fast_the_bumps() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.epoch");
+        let (writer, reader) = (Epoch::new(Some(path.clone())), Epoch::new(Some(path)));
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200 {
+            writer.bump();
+            assert!(seen.insert(reader.current()), "a stamp came back");
+        }
     }
 
     #[test]

@@ -34,11 +34,13 @@ const RESERVED_FIRST: [&str; 10] = [
 
 pub const DOWNLOAD_ROUTE: &str = "/{org}/{name}/resolve/{tail:.*}";
 
-/// Whether `path` is certainly a download, judged from its segments alone.
+/// Whether `path` is certainly a download, judged from its raw segments alone. A first
+/// segment with a percent escape may decode to a reserved one (actix routes on the decoded
+/// path), so it takes the usual order.
 pub fn is_download_path(path: &str) -> bool {
     let mut parts = path.split('/').skip(1);
     let first = parts.next().unwrap_or("");
-    !RESERVED_FIRST.contains(&first) && parts.nth(1) == Some("resolve")
+    !first.contains('%') && !RESERVED_FIRST.contains(&first) && parts.nth(1) == Some("resolve")
 }
 
 fn download_resource() -> actix_web::Resource {
@@ -244,5 +246,9 @@ mod route_tests {
         assert!(!is_download_path("/org/model/tree/main"));
         assert!(!is_download_path("/org/resolve"));
         assert!(!is_download_path("/"));
+        assert!(
+            !is_download_path("/%61pi/models/resolve/x"),
+            "decodes to /api/…"
+        );
     }
 }

@@ -118,7 +118,7 @@ enum Reader {
 }
 
 /// Opens a local object and checks its size: a file that grew or shrank is caught before
-/// its first byte is sent, not at its end.
+/// any byte is sent (see `produce`), not at its end.
 fn open_local(path: &std::path::Path, size: u64) -> Result<std::fs::File, Failure> {
     match std::fs::File::open(path) {
         Ok(f) => match f.metadata() {
@@ -135,6 +135,29 @@ fn open_local(path: &std::path::Path, size: u64) -> Result<std::fs::File, Failur
 }
 
 impl Reader {
+    /// Opens and size-checks a local file now rather than at its first block read.
+    async fn ensure_open(&mut self) -> Result<(), Failure> {
+        let Reader::Local {
+            path,
+            size,
+            file,
+            opened,
+        } = self
+        else {
+            return Ok(());
+        };
+        if *opened {
+            return Ok(());
+        }
+        let (p, n) = (path.clone(), *size);
+        let f = tokio::task::spawn_blocking(move || open_local(&p, n))
+            .await
+            .map_err(|e| Failure::Unreadable(e.to_string()))??;
+        *file = Some(f);
+        *opened = true;
+        Ok(())
+    }
+
     /// Prepares to read the object; an object store's object is checked for its size here,
     /// a local file when the first block is read.
     async fn open(store: &Store, plan: &Plan) -> Result<Reader, Failure> {
@@ -245,6 +268,12 @@ async fn produce(
     let bs = plan.block_size;
     let first = plan.range.start / bs;
     let last = (plan.range.end - 1) / bs;
+    if first != last {
+        // Blocks may come from other streams; check the object itself before the headers go
+        // out, so a missing or resized file is a clean error, not a cut-off body. (A one-block
+        // range opens it in its only read, or is served bytes another stream just verified.)
+        reader.ensure_open().await?;
+    }
     for block in first..=last {
         let start = block * bs;
         let end = ((block + 1) * bs).min(plan.size);

@@ -96,12 +96,19 @@ pub fn completed_among<'a>(
     jtis.dedup();
     shas.sort_unstable();
     shas.dedup();
-    let pairs: Vec<(String, String)> = token_downloads::table
-        .filter(token_downloads::jti.eq_any(&jtis))
-        .filter(token_downloads::sha256.eq_any(&shas))
-        .select((token_downloads::jti, token_downloads::sha256))
-        .load(conn)?;
-    Ok(pairs.into_iter().collect())
+    // In slices, so that no statement binds more values than SQLite allows.
+    let mut done = std::collections::HashSet::new();
+    for j in jtis.chunks(500) {
+        for s in shas.chunks(500) {
+            let pairs: Vec<(String, String)> = token_downloads::table
+                .filter(token_downloads::jti.eq_any(j))
+                .filter(token_downloads::sha256.eq_any(s))
+                .select((token_downloads::jti, token_downloads::sha256))
+                .load(conn)?;
+            done.extend(pairs);
+        }
+    }
+    Ok(done)
 }
 
 /// Adds a delivered byte range `[start, end)` of a file; returns true when this completes
