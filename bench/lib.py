@@ -8,6 +8,7 @@ Standard library only. Subcommands:
   pct P FILE                      P-th percentile (nearest rank) of the numbers in FILE
   mkdata-small DIR N              write N small files (1-8 KiB) plus config.json into DIR
   report METRICS OUT_MD OUT_SVG   print the Markdown table, write it and the chart
+  oha FILE                        oha's JSON output -> "req_per_s requests other_than_200"
 """
 import glob
 import json
@@ -178,6 +179,14 @@ def write_svg(path, bars):
         f.write("\n".join(s) + "\n")
 
 
+def oha(path):
+    with open(path) as f:
+        d = json.load(f)
+    codes = d.get("statusCodeDistribution") or {}
+    total = sum(codes.values())
+    print(f'{d["summary"]["requestsPerSec"]:.0f} {total} {total - codes.get("200", 0)}')
+
+
 def main(argv):
     cmd = argv[1]
     if cmd == "confirm-link":
@@ -190,6 +199,8 @@ def main(argv):
         return pct(float(argv[2]), argv[3])
     if cmd == "mkdata-small":
         return mkdata_small(argv[2], int(argv[3]))
+    if cmd == "oha":
+        return oha(argv[2])
     if cmd == "report":
         return report(argv[2], argv[3], argv[4])
     print("unknown command", cmd, file=sys.stderr)

@@ -8,6 +8,7 @@ BENCH=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(dirname "$BENCH")
 OUT=$BENCH/out
 WG_BIN=${WG_BIN:-$ROOT/target/bench/release/weightgate}
+HF_BIN_SET=${HF_BIN:-}
 HF_BIN=${HF_BIN:-$ROOT/.venv/bin/hf}
 LIB="python3 $BENCH/lib.py"
 NG_ON=${NG_ON:-18181}     # nginx, sendfile on,  access_log off (throughput)
@@ -80,6 +81,12 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+if [ ! -x "$HF_BIN" ] && [ -z "${HF_BIN_SET:-}" ]; then
+    # the same virtualenv and pinned client that scripts/test.sh uses
+    log "installing huggingface-hub 2.4.0 into $ROOT/.venv"
+    python3 -m venv "$ROOT/.venv"
+    "$ROOT/.venv/bin/pip" install -q --disable-pip-version-check "huggingface-hub==2.4.0"
+fi
 
 rm -rf "$OUT/wg" "$OUT/wg-pg" "$OUT/hf_home" "$OUT/dl" "$TMP" "$OUT/nginx"
 mkdir -p "$DATA" "$TMP" "$OUT/nginx" "$OUT/dl"
@@ -357,6 +364,32 @@ WG_PID=$MAIN_PID WG_BIND=$MAIN_BIND WG_EXTRA=()
 A1=$(audit_downloads)
 [ "$A1" = "$A0" ] || fail "audit.downloads = false still wrote $((A1 - A0)) file_download lines"
 row "tiny-file GET req/s, download auditing on vs off (both weightgate; target >= 0.9)" "$WG_GET" "$WG_GET_NOAUDIT" higher
+
+# HEAD: wrk 4.1 hangs on HEAD responses, so oha (built once with cargo into bench/out/tools)
+OHA=${OHA_BIN:-$OUT/tools/bin/oha}
+if [ ! -x "$OHA" ] && command -v cargo >/dev/null; then
+    log "building oha 1.16.0 once into $OUT/tools (about 5 minutes)"
+    cargo install oha --version 1.16.0 --locked --root "$OUT/tools" >"$TMP/oha-install.log" 2>&1 \
+        || log "could not build oha: $(tail -n1 "$TMP/oha-install.log")"
+fi
+oha_rate() { # NAME URL [oha args] -> sets O_RPS; a run with any answer but 200 fails
+    local name=$1 url=$2 n bad
+    shift 2
+    "$OHA" -z "${WRK_SECS}s" -c 64 --no-tui --output-format json "$@" "$url" >"$TMP/oha_$name.json" 2>"$TMP/oha_$name.err" \
+        || fail "oha $name exited non-zero: $(head -c 300 "$TMP/oha_$name.err")"
+    read -r O_RPS n bad < <($LIB oha "$TMP/oha_$name.json" || echo "0 0 0")
+    [ "$bad" = 0 ] || fail "oha $name: $bad of $n answers were not 200"
+    log "  oha $name: $O_RPS req/s ($n requests)"
+}
+if [ -x "$OHA" ]; then
+    log "oha: tiny-file HEAD"
+    oha_rate ng_head "http://127.0.0.1:$NG_LOG/small/$TINY" -m HEAD
+    NG_HEAD=$O_RPS
+    oha_rate wg_head "$WG_TINY" -m HEAD -H "$AUTH_SMALL"
+    row "tiny-file HEAD req/s, oha 64 conns (token checked, audited; nginx access_log on)" "$O_RPS" "$NG_HEAD" higher
+else
+    meta "oha not available: the HEAD rate was not measured"
+fi
 
 # ------------------------------------------------------------------ 4. TTFB p99
 ttfb() { # FILE URL [curl args]
