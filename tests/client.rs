@@ -357,6 +357,32 @@ async fn a_killed_download_resumes_from_its_verified_blocks() {
     );
 }
 
+/// The manifest of model `o/m` with one 1000-byte file `w.bin` of `data`, whose `sha256` and
+/// `block_size` fields are given as they are (to test hostile values).
+fn one_file_manifest(data: &[u8], sha256: &Value, block_size: &Value) -> Value {
+    json!({"model": "o/m", "revision": "main", "commit": "c".repeat(40), "files": [{
+        "path": "w.bin", "size": 1000, "sha256": sha256, "block_size": block_size,
+        "block_algo": "blake3", "block_hashes": [blake3::hash(data).to_hex().to_string()]}]})
+}
+
+/// `weightgate download o/m` from `base` into `dir`, off the async threads.
+async fn download_from(base: String, dir: std::path::PathBuf) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        wg(&[
+            "download",
+            "o/m",
+            "--endpoint",
+            &base,
+            "--token",
+            "t",
+            "--dir",
+            dir.to_str().unwrap(),
+        ])
+    })
+    .await
+    .unwrap()
+}
+
 /// A stand-in server for model `o/m`: answers the manifest request with `manifest` and every
 /// other request with `status` and `body` (as bytes 0-999 of 1000), counting those.
 async fn fake_server(
@@ -401,28 +427,11 @@ async fn fake_server(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lying_server_is_caught_block_by_block() {
     let data = vec![7u8; 1000];
-    let manifest = json!({"model": "o/m", "revision": "main", "commit": "c".repeat(40), "files": [{
-        "path": "w.bin", "size": 1000, "sha256": weightgate::util::sha256_hex(&data), "block_size": 65536,
-        "block_algo": "blake3", "block_hashes": [blake3::hash(&data).to_hex().to_string()]}]});
+    let sha = weightgate::util::sha256_hex(&data);
+    let manifest = one_file_manifest(&data, &json!(sha), &json!(65536));
     let (base, hits) = fake_server(manifest, "206 Partial Content", vec![8u8; 1000]).await;
     let dir = tempfile::tempdir().unwrap();
-    let out = tokio::task::spawn_blocking({
-        let (base, d) = (base.clone(), dir.path().join("dl"));
-        move || {
-            wg(&[
-                "download",
-                "o/m",
-                "--endpoint",
-                &base,
-                "--token",
-                "t",
-                "--dir",
-                d.to_str().unwrap(),
-            ])
-        }
-    })
-    .await
-    .unwrap();
+    let out = download_from(base, dir.path().join("dl")).await;
     assert_eq!(out.status.code(), Some(9));
     assert!(String::from_utf8_lossy(&out.stderr).contains("w.bin"));
     assert_eq!(
@@ -509,28 +518,10 @@ async fn a_hostile_manifest_writes_nothing_outside_the_folder() {
         (weightgate::util::sha256_hex(&data), 1 << 40),
     ];
     for (sha, block_size) in hostile {
-        let manifest = json!({"model": "o/m", "revision": "main", "commit": "c".repeat(40), "files": [{
-            "path": "w.bin", "size": 1000, "sha256": sha, "block_size": block_size,
-            "block_algo": "blake3", "block_hashes": [blake3::hash(&data).to_hex().to_string()]}]});
+        let manifest = one_file_manifest(&data, &json!(sha), &json!(block_size));
         let (base, fetches) = fake_server(manifest, "500 Internal Server Error", Vec::new()).await;
         let dl = root.path().join("a/b/dl");
-        let out = tokio::task::spawn_blocking({
-            let d = dl.clone();
-            move || {
-                wg(&[
-                    "download",
-                    "o/m",
-                    "--endpoint",
-                    &base,
-                    "--token",
-                    "t",
-                    "--dir",
-                    d.to_str().unwrap(),
-                ])
-            }
-        })
-        .await
-        .unwrap();
+        let out = download_from(base, dl.clone()).await;
         assert_eq!(out.status.code(), Some(9), "{sha} {block_size}");
         assert!(String::from_utf8_lossy(&out.stderr).contains("w.bin"));
         assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 0);

@@ -63,10 +63,12 @@ pub struct TokenCache {
 const CACHE_MAX: usize = 100_000;
 
 impl TokenCache {
-    fn get(&self, hash: &str, refresh: Duration) -> Option<(Vec<String>, Principal)> {
+    /// The cached principal for this token, if it is fresh and the token covers `model`.
+    fn get(&self, hash: &str, refresh: Duration, model: &str) -> Option<Principal> {
         let map = self.map.read().unwrap_or_else(|p| p.into_inner());
         let hit = map.get(hash)?;
-        (hit.checked.elapsed() < refresh).then(|| (hit.models.clone(), hit.principal.clone()))
+        (hit.checked.elapsed() < refresh && hit.models.iter().any(|m| m == model))
+            .then(|| hit.principal.clone())
     }
 
     fn generation(&self) -> u64 {
@@ -152,8 +154,7 @@ impl Gate {
         }
         let hash = util::sha256_hex(raw);
         let now = util::now();
-        if let Some((models, p)) = self.cache.get(&hash, self.policy.refresh)
-            && models.iter().any(|m| m == model)
+        if let Some(p) = self.cache.get(&hash, self.policy.refresh, model)
             && p.token_expires_at + self.policy.leeway as i64 > now
             && p.grant_expires_at.is_none_or(|e| e > now)
         {

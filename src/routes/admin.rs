@@ -676,9 +676,14 @@ async fn grant_expiry(
         })
         .await;
     state.gate.cache.clear();
+    Ok(redirect_or_error(r, "/admin/grants?notice=expiry+changed"))
+}
+
+/// After a form's change: back to `to` when it was made, else the error as a page.
+fn redirect_or_error<T>(r: Result<T>, to: &str) -> HttpResponse {
     match r {
-        Ok(()) => Ok(see_other("/admin/grants?notice=expiry+changed")),
-        Err(e) => Ok(e.error_response_html()),
+        Ok(_) => see_other(to),
+        Err(e) => e.error_response_html(),
     }
 }
 
@@ -707,10 +712,7 @@ async fn grant_revoke(
         .await;
     state.mail_queued();
     state.gate.cache.clear();
-    match r {
-        Ok(()) => Ok(see_other("/admin/grants?notice=grant+revoked")),
-        Err(e) => Ok(e.error_response_html()),
-    }
+    Ok(redirect_or_error(r, "/admin/grants?notice=grant+revoked"))
 }
 
 async fn token_revoke(
@@ -728,10 +730,7 @@ async fn token_revoke(
         .await;
     state.mail_queued();
     state.gate.cache.clear();
-    match r {
-        Ok(_) => Ok(see_other("/admin/grants?notice=token+revoked")),
-        Err(e) => Ok(e.error_response_html()),
-    }
+    Ok(redirect_or_error(r, "/admin/grants?notice=token+revoked"))
 }
 
 // ---------------------------------------------------------------- models

@@ -145,14 +145,19 @@ async fn serve(
 
     // A bearer token (header or ?token=) wins; otherwise a signed link (?link=).
     let bearer = super::bearer(req);
-    let principal = match (bearer.as_deref(), query_param(req, "link")) {
-        (None, Some(link)) => {
+    // The query string is parsed only when there is no bearer token.
+    let link = bearer
+        .is_none()
+        .then(|| super::query_param(req, "link"))
+        .flatten();
+    let principal = match link {
+        Some(link) => {
             state
                 .gate
                 .authorize_link(&link, &model, &commit, &path)
                 .await?
         }
-        (token, _) => state.gate.authorize(token, &model).await?,
+        None => state.gate.authorize(bearer.as_deref(), &model).await?,
     };
     log.user = Some(principal.user_id.clone());
     log.jti = Some(principal.jti.clone());
@@ -259,7 +264,8 @@ async fn serve(
         key: blob.storage_key.clone(),
         size,
         block_size: blob.block_size as u64,
-        block_hashes: blob.block_hashes.clone(),
+        // The blob is this request's own copy, and nothing below needs its block list.
+        block_hashes: std::mem::take(&mut blob.block_hashes),
         range: start..end,
         chunk_size: state.settings.storage.chunk_size,
         share: true,
@@ -798,12 +804,6 @@ impl Drop for AuditedBody {
             self.sink.record(e);
         }
     }
-}
-
-fn query_param(req: &HttpRequest, name: &str) -> Option<String> {
-    web::Query::<std::collections::HashMap<String, String>>::from_query(req.query_string())
-        .ok()
-        .and_then(|q| q.get(name).cloned())
 }
 
 #[cfg(test)]

@@ -203,11 +203,14 @@ pub(crate) fn bearer_header(req: &HttpRequest) -> Option<String> {
 
 /// The bearer token from the header, else from `?token=` (signed-URL style downloads).
 pub(crate) fn bearer(req: &HttpRequest) -> Option<String> {
-    bearer_header(req).or_else(|| {
-        web::Query::<std::collections::HashMap<String, String>>::from_query(req.query_string())
-            .ok()
-            .and_then(|q| q.get("token").cloned())
-    })
+    bearer_header(req).or_else(|| query_param(req, "token"))
+}
+
+/// One query-string parameter, decoded.
+pub(crate) fn query_param(req: &HttpRequest, name: &str) -> Option<String> {
+    web::Query::<std::collections::HashMap<String, String>>::from_query(req.query_string())
+        .ok()
+        .and_then(|q| q.get(name).cloned())
 }
 
 #[cfg(test)]
