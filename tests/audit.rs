@@ -509,6 +509,21 @@ async fn kill_9_loses_no_completed_download() {
         assert!(Instant::now() < deadline, "no download finished");
         tokio::time::sleep(Duration::from_millis(5)).await; // poll until a download completes
     }
+    // ...and once the log holds a download that has started but not ended (its `started` row
+    // is queued as its first chunk leaves, and committed with the next batch).
+    let open_in_log = || {
+        let events = s.audit();
+        events.iter().any(|e| {
+            e["outcome"] == "started"
+                && !events.iter().any(|f| {
+                    f["outcome"] != "started" && f["detail"]["download"] == e["detail"]["download"]
+                })
+        })
+    };
+    while !open_in_log() {
+        assert!(Instant::now() < deadline, "no download was open in the log");
+        tokio::time::sleep(Duration::from_millis(5)).await; // poll for the committed row
+    }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let mut completed = Vec::new();
