@@ -423,7 +423,8 @@ on_both_backends!(
 async fn kill_9_loses_no_completed_download() {
     let mut s = TestServer::start_with(Backend::Sqlite, common::SMALL_BLOCKS).await;
     let src = s.dir.path().join("src");
-    let big = pseudo_random(4 << 20, 3);
+    // Larger than loopback socket buffers can absorb, so a held download stays open.
+    let big = pseudo_random(32 << 20, 3);
     write_model_dir(&src, &[("model.safetensors", big.clone())]);
     s.cli_ok(&[
         "models",
@@ -467,16 +468,23 @@ async fn kill_9_loses_no_completed_download() {
     };
     let (mut child, base) = spawn();
     let http = reqwest::Client::new();
-    // 40 downloads, each of its own range so the log can tell them apart; half of them are
-    // read slowly so that the kill finds them mid-body.
+    // 40 downloads, each of its own range so the log can tell them apart; half of them stop
+    // reading after one chunk until the kill (`hold` is closed then).
+    let hold = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
     let mut tasks = Vec::new();
     for i in 0..40u64 {
-        let (http, url, token) = (
+        let (http, url, token, hold) = (
             http.clone(),
             format!("{base}/acme/tiny/resolve/main/model.safetensors"),
             token.clone(),
+            hold.clone(),
         );
-        let range = format!("bytes={}-", i * 1000);
+        // The held (odd) ones ask for the rest of the file, the others for 100 kB.
+        let range = if i % 2 == 1 {
+            format!("bytes={}-", i * 1000)
+        } else {
+            format!("bytes={}-{}", i * 1000, i * 1000 + 99_999)
+        };
         tasks.push(tokio::spawn(async move {
             let Ok(mut r) = http
                 .get(&url)
@@ -494,7 +502,9 @@ async fn kill_9_loses_no_completed_download() {
                     Ok(Some(c)) => {
                         got += c.len() as u64;
                         if i % 2 == 1 {
-                            tokio::task::yield_now().await;
+                            // Half the clients stop reading after their first chunk until the
+                            // kill, so the kill is sure to find them mid-body.
+                            let _ = hold.acquire().await;
                         }
                     }
                     Ok(None) => return (range, got == want),
@@ -526,6 +536,7 @@ async fn kill_9_loses_no_completed_download() {
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
+    hold.close();
     let mut completed = Vec::new();
     for t in tasks {
         let (range, ok) = t.await.unwrap();
