@@ -29,6 +29,7 @@ diesel::table! {
         status_reason -> Nullable<Text>,
         created_at -> BigInt,
         verified_at -> Nullable<BigInt>,
+        piece_hashes -> Binary,
     }
 }
 

@@ -494,6 +494,7 @@ pub async fn import_from_upstream(
                     status_reason: None,
                     created_at: now,
                     verified_at: None,
+                    piece_hashes: Default::default(),
                 };
                 db.write(move |c| match catalog::find_blob(c, &blob.sha256)? {
                     Some(_) => Ok(()),
@@ -507,6 +508,7 @@ pub async fn import_from_upstream(
                         sha256: sha,
                         block_size: req.block_size,
                         block_hashes: Vec::new(),
+                        piece_hashes: None,
                     },
                 ));
             }
@@ -540,5 +542,6 @@ pub fn verified_blob(digest: &Digest, key: String) -> Blob {
         status_reason: None,
         created_at: now,
         verified_at: Some(now),
+        piece_hashes: digest.piece_hashes.clone().unwrap_or_default().into(),
     }
 }

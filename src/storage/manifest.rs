@@ -10,14 +10,76 @@ pub const BLOCK_ALGO: &str = "blake3";
 /// Length of one block hash in the packed `block_hashes` column.
 pub const HASH_LEN: usize = 32;
 
-/// Hashes a file's bytes as they stream past, block by block.
+/// Size of the pieces a block is verified in on the wire, when the block splits into at
+/// least two (`pieces_apply`). A piece is a whole subtree of the block's BLAKE3 tree, so its
+/// chaining value (CV) is bound to the block hash: the CVs of a block merge into exactly the
+/// hash the manifest publishes (`block_root`). Streams check each piece against its CV before
+/// sending it, which holds a stream to a piece of memory instead of a block.
+pub const PIECE_SIZE: u64 = 128 << 10;
+
+/// Whether blocks of `block_size` are recorded and served as pieces.
+pub fn pieces_apply(block_size: u64) -> bool {
+    block_size % PIECE_SIZE == 0 && block_size >= 2 * PIECE_SIZE
+}
+
+/// The chaining value of a piece that starts `offset` bytes into its block.
+pub fn piece_cv(offset: u64, data: &[u8]) -> [u8; HASH_LEN] {
+    use blake3::hazmat::HasherExt;
+    let mut h = blake3::Hasher::new();
+    h.set_input_offset(offset);
+    h.update(data);
+    h.finalize_non_root()
+}
+
+/// The BLAKE3 hash of a block of `len` bytes rebuilt from the CVs of its pieces (packed,
+/// `HASH_LEN` each). `None` when the count does not fit `len` or the block is a single piece
+/// (its hash is not a merge of CVs).
+pub fn block_root(cvs: &[u8], len: u64) -> Option<[u8; HASH_LEN]> {
+    use blake3::hazmat::{Mode, merge_subtrees_non_root, merge_subtrees_root};
+    fn subtree(cvs: &[[u8; HASH_LEN]], len: u64) -> ([u8; HASH_LEN], [u8; HASH_LEN]) {
+        // Splits where BLAKE3 splits: the left side is the largest power-of-two number of
+        // 1 KiB chunks that leaves something on the right, a whole number of pieces here.
+        let left_len = blake3::hazmat::left_subtree_len(len);
+        let n = (left_len / PIECE_SIZE) as usize;
+        let merge = |part: &[[u8; HASH_LEN]], len| {
+            if part.len() == 1 {
+                part[0]
+            } else {
+                let (l, r) = subtree(part, len);
+                merge_subtrees_non_root(&l, &r, Mode::Hash)
+            }
+        };
+        (merge(&cvs[..n], left_len), merge(&cvs[n..], len - left_len))
+    }
+    let count = len.div_ceil(PIECE_SIZE) as usize;
+    if count < 2 || cvs.len() != count * HASH_LEN {
+        return None;
+    }
+    let cvs: Vec<[u8; HASH_LEN]> = cvs
+        .chunks_exact(HASH_LEN)
+        .map(|c| c.try_into().expect("chunks_exact gives HASH_LEN"))
+        .collect();
+    let (l, r) = subtree(&cvs, len);
+    Some(*merge_subtrees_root(&l, &r, Mode::Hash).as_bytes())
+}
+
+/// Hashes a file's bytes as they stream past, block by block (and piece by piece when the
+/// block size allows: one BLAKE3 pass then yields both, each block hash merged from its
+/// pieces' CVs).
 pub struct Hasher {
     block_size: u64,
     sha256: Sha256,
+    /// The current block, or the current piece when pieces apply.
     block: blake3::Hasher,
     in_block: u64,
     size: u64,
     blocks: Vec<u8>,
+    /// CVs of the pieces so far, when pieces apply.
+    pieces: Option<Vec<u8>>,
+    /// Where the current block's CVs start in `pieces`.
+    block_first_cv: usize,
+    /// The root hash of the current block's first piece, its hash if it stays alone.
+    first_root: Option<[u8; HASH_LEN]>,
 }
 
 /// The finished digest of one file.
@@ -27,6 +89,8 @@ pub struct Digest {
     pub sha256: String,
     pub block_size: u64,
     pub block_hashes: Vec<u8>,
+    /// Packed CVs of every `PIECE_SIZE` piece, when `pieces_apply(block_size)`.
+    pub piece_hashes: Option<Vec<u8>>,
 }
 
 impl Hasher {
@@ -38,37 +102,94 @@ impl Hasher {
             in_block: 0,
             size: 0,
             blocks: Vec::new(),
+            pieces: pieces_apply(block_size).then(Vec::new),
+            block_first_cv: 0,
+            first_root: None,
         }
     }
 
     pub fn update(&mut self, mut data: &[u8]) {
         self.sha256.update(data);
         self.size += data.len() as u64;
+        if self.pieces.is_none() {
+            while !data.is_empty() {
+                let room = (self.block_size - self.in_block) as usize;
+                let take = room.min(data.len());
+                self.block.update(&data[..take]);
+                self.in_block += take as u64;
+                data = &data[take..];
+                if self.in_block == self.block_size {
+                    self.blocks
+                        .extend_from_slice(self.block.finalize().as_bytes());
+                    self.block.reset();
+                    self.in_block = 0;
+                }
+            }
+            return;
+        }
         while !data.is_empty() {
-            let room = (self.block_size - self.in_block) as usize;
+            let room = (PIECE_SIZE - self.in_block % PIECE_SIZE) as usize;
             let take = room.min(data.len());
             self.block.update(&data[..take]);
             self.in_block += take as u64;
             data = &data[take..];
-            if self.in_block == self.block_size {
-                self.blocks
-                    .extend_from_slice(self.block.finalize().as_bytes());
-                self.block.reset();
-                self.in_block = 0;
+            if self.in_block % PIECE_SIZE == 0 {
+                self.close_piece();
+                if self.in_block == self.block_size {
+                    self.close_block();
+                } else {
+                    use blake3::hazmat::HasherExt;
+                    self.block.set_input_offset(self.in_block);
+                }
             }
         }
     }
 
+    /// Records the CV of the piece just hashed (pieces mode; the piece is not empty).
+    fn close_piece(&mut self) {
+        use blake3::hazmat::HasherExt;
+        if self.in_block <= PIECE_SIZE {
+            self.first_root = Some(*self.block.finalize().as_bytes());
+        }
+        let cv = self.block.finalize_non_root();
+        if let Some(pieces) = &mut self.pieces {
+            pieces.extend_from_slice(&cv);
+        }
+        self.block = blake3::Hasher::new();
+    }
+
+    /// Records the hash of the block whose pieces are all closed (pieces mode).
+    fn close_block(&mut self) {
+        let Some(pieces) = &self.pieces else { return };
+        let hash = if self.in_block <= PIECE_SIZE {
+            self.first_root.take()
+        } else {
+            block_root(&pieces[self.block_first_cv..], self.in_block)
+        };
+        self.blocks
+            .extend_from_slice(&hash.expect("a closed block has its pieces"));
+        self.block_first_cv = pieces.len();
+        self.in_block = 0;
+    }
+
     pub fn finish(mut self) -> Digest {
         if self.in_block > 0 {
-            self.blocks
-                .extend_from_slice(self.block.finalize().as_bytes());
+            if self.pieces.is_none() {
+                self.blocks
+                    .extend_from_slice(self.block.finalize().as_bytes());
+            } else {
+                if self.in_block % PIECE_SIZE != 0 {
+                    self.close_piece();
+                }
+                self.close_block();
+            }
         }
         Digest {
             size: self.size,
             sha256: hex::encode(self.sha256.finalize()),
             block_size: self.block_size,
             block_hashes: self.blocks,
+            piece_hashes: self.pieces,
         }
     }
 }
@@ -136,6 +257,86 @@ mod tests {
             blake3::hash(&data[8192..]).as_bytes()
         );
         assert_eq!(a.sha256, hex::encode(Sha256::digest(&data)));
+    }
+
+    #[test]
+    fn block_hashes_merged_from_pieces_equal_plain_blake3() {
+        let p = PIECE_SIZE as usize;
+        let data: Vec<u8> = (0..9 * p + 777).map(|i| (i * 31 + i / 7) as u8).collect();
+        // Three pieces per block (not a power of two) and four; lengths that end a file on,
+        // just before and just after piece and block edges.
+        for block in [3 * p, 4 * p] {
+            for len in [
+                0,
+                1,
+                p - 1,
+                p,
+                p + 1,
+                2 * p,
+                block - 1,
+                block,
+                block + 1,
+                block + p,
+                2 * block + p + 5,
+                data.len(),
+            ] {
+                let data = &data[..len];
+                let mut h = Hasher::new(block as u64);
+                for part in data.chunks(50_000) {
+                    h.update(part);
+                }
+                let d = h.finish();
+                let mut plain = Hasher::new(block as u64);
+                plain.pieces = None;
+                plain.update(data);
+                let plain = plain.finish();
+                assert_eq!(
+                    d.block_hashes, plain.block_hashes,
+                    "block {block}, len {len}"
+                );
+                for (i, b) in data.chunks(block).enumerate() {
+                    assert_eq!(
+                        &d.block_hashes[i * HASH_LEN..][..HASH_LEN],
+                        blake3::hash(b).as_bytes()
+                    );
+                }
+                let cvs = d.piece_hashes.expect("pieces apply");
+                assert_eq!(
+                    cvs.len(),
+                    len.div_ceil(p) * HASH_LEN,
+                    "block {block}, len {len}"
+                );
+                for (i, piece) in data.chunks(p).enumerate() {
+                    let offset = (i * p % block) as u64;
+                    assert_eq!(&cvs[i * HASH_LEN..][..HASH_LEN], &piece_cv(offset, piece));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_wrong_piece_cv_does_not_merge_into_the_block_hash() {
+        let p = PIECE_SIZE as usize;
+        let data: Vec<u8> = (0..5 * p / 2).map(|i| (i % 253) as u8).collect();
+        let mut h = Hasher::new(4 * PIECE_SIZE);
+        h.update(&data);
+        let d = h.finish();
+        let mut cvs = d.piece_hashes.unwrap();
+        let len = data.len() as u64;
+        assert_eq!(block_root(&cvs, len).unwrap()[..], d.block_hashes[..]);
+        assert_eq!(block_root(&cvs[..64], len), None, "wrong count");
+        assert_eq!(block_root(&cvs[..32], PIECE_SIZE), None, "one piece");
+        cvs[40] ^= 1;
+        assert_ne!(block_root(&cvs, len).unwrap()[..], d.block_hashes[..]);
+    }
+
+    #[test]
+    fn pieces_apply_only_to_blocks_of_whole_pieces() {
+        assert!(pieces_apply(8 << 20));
+        assert!(pieces_apply(3 * PIECE_SIZE));
+        assert!(!pieces_apply(PIECE_SIZE));
+        assert!(!pieces_apply(64 << 10));
+        assert!(!pieces_apply(3 * PIECE_SIZE + 4096));
     }
 
     #[test]

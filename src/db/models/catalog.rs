@@ -42,6 +42,10 @@ pub struct Blob {
     pub status_reason: Option<String>,
     pub created_at: i64,
     pub verified_at: Option<i64>,
+    /// Packed CVs of the blob's 128 KiB pieces (`storage::manifest::PIECE_SIZE`), empty when
+    /// not recorded; shared, not copied, by the requests that stream it.
+    #[diesel(deserialize_as = Vec<u8>, serialize_as = Vec<u8>)]
+    pub piece_hashes: bytes::Bytes,
 }
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable, serde::Serialize)]
@@ -242,11 +246,12 @@ pub fn upsert_blob(conn: &mut AnyConnection, blob: &Blob) -> Result<()> {
             blobs::status.eq(&blob.status),
             blobs::status_reason.eq(&blob.status_reason),
             blobs::verified_at.eq(blob.verified_at),
+            blobs::piece_hashes.eq(blob.piece_hashes.to_vec()),
         ))
         .execute(conn)?;
     if n == 0 {
         diesel::insert_into(blobs::table)
-            .values(blob)
+            .values(blob.clone())
             .execute(conn)?;
     }
     Ok(())

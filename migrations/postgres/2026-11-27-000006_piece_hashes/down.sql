@@ -1,0 +1,1 @@
+ALTER TABLE blobs DROP COLUMN piece_hashes;
