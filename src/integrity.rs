@@ -47,6 +47,7 @@ pub async fn check_blob(store: &Store, blob: &Blob, chunk_size: usize) -> Result
         size,
         block_size: blob.block_size as u64,
         block_hashes: blob.block_hashes.clone(),
+        piece_hashes: blob.piece_hashes.clone(),
         range: 0..size,
         chunk_size,
         share: false,

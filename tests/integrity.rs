@@ -270,9 +270,82 @@ async fn scrub_quarantines_and_releases(backend: Backend) {
     assert_eq!(kinds.iter().filter(|k| *k == "scrub_completed").count(), 3);
 }
 
+/// With the default 8 MiB blocks a block is served as 128 KiB pieces, each checked against
+/// its BLAKE3 subtree hash (stored at import, merged into the block hash before use): a bad
+/// byte mid-block stops the transfer before its piece, the good pieces before it go out,
+/// and the blob is quarantined as with whole blocks.
+async fn a_bad_piece_mid_block_is_caught(backend: Backend) {
+    const PIECE: usize = 128 << 10;
+    let s = TestServer::start(backend).await;
+    let good = pseudo_random(3 << 20, 7); // one block of 24 pieces
+    let src = s.dir.path().join("src");
+    write_model_dir(&src, &[("model.safetensors", good.clone())]);
+    s.cli_ok(&[
+        "models",
+        "add",
+        "acme/tiny",
+        "--from",
+        src.to_str().unwrap(),
+    ]);
+    let token = approved_token(&s, "acme/tiny", "ada@example.org").await;
+
+    // Intact: whole and ranged, straddling piece edges.
+    let (status, got, failed) = fetch(&s, &token, "model.safetensors", None).await;
+    assert_eq!((status, failed), (200, false));
+    assert!(got == good);
+    let (status, got, _) =
+        fetch(&s, &token, "model.safetensors", Some("bytes=131071-393217")).await;
+    assert_eq!(status, 206);
+    assert!(got == good[131071..=393217]);
+
+    let bad_at = 2 * PIECE + PIECE / 2 + 3 * (1 << 20) / 2; // in the 15th piece
+    let mut bad = good.clone();
+    bad[bad_at] ^= 0x10;
+    std::fs::write(stored_path(&s, &good), &bad).unwrap();
+    // A range clear of the bad piece is served: every byte of it still checks out.
+    let (status, got, failed) =
+        fetch(&s, &token, "model.safetensors", Some("bytes=0-262143")).await;
+    assert_eq!((status, failed), (206, false));
+    assert!(got == good[..262144]);
+    let (status, got, failed) = fetch(&s, &token, "model.safetensors", None).await;
+    assert!(status == 200 && failed, "status {status}, failed {failed}");
+    assert!(
+        got.len() > PIECE,
+        "good pieces of the block went out first ({} bytes)",
+        got.len()
+    );
+    assert!(
+        got.len() <= bad_at / PIECE * PIECE,
+        "{} bytes sent, bad piece at {}",
+        got.len(),
+        bad_at / PIECE * PIECE
+    );
+    assert!(got == good[..got.len()]);
+    let r = s
+        .http
+        .get(s.url("/acme/tiny/resolve/main/model.safetensors"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let kinds: Vec<Value> = s
+        .audit()
+        .into_iter()
+        .filter(|e| e["kind"] == "integrity_failure")
+        .collect();
+    assert_eq!(kinds.len(), 1);
+    assert!(
+        kinds[0]["detail"].to_string().contains("block 0"),
+        "{}",
+        kinds[0]
+    );
+}
+
 on_both_backends!(
     every_kind_of_damage_is_caught,
-    scrub_quarantines_and_releases
+    scrub_quarantines_and_releases,
+    a_bad_piece_mid_block_is_caught
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

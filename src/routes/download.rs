@@ -266,6 +266,7 @@ async fn serve(
         block_size: blob.block_size as u64,
         // The blob is this request's own copy, and nothing below needs its block list.
         block_hashes: std::mem::take(&mut blob.block_hashes),
+        piece_hashes: blob.piece_hashes.clone(),
         range: start..end,
         chunk_size: state.settings.storage.chunk_size,
         share: true,

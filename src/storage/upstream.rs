@@ -232,6 +232,7 @@ impl Upstream {
                     size: b.size as u64,
                     block_size: b.block_size as u64,
                     block_hashes: b.block_hashes.clone(),
+                    piece_hashes: b.piece_hashes.clone(),
                     range: 0..b.size as u64,
                     chunk_size: 1 << 20,
                     share: true,

@@ -1,7 +1,13 @@
-//! The verifying reader: streams a byte range of a stored blob, reading whole blocks,
-//! checking each block's BLAKE3 against the manifest before any byte of it is handed on.
-//! The next block is read and hashed while the previous one drains to the client, and at
-//! most a few blocks per stream are held in memory.
+//! The verifying reader: streams a byte range of a stored blob, checking every byte against
+//! the block manifest before it is handed on.
+//!
+//! Blocks recorded with piece CVs (`manifest::PIECE_SIZE`) are read in units of whole pieces:
+//! the block's CVs are first merged and compared with the manifest's block hash, then each
+//! piece is hashed as its subtree and compared with its CV, so every byte sent is proven to
+//! belong to the block the manifest names. A unit is up to `chunk_size` while few streams run
+//! and shrinks towards one piece as more do, keeping all streams' buffers near
+//! `BUFFER_BUDGET`. Blocks without CVs are read and verified whole. Either way the next unit
+//! is read and hashed while the previous one drains to the client.
 
 use std::io;
 use std::ops::Range;
@@ -13,7 +19,42 @@ use object_store::ObjectStoreExt;
 use tokio::sync::mpsc;
 
 use super::Store;
-use super::manifest::HASH_LEN;
+use super::manifest::{self, HASH_LEN, PIECE_SIZE};
+
+/// What the streams' buffers may hold together when every stream reads pieces: a unit read
+/// ahead, one queued and actix's copy of the one being written, for each stream.
+pub const BUFFER_BUDGET: u64 = 24 << 20;
+
+/// Verified streams running now (their producers).
+static STREAMS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Counts a producer while it runs.
+struct Running;
+
+impl Running {
+    fn start() -> Running {
+        STREAMS.fetch_add(1, Ordering::Relaxed);
+        Running
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        STREAMS.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How many pieces the next read takes: as many as `chunk_size` holds when the budget
+/// allows, one when many streams share it.
+fn unit_pieces(chunk_size: usize) -> u64 {
+    pieces_for(STREAMS.load(Ordering::Relaxed), chunk_size)
+}
+
+fn pieces_for(active: usize, chunk_size: usize) -> u64 {
+    let active = active.max(1) as u64;
+    let most = (chunk_size as u64 / PIECE_SIZE).max(1);
+    (BUFFER_BUDGET / (3 * PIECE_SIZE * active)).clamp(1, most)
+}
 
 /// Why a stream stopped before its end.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +94,8 @@ pub struct Plan {
     pub size: u64,
     pub block_size: u64,
     pub block_hashes: Vec<u8>,
+    /// Packed piece CVs; empty when the blob has none (blocks are then verified whole).
+    pub piece_hashes: Bytes,
     pub range: Range<u64>,
     pub chunk_size: usize,
     /// Whether verified blocks may be shared with concurrent streams of the same blob
@@ -80,11 +123,16 @@ where
     let blocks_verified = Arc::new(AtomicU64::new(0));
     let counter = blocks_verified.clone();
     let first_block = plan.range.start / plan.block_size;
-    // Room for one block's chunks: the block in the channel drains to the socket while the
-    // producer reads and hashes the next one.
-    let per_block = plan.block_size.div_ceil(plan.chunk_size as u64).max(1) as usize;
-    let (tx, rx) = mpsc::channel(per_block);
+    // Pieces: one unit queued while the next is read. Whole blocks: room for one block's
+    // chunks, draining to the socket while the producer reads and hashes the next block.
+    let queue = if plan.has_pieces() {
+        1
+    } else {
+        plan.block_size.div_ceil(plan.chunk_size as u64).max(1) as usize
+    };
+    let (tx, rx) = mpsc::channel(queue);
     tokio::spawn(async move {
+        let _running = Running::start();
         if let Err(failure) = produce(&store, &plan, &tx, &counter).await {
             let msg = failure.describe();
             // InvalidData marks proven corruption; any other kind is a read failure.
@@ -101,6 +149,41 @@ where
         rx,
         blocks_verified,
         first_block,
+    }
+}
+
+impl Plan {
+    /// Whether the blob's piece CVs are recorded and fit its size and block size.
+    fn has_pieces(&self) -> bool {
+        manifest::pieces_apply(self.block_size)
+            && self.piece_hashes.len() as u64 == self.size.div_ceil(PIECE_SIZE) * HASH_LEN as u64
+    }
+}
+
+/// What a read must match before its bytes are handed on.
+enum Check {
+    /// A whole block against its BLAKE3 hash.
+    Block(Vec<u8>),
+    /// Whole pieces, the first `offset` bytes into its block, against their CVs.
+    Pieces { offset: u64, cvs: Bytes },
+}
+
+impl Check {
+    fn passes(&self, data: &[u8]) -> bool {
+        match self {
+            Check::Block(hash) => blake3::hash(data).as_bytes()[..] == hash[..],
+            Check::Pieces { offset, cvs } => {
+                let mut at = *offset;
+                data.chunks(PIECE_SIZE as usize)
+                    .zip(cvs.chunks(HASH_LEN))
+                    .all(|(piece, cv)| {
+                        let ok = manifest::piece_cv(at, piece)[..] == cv[..];
+                        at += PIECE_SIZE;
+                        ok
+                    })
+                    && cvs.len() == data.len().div_ceil(PIECE_SIZE as usize) * HASH_LEN
+            }
+        }
     }
 }
 
@@ -181,14 +264,14 @@ impl Reader {
         }
     }
 
-    /// Reads `start..end` and returns it only if its BLAKE3 is `expected`.
-    async fn verified_block(
+    /// Reads `start..end` (in block `block`) and returns it only if it passes `check`.
+    async fn verified(
         &mut self,
         store: &Store,
         start: u64,
         end: u64,
         block: u64,
-        expected: Vec<u8>,
+        check: Check,
     ) -> Result<Bytes, Failure> {
         let len = end - start;
         match self {
@@ -222,9 +305,7 @@ impl Reader {
                             expected: len,
                             actual: start + n as u64,
                         }),
-                        Ok(_) if blake3::hash(&buf).as_bytes()[..] == expected[..] => {
-                            Ok(Bytes::from(buf))
-                        }
+                        Ok(_) if check.passes(&buf) => Ok(Bytes::from(buf)),
                         Ok(_) => Err(Failure::Mismatch { block }),
                         Err(e) => Err(Failure::Unreadable(e.to_string())),
                     };
@@ -247,7 +328,7 @@ impl Reader {
                         actual: start + data.len() as u64,
                     });
                 }
-                verify_block(data, expected)
+                verify_off_thread(data, check)
                     .await
                     .ok_or(Failure::Mismatch { block })
             }
@@ -274,32 +355,71 @@ async fn produce(
         // range opens it in its only read, or is served bytes another stream just verified.)
         reader.ensure_open().await?;
     }
+    let pieces = plan.has_pieces();
     for block in first..=last {
         let start = block * bs;
         let end = ((block + 1) * bs).min(plan.size);
         let expected = plan
             .block_hashes
             .get(block as usize * HASH_LEN..(block as usize + 1) * HASH_LEN)
-            .ok_or(Failure::Mismatch { block })?
-            .to_vec();
-        let data = if plan.share {
-            let read = reader.verified_block(store, start, end, block, expected.clone());
-            store
-                .blocks
-                .get_or_fill(&plan.key, start, end, &expected, read)
-                .await?
-        } else {
-            reader
-                .verified_block(store, start, end, block, expected)
-                .await?
-        };
+            .ok_or(Failure::Mismatch { block })?;
+        // The wanted part of this block.
+        let (lo, hi) = (plan.range.start.max(start), plan.range.end.min(end));
+        // Pieces only when their CVs merge into the manifest's hash of this block; otherwise
+        // (CVs damaged or absent, a one-piece last block) the block is verified whole.
+        // (`has_pieces` checked that the CVs cover the blob, so the slice is in bounds.)
+        let cvs = pieces.then(|| {
+            plan.piece_hashes.slice(
+                (start / PIECE_SIZE) as usize * HASH_LEN
+                    ..end.div_ceil(PIECE_SIZE) as usize * HASH_LEN,
+            )
+        });
+        if let Some(cvs) = cvs.filter(|cvs| {
+            manifest::block_root(cvs, end - start).is_some_and(|r| r[..] == expected[..])
+        }) {
+            let mut at = lo / PIECE_SIZE * PIECE_SIZE;
+            while at < hi {
+                // Units are aligned to their size within the block, so concurrent streams
+                // in the same state read (and share) the same units.
+                let unit = unit_pieces(plan.chunk_size) * PIECE_SIZE;
+                let unit_end = (start + ((at - start) / unit + 1) * unit)
+                    .min(hi.div_ceil(PIECE_SIZE) * PIECE_SIZE)
+                    .min(end);
+                let first_cv = ((at - start) / PIECE_SIZE) as usize * HASH_LEN;
+                let last_cv = (unit_end - start).div_ceil(PIECE_SIZE) as usize * HASH_LEN;
+                let check = Check::Pieces {
+                    offset: at - start,
+                    cvs: cvs.slice(first_cv..last_cv),
+                };
+                let key_hash = cvs.slice(first_cv..first_cv + HASH_LEN);
+                let data = fetch(
+                    &mut reader,
+                    store,
+                    plan,
+                    at,
+                    unit_end,
+                    block,
+                    &key_hash,
+                    check,
+                )
+                .await?;
+                let from = (lo.max(at) - at) as usize;
+                let to = (hi.min(unit_end) - at) as usize;
+                if tx.send(Ok(data.slice(from..to))).await.is_err() {
+                    return Ok(()); // the client went away
+                }
+                at = unit_end;
+            }
+            verified.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let check = Check::Block(expected.to_vec());
+        let data = fetch(&mut reader, store, plan, start, end, block, expected, check).await?;
         verified.fetch_add(1, Ordering::Relaxed);
         // Hand on only the wanted part of the verified block, in socket-sized pieces.
-        let from = plan.range.start.max(start) - start;
-        let to = plan.range.end.min(end) - start;
-        let mut at = from as usize;
-        while at < to as usize {
-            let next = (at + plan.chunk_size).min(to as usize);
+        let mut at = (lo - start) as usize;
+        while at < (hi - start) as usize {
+            let next = (at + plan.chunk_size).min((hi - start) as usize);
             if tx.send(Ok(data.slice(at..next))).await.is_err() {
                 return Ok(()); // the client went away
             }
@@ -309,15 +429,36 @@ async fn produce(
     Ok(())
 }
 
-/// Hashes off the async thread; returns the block back when it matches.
-async fn verify_block(data: Bytes, expected: Vec<u8>) -> Option<Bytes> {
-    tokio::task::spawn_blocking(move || {
-        let ok = blake3::hash(&data).as_bytes()[..] == expected[..];
-        ok.then_some(data)
-    })
-    .await
-    .ok()
-    .flatten()
+/// Reads and verifies `start..end`, sharing the result with concurrent streams of the same
+/// blob when the plan allows.
+#[allow(clippy::too_many_arguments)]
+async fn fetch(
+    reader: &mut Reader,
+    store: &Store,
+    plan: &Plan,
+    start: u64,
+    end: u64,
+    block: u64,
+    key_hash: &[u8],
+    check: Check,
+) -> Result<Bytes, Failure> {
+    let read = reader.verified(store, start, end, block, check);
+    if plan.share {
+        store
+            .blocks
+            .get_or_fill(&plan.key, start, end, key_hash, read)
+            .await
+    } else {
+        read.await
+    }
+}
+
+/// Hashes off the async thread; returns the bytes back when they pass.
+async fn verify_off_thread(data: Bytes, check: Check) -> Option<Bytes> {
+    tokio::task::spawn_blocking(move || check.passes(&data).then_some(data))
+        .await
+        .ok()
+        .flatten()
 }
 
 #[cfg(test)]
@@ -334,6 +475,10 @@ mod tests {
     const BS: u64 = 64 * 1024;
 
     async fn blob(data: &[u8]) -> (Store, Plan) {
+        blob_with(data, BS).await
+    }
+
+    async fn blob_with(data: &[u8], block_size: u64) -> (Store, Plan) {
         let store = Store {
             local_root: None,
             upstream: None,
@@ -345,14 +490,15 @@ mod tests {
             .put(&Store::path("b"), data.to_vec().into())
             .await
             .unwrap();
-        let mut h = Hasher::new(BS);
+        let mut h = Hasher::new(block_size);
         h.update(data);
         let d = h.finish();
         let plan = Plan {
             key: "b".into(),
             size: d.size,
-            block_size: BS,
+            block_size,
             block_hashes: d.block_hashes,
+            piece_hashes: d.piece_hashes.unwrap_or_default().into(),
             range: 0..d.size,
             chunk_size: 16 * 1024,
             share: true,
@@ -450,5 +596,125 @@ mod tests {
         assert_eq!(got.len() as u64, 2 * BS);
         assert_eq!(&got[..], &data[..got.len()]);
         assert_eq!(rx.await.unwrap(), Failure::Mismatch { block: 2 });
+    }
+
+    const P: u64 = PIECE_SIZE;
+
+    /// Drains a stream; returns the bytes received and whether it ended in an error.
+    async fn drain(mut chunks: Chunks) -> (Vec<u8>, bool) {
+        let mut got = Vec::new();
+        while let Some(piece) = chunks.rx.recv().await {
+            match piece {
+                Ok(b) => got.extend_from_slice(&b),
+                Err(_) => return (got, true),
+            }
+        }
+        (got, false)
+    }
+
+    fn no_failure(f: Failure) -> std::future::Ready<()> {
+        panic!("unexpected failure {f:?}")
+    }
+
+    #[tokio::test]
+    async fn pieces_serve_any_range_of_a_blob() {
+        let data: Vec<u8> = (0..13 * P + 999).map(|i| (i * 17 % 251) as u8).collect();
+        let (store, plan) = blob_with(&data, 4 * P).await;
+        assert!(plan.has_pieces());
+        let n = data.len() as u64;
+        for range in [
+            0..n,
+            1..n - 1,
+            P - 1..P + 1,
+            4 * P - 3..9 * P + 5,
+            n - 10..n,
+            5..6,
+        ] {
+            for chunk_size in [P as usize, 1 << 20] {
+                let mut plan = plan.clone();
+                plan.range = range.clone();
+                plan.chunk_size = chunk_size;
+                let (got, failed) = drain(stream(store.clone(), plan, no_failure)).await;
+                assert!(!failed);
+                assert_eq!(
+                    got,
+                    &data[range.start as usize..range.end as usize],
+                    "{range:?}"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bad_piece_stops_the_stream_before_any_of_its_bytes() {
+        let data: Vec<u8> = (0..12 * P).map(|i| (i % 249) as u8).collect();
+        let (store, mut plan) = blob_with(&data, 4 * P).await;
+        plan.chunk_size = P as usize; // one piece per read
+        let mut bad = data.clone();
+        bad[(6 * P + 77) as usize] ^= 0x40; // block 1, its third piece
+        store
+            .inner
+            .put(&Store::path("b"), bad.into())
+            .await
+            .unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (got, failed) = drain(stream(store, plan, move |f| {
+            let _ = tx.send(f);
+            std::future::ready(())
+        }))
+        .await;
+        assert!(failed);
+        assert_eq!(
+            got.len() as u64,
+            6 * P,
+            "every piece before the bad one, nothing after"
+        );
+        assert_eq!(got, &data[..got.len()]);
+        assert_eq!(rx.await.unwrap(), Failure::Mismatch { block: 1 });
+    }
+
+    #[tokio::test]
+    async fn damaged_piece_cvs_fall_back_to_whole_blocks() {
+        let data: Vec<u8> = (0..8 * P + 5).map(|i| (i % 241) as u8).collect();
+        let (store, mut plan) = blob_with(&data, 4 * P).await;
+        let mut cvs = plan.piece_hashes.to_vec();
+        cvs[HASH_LEN + 3] ^= 1; // block 0's second piece: block 0 no longer merges
+        plan.piece_hashes = cvs.into();
+        plan.chunk_size = P as usize;
+        let (got, failed) = drain(stream(store.clone(), plan.clone(), no_failure)).await;
+        assert!(!failed);
+        assert_eq!(got, data);
+        // ...and a damaged block under damaged CVs is still caught, before its bytes.
+        let mut bad = data.clone();
+        bad[(P + 1) as usize] ^= 1;
+        store
+            .inner
+            .put(&Store::path("b"), bad.into())
+            .await
+            .unwrap();
+        let (got, failed) = drain(stream(store, plan, |_| std::future::ready(()))).await;
+        assert!(failed);
+        assert!(got.is_empty());
+    }
+
+    #[test]
+    fn reads_shrink_to_one_piece_as_streams_add_up() {
+        let mib = 1 << 20;
+        assert_eq!(pieces_for(0, mib), 8);
+        assert_eq!(pieces_for(1, mib), 8);
+        assert_eq!(pieces_for(8, mib), 8);
+        assert_eq!(pieces_for(16, mib), 4);
+        assert_eq!(pieces_for(64, mib), 1);
+        assert_eq!(pieces_for(1000, mib), 1);
+        assert_eq!(pieces_for(1, P as usize), 1);
+        assert_eq!(pieces_for(1, 4096), 1);
+        // Whatever the count, all streams' reads stay within the budget once it binds.
+        for active in 8..200 {
+            let held = 3 * pieces_for(active, mib) * P * active as u64;
+            assert!(
+                held <= BUFFER_BUDGET || pieces_for(active, mib) == 1,
+                "{active}"
+            );
+        }
     }
 }
