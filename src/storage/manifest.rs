@@ -19,7 +19,7 @@ pub const PIECE_SIZE: u64 = 128 << 10;
 
 /// Whether blocks of `block_size` are recorded and served as pieces.
 pub fn pieces_apply(block_size: u64) -> bool {
-    block_size % PIECE_SIZE == 0 && block_size >= 2 * PIECE_SIZE
+    block_size.is_multiple_of(PIECE_SIZE) && block_size >= 2 * PIECE_SIZE
 }
 
 /// The chaining value of a piece that starts `offset` bytes into its block.
@@ -133,7 +133,7 @@ impl Hasher {
             self.block.update(&data[..take]);
             self.in_block += take as u64;
             data = &data[take..];
-            if self.in_block % PIECE_SIZE == 0 {
+            if self.in_block.is_multiple_of(PIECE_SIZE) {
                 self.close_piece();
                 if self.in_block == self.block_size {
                     self.close_block();
@@ -178,7 +178,7 @@ impl Hasher {
                 self.blocks
                     .extend_from_slice(self.block.finalize().as_bytes());
             } else {
-                if self.in_block % PIECE_SIZE != 0 {
+                if !self.in_block.is_multiple_of(PIECE_SIZE) {
                     self.close_piece();
                 }
                 self.close_block();
