@@ -602,15 +602,18 @@ async fn writer(
             }
             next = rx.try_recv().ok();
         }
-        // Never drop events: a failed commit is retried with backoff until it succeeds.
+        // Never drop events: a failed commit is retried with backoff until it succeeds (the
+        // batch is shared with the blocking call, not copied for it).
         let mut delay = Duration::from_millis(50);
-        while !batch.is_empty() {
-            let events = batch.clone();
+        let events = std::sync::Arc::new(std::mem::take(&mut batch));
+        let mut pending = !events.is_empty();
+        while pending {
             let started = std::time::Instant::now();
             let n = events.len() as u64;
-            match db.write(move |c| append(c, &events)).await {
+            let shared = events.clone();
+            match db.write(move |c| append(c, &shared)).await {
                 Ok(()) => {
-                    batch.clear();
+                    pending = false;
                     use std::sync::atomic::Ordering::Relaxed;
                     metrics.audit_batches.fetch_add(1, Relaxed);
                     metrics.audit_events.fetch_add(n, Relaxed);
@@ -619,7 +622,7 @@ async fn writer(
                         .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, pending = batch.len(), "audit batch not committed; retrying");
+                    tracing::error!(error = %e, pending = events.len(), "audit batch not committed; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
