@@ -118,9 +118,12 @@ pub enum StorageBackend {
 #[serde(deny_unknown_fields, default)]
 pub struct StorageSettings {
     pub backend: StorageBackend,
-    /// Block size of new manifests, in bytes (each block's BLAKE3 is checked before it is sent).
+    /// Block size of new manifests, in bytes (every byte is checked against its block's BLAKE3
+    /// before it is sent).
     pub block_size: u64,
-    /// Size of the pieces a verified block is written to the socket in, in bytes.
+    /// Most bytes read, verified and written to the socket at a time. 512 KiB: a lone stream
+    /// ran faster than with 1 MiB (the read, hash and copy stay in the CPU's cache) and as
+    /// fast as with 2 MiB; 256 KiB loses to per-chunk overhead.
     pub chunk_size: usize,
     /// S3-compatible storage (storage.backend = "s3").
     pub s3_endpoint: String,
@@ -274,7 +277,7 @@ impl Default for StorageSettings {
         StorageSettings {
             backend: StorageBackend::Local,
             block_size: 8 << 20,
-            chunk_size: 1 << 20,
+            chunk_size: 512 << 10,
             s3_endpoint: String::new(),
             s3_bucket: String::new(),
             s3_region: "us-east-1".into(),
