@@ -58,6 +58,8 @@ pub struct State {
     pub logins: auth::session::LoginLimiter,
     /// `(model, revision, path)` → what `/resolve` found, while the catalog is unchanged.
     pub resolved: routes::download::ResolveCache,
+    /// Piece CVs of the files being streamed.
+    pub pieces: storage::verify::PieceCache,
 }
 
 impl State {
@@ -271,6 +273,7 @@ pub async fn run(
         instance: core.instance.clone(),
         logins: Default::default(),
         resolved: routes::download::ResolveCache::new(gate.policy.refresh, 100_000),
+        pieces: Default::default(),
         gate,
         policy: token_policy(&settings),
         ctx: context(&settings),

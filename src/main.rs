@@ -470,15 +470,22 @@ fn client_command(command: &Command) -> Option<ExitCode> {
 ///   read it; four arenas keep the blocking readers from multiplying resident memory (64
 ///   ranged streams, ad hoc: 55 MiB peak with glibc's 16, 49 with four; two save 7 MiB more
 ///   but cost 13 % of the tiny-request rate in arena lock waits);
-/// - stream buffers and actix's write buffer (up to `storage.chunk_size`, 1 MiB) would
+/// - stream buffers and actix's write buffer (up to `storage.chunk_size`, 512 KiB) would
 ///   otherwise be fresh `mmap`s, so every read faulted in and zeroed new pages (10 % of a
 ///   stream's CPU in a profile); below a fixed 4 MiB threshold they are reused from the heap
 ///   (one stream: about 0.8 → 0.68 CPU-s/GB, eight: 0.62 → 0.43, ad hoc).
 ///
-/// glibc's own variables (`MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_`,
-/// `MALLOC_TRIM_THRESHOLD_`) win over these when set.
+/// glibc's own settings (`MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_`,
+/// `MALLOC_TRIM_THRESHOLD_`, or any `GLIBC_TUNABLES`) win over these when set.
 fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("GLIBC_TUNABLES").is_none() {
+        tune_malloc_defaults();
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tune_malloc_defaults() {
     for (var, param, value) in [
         ("MALLOC_ARENA_MAX", libc::M_ARENA_MAX, 4),
         ("MALLOC_MMAP_THRESHOLD_", libc::M_MMAP_THRESHOLD, 4 << 20),

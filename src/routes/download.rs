@@ -266,7 +266,7 @@ async fn serve(
         block_size: blob.block_size as u64,
         // The blob is this request's own copy, and nothing below needs its block list.
         block_hashes: std::mem::take(&mut blob.block_hashes),
-        piece_hashes: blob.piece_hashes.clone(),
+        piece_hashes: piece_cvs(state, &blob).await,
         range: start..end,
         chunk_size: state.settings.storage.chunk_size,
         share: true,
@@ -278,8 +278,8 @@ async fn serve(
         blob.sha256.clone(),
     );
     let mut chunks = verify::stream(state.store.clone(), plan, on_failure);
-    // Nothing has been sent yet: when the very first block fails, answer with a clean 503
-    // instead of headers followed by a broken body.
+    // Nothing has been sent yet: when the first read (a block, or the first pieces of one)
+    // fails, answer with a clean 503 instead of headers followed by a broken body.
     let first = chunks.rx.recv().await;
     if let Some(Err(e)) = &first {
         return Err(if e.kind() == std::io::ErrorKind::InvalidData {
@@ -310,6 +310,30 @@ async fn serve(
     );
     body.settle().await;
     Ok(resp.no_chunking(len).streaming(body))
+}
+
+/// The blob's piece CVs, from the cache or (once) from the database; empty when the blob has
+/// none or they cannot be read now (its blocks are then verified whole).
+async fn piece_cvs(state: &web::Data<State>, blob: &Blob) -> Bytes {
+    let block_size = blob.block_size as u64;
+    if !crate::storage::manifest::pieces_apply(block_size) {
+        return Bytes::new();
+    }
+    if let Some(cvs) = state.pieces.get(&blob.sha256, block_size) {
+        return cvs;
+    }
+    let sha = blob.sha256.clone();
+    match state.db.read(move |c| catalog::blob_pieces(c, &sha)).await {
+        Ok(cvs) => {
+            let cvs = Bytes::from(cvs);
+            state.pieces.put(&blob.sha256, block_size, cvs.clone());
+            cvs
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, sha256 = %blob.sha256, "piece hashes not loaded; verifying whole blocks");
+            Bytes::new()
+        }
+    }
 }
 
 /// What a `(model, revision, path)` resolved to.

@@ -311,8 +311,10 @@ async fn promote(
             .rename(&Store::path(tmp), &Store::path(&key))
             .await?;
         let blob = verified_blob(digest, key);
+        let pieces = digest.piece_hashes.clone().unwrap_or_default();
         // Re-importing quarantined content replaces its bytes and manifest and lifts the quarantine.
-        db.write(move |c| catalog::upsert_blob(c, &blob)).await?;
+        db.write(move |c| catalog::upsert_blob(c, &blob, &pieces))
+            .await?;
     }
     Ok(())
 }
@@ -438,9 +440,10 @@ pub async fn import_in_place(
         }
         let digest = hasher.finish();
         let blob = verified_blob(&digest, key);
+        let pieces = digest.piece_hashes.clone().unwrap_or_default();
         db.write(move |c| match catalog::find_blob(c, &blob.sha256)? {
             Some(existing) if existing.status == BLOB_OK => Ok(()),
-            _ => catalog::upsert_blob(c, &blob),
+            _ => catalog::upsert_blob(c, &blob, &pieces),
         })
         .await?;
         digests.push((rel, digest));
@@ -494,11 +497,10 @@ pub async fn import_from_upstream(
                     status_reason: None,
                     created_at: now,
                     verified_at: None,
-                    piece_hashes: Default::default(),
                 };
                 db.write(move |c| match catalog::find_blob(c, &blob.sha256)? {
                     Some(_) => Ok(()),
-                    None => catalog::upsert_blob(c, &blob),
+                    None => catalog::upsert_blob(c, &blob, &[]),
                 })
                 .await?;
                 digests.push((
@@ -520,7 +522,9 @@ pub async fn import_from_upstream(
                 let key = Store::blob_key(&digest.sha256);
                 store.inner.put(&Store::path(&key), bytes.into()).await?;
                 let blob = verified_blob(&digest, key);
-                db.write(move |c| catalog::upsert_blob(c, &blob)).await?;
+                let pieces = digest.piece_hashes.clone().unwrap_or_default();
+                db.write(move |c| catalog::upsert_blob(c, &blob, &pieces))
+                    .await?;
                 digests.push((f.path, digest));
             }
         }
@@ -542,6 +546,5 @@ pub fn verified_blob(digest: &Digest, key: String) -> Blob {
         status_reason: None,
         created_at: now,
         verified_at: Some(now),
-        piece_hashes: digest.piece_hashes.clone().unwrap_or_default().into(),
     }
 }

@@ -232,7 +232,8 @@ impl Upstream {
                     size: b.size as u64,
                     block_size: b.block_size as u64,
                     block_hashes: b.block_hashes.clone(),
-                    piece_hashes: b.piece_hashes.clone(),
+                    // A rare race (filled meanwhile): whole blocks, no CV lookup.
+                    piece_hashes: Default::default(),
                     range: 0..b.size as u64,
                     chunk_size: 1 << 20,
                     share: true,
@@ -262,7 +263,9 @@ impl Upstream {
                 let promoted: Result<()> = async {
                     store.inner.rename(&tmp, &Store::path(&key)).await?;
                     let filled = super::import::verified_blob(&digest, key);
-                    db.write(move |c| catalog::upsert_blob(c, &filled)).await?;
+                    let pieces = digest.piece_hashes.clone().unwrap_or_default();
+                    db.write(move |c| catalog::upsert_blob(c, &filled, &pieces))
+                        .await?;
                     Ok(())
                 }
                 .await;

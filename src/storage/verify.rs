@@ -162,6 +162,43 @@ where
     }
 }
 
+/// Piece CVs by content and block size, kept for the streams that need them within
+/// `PIECE_CACHE_BYTES`. An entry never goes stale: the same content cut into the same
+/// blocks has the same CVs (and CVs that do not merge into the block hash are not used).
+#[derive(Default)]
+pub struct PieceCache {
+    entries: std::sync::Mutex<(std::collections::HashMap<(String, u64), Bytes>, usize)>,
+}
+
+/// What `PieceCache` holds at most: the CVs of 64 GiB of files.
+pub const PIECE_CACHE_BYTES: usize = 16 << 20;
+
+impl PieceCache {
+    pub fn get(&self, sha256: &str, block_size: u64) -> Option<Bytes> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.0.get(&(sha256.to_owned(), block_size)).cloned()
+    }
+
+    /// Keeps `cvs` unless it alone exceeds the budget; makes room by dropping other entries.
+    pub fn put(&self, sha256: &str, block_size: u64, cvs: Bytes) {
+        if cvs.len() > PIECE_CACHE_BYTES {
+            return;
+        }
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let (map, held) = &mut *entries;
+        while *held + cvs.len() > PIECE_CACHE_BYTES {
+            let Some(k) = map.keys().next().cloned() else {
+                break;
+            };
+            *held -= map.remove(&k).map_or(0, |v| v.len());
+        }
+        *held += cvs.len();
+        if let Some(old) = map.insert((sha256.to_owned(), block_size), cvs) {
+            *held -= old.len();
+        }
+    }
+}
+
 /// Local objects up to this size are read and verified on the calling thread: the read is a
 /// few microseconds from the page cache, less than handing it to a blocking thread and back.
 pub const INLINE_MAX: u64 = 64 << 10;
@@ -422,7 +459,7 @@ async fn produce(
                     offset: at - start,
                     cvs: cvs.slice(first_cv..last_cv),
                 };
-                let key_hash = cvs.slice(first_cv..first_cv + HASH_LEN);
+                // Shared under the block hash, which fixes every CV (and so every byte) of the unit.
                 let data = fetch(
                     &mut reader,
                     store,
@@ -430,7 +467,7 @@ async fn produce(
                     at,
                     unit_end,
                     block,
-                    &key_hash,
+                    expected,
                     check,
                 )
                 .await?;
@@ -781,5 +818,34 @@ mod tests {
         .await;
         assert!(failed && got.is_empty());
         assert_eq!(rx.await.unwrap(), Failure::Mismatch { block: 0 });
+    }
+
+    #[test]
+    fn the_piece_cache_stays_within_its_budget() {
+        let cache = PieceCache::default();
+        let third = Bytes::from(vec![1u8; PIECE_CACHE_BYTES / 3]);
+        for i in 0..10 {
+            cache.put(&format!("sha{i}"), 8 << 20, third.clone());
+            let held = cache.entries.lock().unwrap().1;
+            assert!(held <= PIECE_CACHE_BYTES, "{held}");
+        }
+        assert!(
+            cache.get("sha9", 8 << 20).is_some(),
+            "the newest entry is kept"
+        );
+        assert!(
+            cache.get("sha9", 4 << 20).is_none(),
+            "keyed by block size too"
+        );
+        cache.put(
+            "huge",
+            8 << 20,
+            Bytes::from(vec![0u8; PIECE_CACHE_BYTES + 1]),
+        );
+        assert!(
+            cache.get("huge", 8 << 20).is_none(),
+            "larger than the budget: not kept"
+        );
+        assert!(cache.get("sha9", 8 << 20).is_some());
     }
 }

@@ -8,6 +8,9 @@ use crate::error::Result;
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable, serde::Serialize, serde::Deserialize)]
 #[diesel(table_name = audit_events)]
+// Every column is written as given, so SQLite's batch insert is one multi-row statement
+// rather than one INSERT per row.
+#[diesel(treat_none_as_default_value = false)]
 pub struct AuditRow {
     pub seq: i64,
     pub ts_ms: i64,
@@ -60,9 +63,9 @@ const ROWS_PER_INSERT: usize = 64;
 /// Inserts rows with one multi-row statement per `ROWS_PER_INSERT` (a batch of downloads is
 /// then a few statements, not one per event). diesel's `MultiConnection` has no multi-row
 /// INSERT, so each backend gets its own: SQLite diesel's batch insert on the inner
-/// connection, whose prepared statement is cached (a boxed `sql_query` is parsed again every
-/// time, which was 15 % of the audit writer's time); PostgreSQL a boxed query with its own
-/// placeholders (one round trip matters more there than parsing).
+/// connection, whose prepared statement is cached per row count (a boxed `sql_query` is
+/// parsed again every time, which was 15 % of the audit writer's time); PostgreSQL a boxed
+/// query with its own placeholders (one round trip matters more there than parsing).
 pub fn insert(conn: &mut AnyConnection, rows: &[AuditRow]) -> Result<()> {
     for part in rows.chunks(ROWS_PER_INSERT) {
         match conn {

@@ -42,10 +42,6 @@ pub struct Blob {
     pub status_reason: Option<String>,
     pub created_at: i64,
     pub verified_at: Option<i64>,
-    /// Packed CVs of the blob's 128 KiB pieces (`storage::manifest::PIECE_SIZE`), empty when
-    /// not recorded; shared, not copied, by the requests that stream it.
-    #[diesel(deserialize_as = Vec<u8>, serialize_as = Vec<u8>)]
-    pub piece_hashes: bytes::Bytes,
 }
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable, serde::Serialize)]
@@ -233,8 +229,21 @@ pub fn find_blob(conn: &mut AnyConnection, sha256: &str) -> Result<Option<Blob>>
         .optional()?)
 }
 
-/// Inserts a blob, or replaces an existing row for the same content (a re-import).
-pub fn upsert_blob(conn: &mut AnyConnection, blob: &Blob) -> Result<()> {
+/// The packed CVs of a blob's 128 KiB pieces (`storage::manifest::PIECE_SIZE`), empty when
+/// none were recorded. Kept out of `Blob`: they are 1/4096 of the file's size, and only
+/// streams need them (through `storage::verify::PieceCache`).
+pub fn blob_pieces(conn: &mut AnyConnection, sha256: &str) -> Result<Vec<u8>> {
+    Ok(blobs::table
+        .find(sha256)
+        .select(blobs::piece_hashes)
+        .first(conn)
+        .optional()?
+        .unwrap_or_default())
+}
+
+/// Inserts a blob with its piece CVs, or replaces an existing row for the same content (a
+/// re-import).
+pub fn upsert_blob(conn: &mut AnyConnection, blob: &Blob, pieces: &[u8]) -> Result<()> {
     crate::db::epoch::catalog_changed();
     let n = diesel::update(blobs::table.find(&blob.sha256))
         .set((
@@ -246,12 +255,12 @@ pub fn upsert_blob(conn: &mut AnyConnection, blob: &Blob) -> Result<()> {
             blobs::status.eq(&blob.status),
             blobs::status_reason.eq(&blob.status_reason),
             blobs::verified_at.eq(blob.verified_at),
-            blobs::piece_hashes.eq(blob.piece_hashes.to_vec()),
+            blobs::piece_hashes.eq(pieces),
         ))
         .execute(conn)?;
     if n == 0 {
         diesel::insert_into(blobs::table)
-            .values(blob.clone())
+            .values((blob, blobs::piece_hashes.eq(pieces)))
             .execute(conn)?;
     }
     Ok(())
