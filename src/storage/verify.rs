@@ -167,8 +167,11 @@ where
 /// blocks has the same CVs (and CVs that do not merge into the block hash are not used).
 #[derive(Default)]
 pub struct PieceCache {
-    entries: std::sync::Mutex<(std::collections::HashMap<(String, u64), Bytes>, usize)>,
+    /// The CVs by (SHA-256, block size), and how many bytes they hold together.
+    entries: std::sync::Mutex<(PieceMap, usize)>,
 }
+
+type PieceMap = std::collections::HashMap<(String, u64), Bytes>;
 
 /// What `PieceCache` holds at most: the CVs of 64 GiB of files.
 pub const PIECE_CACHE_BYTES: usize = 16 << 20;
