@@ -47,11 +47,10 @@ async fn fetch(
     }
 }
 
-async fn every_kind_of_damage_is_caught(backend: Backend) {
-    let admin = [("WEIGHTGATE__MAIL__ADMIN_EMAILS", "ops@example.org")];
-    let s = TestServer::start_with(backend, &[SMALL_BLOCKS, &admin].concat()).await;
+/// Writes `files` into a publisher's folder and imports (or re-imports) it as `acme/tiny`.
+fn import_tiny(s: &TestServer, files: &[(&str, Vec<u8>)]) {
     let src = s.dir.path().join("src");
-    write_model_dir(&src, &sample_files());
+    write_model_dir(&src, files);
     s.cli_ok(&[
         "models",
         "add",
@@ -59,6 +58,12 @@ async fn every_kind_of_damage_is_caught(backend: Backend) {
         "--from",
         src.to_str().unwrap(),
     ]);
+}
+
+async fn every_kind_of_damage_is_caught(backend: Backend) {
+    let admin = [("WEIGHTGATE__MAIL__ADMIN_EMAILS", "ops@example.org")];
+    let s = TestServer::start_with(backend, &[SMALL_BLOCKS, &admin].concat()).await;
+    import_tiny(&s, &sample_files());
     let token = approved_token(&s, "acme/tiny", "ada@example.org").await;
     let good = sample_files()[0].1.clone();
     let stored = stored_path(&s, &good);
@@ -187,13 +192,7 @@ async fn every_kind_of_damage_is_caught(backend: Backend) {
         );
 
         // Re-importing the publisher's folder restores the bytes and lifts the quarantine.
-        s.cli_ok(&[
-            "models",
-            "add",
-            "acme/tiny",
-            "--from",
-            src.to_str().unwrap(),
-        ]);
+        import_tiny(&s, &sample_files());
         let (status, got, failed) = fetch(&s, &token, "model.safetensors", None).await;
         assert_eq!(
             (status, failed, got == good),
@@ -278,15 +277,7 @@ async fn a_bad_piece_mid_block_is_caught(backend: Backend) {
     const PIECE: usize = 128 << 10;
     let s = TestServer::start(backend).await;
     let good = pseudo_random(3 << 20, 7); // one block of 24 pieces
-    let src = s.dir.path().join("src");
-    write_model_dir(&src, &[("model.safetensors", good.clone())]);
-    s.cli_ok(&[
-        "models",
-        "add",
-        "acme/tiny",
-        "--from",
-        src.to_str().unwrap(),
-    ]);
+    import_tiny(&s, &[("model.safetensors", good.clone())]);
     let token = approved_token(&s, "acme/tiny", "ada@example.org").await;
 
     // Intact: whole and ranged, straddling piece edges.
@@ -321,14 +312,8 @@ async fn a_bad_piece_mid_block_is_caught(backend: Backend) {
         bad_at / PIECE * PIECE
     );
     assert!(got == good[..got.len()]);
-    let r = s
-        .http
-        .get(s.url("/acme/tiny/resolve/main/model.safetensors"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 503);
+    let (status, _, _) = fetch(&s, &token, "model.safetensors", None).await;
+    assert_eq!(status, 503, "quarantined");
     let kinds: Vec<Value> = s
         .audit()
         .into_iter()
@@ -619,15 +604,7 @@ async fn conditional_and_range_rules() {
 async fn the_scheduled_scrub_finds_damage_nobody_downloaded() {
     let scrub = [("WEIGHTGATE__INTEGRITY__SCRUB_INTERVAL", "200ms")];
     let s = TestServer::start_with(Backend::Sqlite, &[SMALL_BLOCKS, &scrub].concat()).await;
-    let src = s.dir.path().join("src");
-    write_model_dir(&src, &sample_files());
-    s.cli_ok(&[
-        "models",
-        "add",
-        "acme/tiny",
-        "--from",
-        src.to_str().unwrap(),
-    ]);
+    import_tiny(&s, &sample_files());
     s.wait_audit("a clean scheduled scrub", |e| {
         e["kind"] == "scrub_completed" && e["detail"]["ok"] == 3
     })

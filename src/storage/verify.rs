@@ -650,23 +650,12 @@ mod tests {
             .put(&Store::path("b"), bad.into())
             .await
             .unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let mut chunks = stream(store, plan, move |f| {
-            let _ = tx.send(f);
-            std::future::ready(())
-        });
-        let mut got = Vec::new();
-        let mut failed = false;
-        while let Some(piece) = chunks.rx.recv().await {
-            match piece {
-                Ok(b) => got.extend_from_slice(&b),
-                Err(_) => failed = true,
-            }
-        }
+        let (on_failure, seen) = capture();
+        let (got, failed) = drain(stream(store, plan, on_failure)).await;
         assert!(failed);
         assert_eq!(got.len() as u64, 2 * BS);
         assert_eq!(&got[..], &data[..got.len()]);
-        assert_eq!(rx.await.unwrap(), Failure::Mismatch { block: 2 });
+        assert_eq!(seen.await.unwrap(), Failure::Mismatch { block: 2 });
     }
 
     const P: u64 = PIECE_SIZE;
@@ -685,6 +674,19 @@ mod tests {
 
     fn no_failure(f: Failure) -> std::future::Ready<()> {
         panic!("unexpected failure {f:?}")
+    }
+
+    /// A failure callback that hands the failure to the returned receiver.
+    fn capture() -> (
+        impl FnOnce(Failure) -> std::future::Ready<()>,
+        tokio::sync::oneshot::Receiver<Failure>,
+    ) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let on_failure = move |f| {
+            let _ = tx.send(f);
+            std::future::ready(())
+        };
+        (on_failure, rx)
     }
 
     #[tokio::test]
@@ -728,12 +730,8 @@ mod tests {
             .put(&Store::path("b"), bad.into())
             .await
             .unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let (got, failed) = drain(stream(store, plan, move |f| {
-            let _ = tx.send(f);
-            std::future::ready(())
-        }))
-        .await;
+        let (on_failure, rx) = capture();
+        let (got, failed) = drain(stream(store, plan, on_failure)).await;
         assert!(failed);
         assert_eq!(
             got.len() as u64,
@@ -813,12 +811,8 @@ mod tests {
         bad[4999] ^= 1;
         std::fs::write(dir.path().join("b"), &bad).unwrap();
         assert!(read_small(&store, &plan).is_none());
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let (got, failed) = drain(stream(store, plan, move |f| {
-            let _ = tx.send(f);
-            std::future::ready(())
-        }))
-        .await;
+        let (on_failure, rx) = capture();
+        let (got, failed) = drain(stream(store, plan, on_failure)).await;
         assert!(failed && got.is_empty());
         assert_eq!(rx.await.unwrap(), Failure::Mismatch { block: 0 });
     }
