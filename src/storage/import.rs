@@ -310,8 +310,7 @@ async fn promote(
             .inner
             .rename(&Store::path(tmp), &Store::path(&key))
             .await?;
-        let blob = verified_blob(digest, key);
-        let pieces = digest.piece_hashes.clone().unwrap_or_default();
+        let (blob, pieces) = verified_blob(digest, key);
         // Re-importing quarantined content replaces its bytes and manifest and lifts the quarantine.
         db.write(move |c| catalog::upsert_blob(c, &blob, &pieces))
             .await?;
@@ -439,8 +438,7 @@ pub async fn import_in_place(
             hasher.update(&chunk?);
         }
         let digest = hasher.finish();
-        let blob = verified_blob(&digest, key);
-        let pieces = digest.piece_hashes.clone().unwrap_or_default();
+        let (blob, pieces) = verified_blob(&digest, key);
         db.write(move |c| match catalog::find_blob(c, &blob.sha256)? {
             Some(existing) if existing.status == BLOB_OK => Ok(()),
             _ => catalog::upsert_blob(c, &blob, &pieces),
@@ -510,7 +508,7 @@ pub async fn import_from_upstream(
                         sha256: sha,
                         block_size: req.block_size,
                         block_hashes: Vec::new(),
-                        piece_hashes: None,
+                        piece_hashes: Vec::new(),
                     },
                 ));
             }
@@ -521,8 +519,7 @@ pub async fn import_from_upstream(
                 let digest = h.finish();
                 let key = Store::blob_key(&digest.sha256);
                 store.inner.put(&Store::path(&key), bytes.into()).await?;
-                let blob = verified_blob(&digest, key);
-                let pieces = digest.piece_hashes.clone().unwrap_or_default();
+                let (blob, pieces) = verified_blob(&digest, key);
                 db.write(move |c| catalog::upsert_blob(c, &blob, &pieces))
                     .await?;
                 digests.push((f.path, digest));
@@ -532,10 +529,11 @@ pub async fn import_from_upstream(
     record_revision(db, &req, digests).await
 }
 
-/// The row of content just hashed and stored under `key`: verified now.
-pub fn verified_blob(digest: &Digest, key: String) -> Blob {
+/// The row of content just hashed and stored under `key` (verified now), with its piece CVs
+/// for `catalog::upsert_blob`.
+pub fn verified_blob(digest: &Digest, key: String) -> (Blob, Vec<u8>) {
     let now = util::now();
-    Blob {
+    let blob = Blob {
         sha256: digest.sha256.clone(),
         size: digest.size as i64,
         block_size: digest.block_size as i64,
@@ -546,5 +544,6 @@ pub fn verified_blob(digest: &Digest, key: String) -> Blob {
         status_reason: None,
         created_at: now,
         verified_at: Some(now),
-    }
+    };
+    (blob, digest.piece_hashes.clone())
 }

@@ -57,7 +57,11 @@ pub fn block_root(cvs: &[u8], len: u64) -> Option<[u8; HASH_LEN]> {
     }
     let cvs: Vec<[u8; HASH_LEN]> = cvs
         .chunks_exact(HASH_LEN)
-        .map(|c| c.try_into().expect("chunks_exact gives HASH_LEN"))
+        .map(|c| {
+            let mut cv = [0; HASH_LEN];
+            cv.copy_from_slice(c);
+            cv
+        })
         .collect();
     let (l, r) = subtree(&cvs, len);
     Some(*merge_subtrees_root(&l, &r, Mode::Hash).as_bytes())
@@ -79,7 +83,7 @@ pub struct Hasher {
     /// Where the current block's CVs start in `pieces`.
     block_first_cv: usize,
     /// The root hash of the current block's first piece, its hash if it stays alone.
-    first_root: Option<[u8; HASH_LEN]>,
+    first_root: [u8; HASH_LEN],
 }
 
 /// The finished digest of one file.
@@ -89,8 +93,8 @@ pub struct Digest {
     pub sha256: String,
     pub block_size: u64,
     pub block_hashes: Vec<u8>,
-    /// Packed CVs of every `PIECE_SIZE` piece, when `pieces_apply(block_size)`.
-    pub piece_hashes: Option<Vec<u8>>,
+    /// Packed CVs of every `PIECE_SIZE` piece; empty unless `pieces_apply(block_size)`.
+    pub piece_hashes: Vec<u8>,
 }
 
 impl Hasher {
@@ -104,36 +108,26 @@ impl Hasher {
             blocks: Vec::new(),
             pieces: pieces_apply(block_size).then(Vec::new),
             block_first_cv: 0,
-            first_root: None,
+            first_root: [0; HASH_LEN],
         }
     }
 
     pub fn update(&mut self, mut data: &[u8]) {
         self.sha256.update(data);
         self.size += data.len() as u64;
-        if self.pieces.is_none() {
-            while !data.is_empty() {
-                let room = (self.block_size - self.in_block) as usize;
-                let take = room.min(data.len());
-                self.block.update(&data[..take]);
-                self.in_block += take as u64;
-                data = &data[take..];
-                if self.in_block == self.block_size {
-                    self.blocks
-                        .extend_from_slice(self.block.finalize().as_bytes());
-                    self.block.reset();
-                    self.in_block = 0;
-                }
-            }
-            return;
-        }
+        // The hasher covers a piece when pieces apply, else a whole block.
+        let unit = if self.pieces.is_some() {
+            PIECE_SIZE
+        } else {
+            self.block_size
+        };
         while !data.is_empty() {
-            let room = (PIECE_SIZE - self.in_block % PIECE_SIZE) as usize;
+            let room = (unit - self.in_block % unit) as usize;
             let take = room.min(data.len());
             self.block.update(&data[..take]);
             self.in_block += take as u64;
             data = &data[take..];
-            if self.in_block.is_multiple_of(PIECE_SIZE) {
+            if self.in_block.is_multiple_of(unit) {
                 self.close_piece();
                 if self.in_block == self.block_size {
                     self.close_block();
@@ -145,51 +139,49 @@ impl Hasher {
         }
     }
 
-    /// Records the CV of the piece just hashed (pieces mode; the piece is not empty).
+    /// Ends what the hasher covers (a piece, or a whole block without pieces; never empty).
+    /// A block's first piece, at offset 0, also gives its root hash: the block's hash if the
+    /// block stays one piece (and the hash of a whole block without pieces).
     fn close_piece(&mut self) {
-        use blake3::hazmat::HasherExt;
-        if self.in_block <= PIECE_SIZE {
-            self.first_root = Some(*self.block.finalize().as_bytes());
+        if self.pieces.is_none() || self.in_block <= PIECE_SIZE {
+            self.first_root = *self.block.finalize().as_bytes();
         }
-        let cv = self.block.finalize_non_root();
         if let Some(pieces) = &mut self.pieces {
-            pieces.extend_from_slice(&cv);
+            use blake3::hazmat::HasherExt;
+            pieces.extend_from_slice(&self.block.finalize_non_root());
         }
         self.block = blake3::Hasher::new();
     }
 
-    /// Records the hash of the block whose pieces are all closed (pieces mode).
+    /// Records the hash of the block whose bytes are all closed: merged from its pieces' CVs,
+    /// or the root hash `close_piece` kept when it is one piece (or has no pieces).
     fn close_block(&mut self) {
-        let Some(pieces) = &self.pieces else { return };
-        let hash = if self.in_block <= PIECE_SIZE {
-            self.first_root.take()
-        } else {
-            block_root(&pieces[self.block_first_cv..], self.in_block)
-        };
-        self.blocks
-            .extend_from_slice(&hash.expect("a closed block has its pieces"));
-        self.block_first_cv = pieces.len();
+        let cvs = self.pieces.as_deref().unwrap_or_default();
+        let hash =
+            block_root(&cvs[self.block_first_cv..], self.in_block).unwrap_or(self.first_root);
+        self.blocks.extend_from_slice(&hash);
+        self.block_first_cv = cvs.len();
         self.in_block = 0;
     }
 
     pub fn finish(mut self) -> Digest {
         if self.in_block > 0 {
-            if self.pieces.is_none() {
-                self.blocks
-                    .extend_from_slice(self.block.finalize().as_bytes());
+            let unit = if self.pieces.is_some() {
+                PIECE_SIZE
             } else {
-                if !self.in_block.is_multiple_of(PIECE_SIZE) {
-                    self.close_piece();
-                }
-                self.close_block();
+                self.block_size
+            };
+            if !self.in_block.is_multiple_of(unit) {
+                self.close_piece();
             }
+            self.close_block();
         }
         Digest {
             size: self.size,
             sha256: hex::encode(self.sha256.finalize()),
             block_size: self.block_size,
             block_hashes: self.blocks,
-            piece_hashes: self.pieces,
+            piece_hashes: self.pieces.unwrap_or_default(),
         }
     }
 }
@@ -300,7 +292,7 @@ mod tests {
                         blake3::hash(b).as_bytes()
                     );
                 }
-                let cvs = d.piece_hashes.expect("pieces apply");
+                let cvs = d.piece_hashes;
                 assert_eq!(
                     cvs.len(),
                     len.div_ceil(p) * HASH_LEN,
@@ -321,7 +313,7 @@ mod tests {
         let mut h = Hasher::new(4 * PIECE_SIZE);
         h.update(&data);
         let d = h.finish();
-        let mut cvs = d.piece_hashes.unwrap();
+        let mut cvs = d.piece_hashes;
         let len = data.len() as u64;
         assert_eq!(block_root(&cvs, len).unwrap()[..], d.block_hashes[..]);
         assert_eq!(block_root(&cvs[..64], len), None, "wrong count");

@@ -262,8 +262,7 @@ impl Upstream {
                 let key = Store::blob_key(&blob.sha256);
                 let promoted: Result<()> = async {
                     store.inner.rename(&tmp, &Store::path(&key)).await?;
-                    let filled = super::import::verified_blob(&digest, key);
-                    let pieces = digest.piece_hashes.clone().unwrap_or_default();
+                    let (filled, pieces) = super::import::verified_blob(&digest, key);
                     db.write(move |c| catalog::upsert_blob(c, &filled, &pieces))
                         .await?;
                     Ok(())

@@ -569,7 +569,7 @@ mod tests {
             size: d.size,
             block_size,
             block_hashes: d.block_hashes,
-            piece_hashes: d.piece_hashes.unwrap_or_default().into(),
+            piece_hashes: d.piece_hashes.into(),
             range: 0..d.size,
             chunk_size: 16 * 1024,
             share: true,
