@@ -218,8 +218,8 @@ fn read_small(store: &Store, plan: &Plan) -> Option<Bytes> {
     let mut file = open_local(&root.join(&plan.key), plan.size).ok()?;
     let mut buf = Vec::with_capacity(plan.size as usize);
     let n = (&mut file).take(plan.size).read_to_end(&mut buf).ok()?;
-    let hash = plan.block_hashes.get(..HASH_LEN)?;
-    (n as u64 == plan.size && Check::Block(hash.to_vec()).passes(&buf))
+    let hash = plan.block_hashes.get(..HASH_LEN)?.try_into().ok()?;
+    (n as u64 == plan.size && Check::Block(hash).passes(&buf))
         .then(|| Bytes::from(buf).slice(plan.range.start as usize..plan.range.end as usize))
 }
 
@@ -234,7 +234,7 @@ impl Plan {
 /// What a read must match before its bytes are handed on.
 enum Check {
     /// A whole block against its BLAKE3 hash.
-    Block(Vec<u8>),
+    Block([u8; HASH_LEN]),
     /// Whole pieces, the first `offset` bytes into its block, against their CVs.
     Pieces { offset: u64, cvs: Bytes },
 }
@@ -242,7 +242,7 @@ enum Check {
 impl Check {
     fn passes(&self, data: &[u8]) -> bool {
         match self {
-            Check::Block(hash) => blake3::hash(data).as_bytes()[..] == hash[..],
+            Check::Block(hash) => blake3::hash(data).as_bytes() == hash,
             Check::Pieces { offset, cvs } => {
                 let mut at = *offset;
                 data.chunks(PIECE_SIZE as usize)
@@ -430,9 +430,10 @@ async fn produce(
     for block in first..=last {
         let start = block * bs;
         let end = ((block + 1) * bs).min(plan.size);
-        let expected = plan
+        let expected: [u8; HASH_LEN] = plan
             .block_hashes
             .get(block as usize * HASH_LEN..(block as usize + 1) * HASH_LEN)
+            .and_then(|h| h.try_into().ok())
             .ok_or(Failure::Mismatch { block })?;
         // The wanted part of this block.
         let (lo, hi) = (plan.range.start.max(start), plan.range.end.min(end));
@@ -445,9 +446,9 @@ async fn produce(
                     ..end.div_ceil(PIECE_SIZE) as usize * HASH_LEN,
             )
         });
-        if let Some(cvs) = cvs.filter(|cvs| {
-            manifest::block_root(cvs, end - start).is_some_and(|r| r[..] == expected[..])
-        }) {
+        if let Some(cvs) =
+            cvs.filter(|cvs| manifest::block_root(cvs, end - start) == Some(expected))
+        {
             let mut at = lo / PIECE_SIZE * PIECE_SIZE;
             while at < hi {
                 // Units are aligned to their size within the block, so concurrent streams
@@ -462,21 +463,16 @@ async fn produce(
                     offset: at - start,
                     cvs: cvs.slice(first_cv..last_cv),
                 };
-                // Shared under the block hash, which fixes every CV (and so every byte) of the unit.
                 let data = fetch(
                     &mut reader,
                     store,
                     plan,
-                    at,
-                    unit_end,
-                    block,
-                    expected,
+                    at..unit_end,
+                    (block, &expected),
                     check,
                 )
                 .await?;
-                let from = (lo.max(at) - at) as usize;
-                let to = (hi.min(unit_end) - at) as usize;
-                if tx.send(Ok(data.slice(from..to))).await.is_err() {
+                if !hand_on(tx, &data, at, lo..hi, plan.chunk_size).await {
                     return Ok(()); // the client went away
                 }
                 at = unit_end;
@@ -484,44 +480,63 @@ async fn produce(
             verified.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        let check = Check::Block(expected.to_vec());
-        let data = fetch(&mut reader, store, plan, start, end, block, expected, check).await?;
+        let data = fetch(
+            &mut reader,
+            store,
+            plan,
+            start..end,
+            (block, &expected),
+            Check::Block(expected),
+        )
+        .await?;
         verified.fetch_add(1, Ordering::Relaxed);
-        // Hand on only the wanted part of the verified block, in socket-sized pieces.
-        let mut at = (lo - start) as usize;
-        while at < (hi - start) as usize {
-            let next = (at + plan.chunk_size).min((hi - start) as usize);
-            if tx.send(Ok(data.slice(at..next))).await.is_err() {
-                return Ok(()); // the client went away
-            }
-            at = next;
+        if !hand_on(tx, &data, start, lo..hi, plan.chunk_size).await {
+            return Ok(()); // the client went away
         }
     }
     Ok(())
 }
 
-/// Reads and verifies `start..end`, sharing the result with concurrent streams of the same
-/// blob when the plan allows.
-#[allow(clippy::too_many_arguments)]
+/// Reads and verifies `span` of a block (its index and hash), sharing the result with
+/// concurrent streams of the same blob when the plan allows: under the block hash, which
+/// fixes every byte of the block and so of any part of it.
 async fn fetch(
     reader: &mut Reader,
     store: &Store,
     plan: &Plan,
-    start: u64,
-    end: u64,
-    block: u64,
-    key_hash: &[u8],
+    span: Range<u64>,
+    (block, block_hash): (u64, &[u8; HASH_LEN]),
     check: Check,
 ) -> Result<Bytes, Failure> {
-    let read = reader.verified(store, start, end, block, check);
-    if plan.share {
-        store
-            .blocks
-            .get_or_fill(&plan.key, start, end, key_hash, read)
-            .await
-    } else {
-        read.await
+    let read = reader.verified(store, span.start, span.end, block, check);
+    if !plan.share {
+        return read.await;
     }
+    store
+        .blocks
+        .get_or_fill(&plan.key, span.start, span.end, block_hash, read)
+        .await
+}
+
+/// Sends the part of verified `data` (which starts at `at` in the object) that falls in
+/// `wanted`, in pieces of at most `chunk_size`; false once the client has gone.
+async fn hand_on(
+    tx: &mpsc::Sender<Result<Bytes, io::Error>>,
+    data: &Bytes,
+    at: u64,
+    wanted: Range<u64>,
+    chunk_size: usize,
+) -> bool {
+    let end = (wanted.end.min(at + data.len() as u64) - at) as usize;
+    let mut from = (wanted.start.max(at) - at) as usize;
+    while from < end {
+        let to = (from + chunk_size).min(end);
+        if tx.send(Ok(data.slice(from..to))).await.is_err() {
+            return false;
+        }
+        from = to;
+    }
+    true
 }
 
 /// Hashes off the async thread; returns the bytes back when they pass.
