@@ -107,7 +107,7 @@ pub fn append(conn: &mut AnyConnection, events: &[Event]) -> Result<()> {
     )?;
     let record = |conn: &mut AnyConnection, e: &Event| -> Result<()> {
         match &e.delivered {
-            Some(d) if !done.contains(&(d.jti.clone(), d.sha256.clone())) => {
+            Some(d) if !done.contains(&d.jti, &d.sha256) => {
                 crate::db::models::tokens::record_delivery(conn, d, e.ts_ms / 1000).map(|_| ())
             }
             _ => Ok(()),

@@ -78,12 +78,22 @@ pub fn is_completed(conn: &mut AnyConnection, jti: &str, sha256: &str) -> Result
     Ok(n > 0)
 }
 
+/// The files (SHA-256) each token (jti) had completed, looked up without copying keys.
+#[derive(Default)]
+pub struct Completed(std::collections::HashMap<String, std::collections::HashSet<String>>);
+
+impl Completed {
+    pub fn contains(&self, jti: &str, sha256: &str) -> bool {
+        self.0.get(jti).is_some_and(|files| files.contains(sha256))
+    }
+}
+
 /// Of these deliveries, the (jti, sha256) pairs whose file the token had already completed:
 /// one query for a whole audit batch instead of one per download.
 pub fn completed_among<'a>(
     conn: &mut AnyConnection,
     deliveries: impl Iterator<Item = &'a Delivered>,
-) -> Result<std::collections::HashSet<(String, String)>> {
+) -> Result<Completed> {
     let (mut jtis, mut shas) = (Vec::new(), Vec::new());
     for d in deliveries {
         jtis.push(d.jti.as_str());
@@ -97,7 +107,7 @@ pub fn completed_among<'a>(
     shas.sort_unstable();
     shas.dedup();
     // In slices, so that no statement binds more values than SQLite allows.
-    let mut done = std::collections::HashSet::new();
+    let mut done = Completed::default();
     for j in jtis.chunks(500) {
         for s in shas.chunks(500) {
             let pairs: Vec<(String, String)> = token_downloads::table
@@ -105,14 +115,14 @@ pub fn completed_among<'a>(
                 .filter(token_downloads::sha256.eq_any(s))
                 .select((token_downloads::jti, token_downloads::sha256))
                 .load(conn)?;
-            done.extend(pairs);
+            for (jti, sha) in pairs {
+                done.0.entry(jti).or_default().insert(sha);
+            }
         }
     }
     Ok(done)
 }
 
-/// Adds a delivered byte range `[start, end)` of a file; returns true when this completes
-/// the file for this token (it then counts against the quota, once).
 /// Bytes of one file that a stream delivered under one token.
 #[derive(Debug, Clone)]
 pub struct Delivered {
@@ -123,6 +133,8 @@ pub struct Delivered {
     pub range: std::ops::Range<u64>,
 }
 
+/// Adds a delivered byte range `[start, end)` of a file; returns true when this completes
+/// the file for this token (it then counts against the quota, once).
 pub fn record_delivery(conn: &mut AnyConnection, d: &Delivered, now: i64) -> Result<bool> {
     let (jti, sha256, path, size) = (d.jti.as_str(), d.sha256.as_str(), d.path.as_str(), d.size);
     let (start, end) = (d.range.start, d.range.end);
