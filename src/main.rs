@@ -479,19 +479,12 @@ fn client_command(command: &Command) -> Option<ExitCode> {
 /// `MALLOC_TRIM_THRESHOLD_`, or any `GLIBC_TUNABLES`) win over these when set.
 fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("GLIBC_TUNABLES").is_none() {
-        tune_malloc_defaults();
-    }
-}
-
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn tune_malloc_defaults() {
     for (var, param, value) in [
         ("MALLOC_ARENA_MAX", libc::M_ARENA_MAX, 4),
         ("MALLOC_MMAP_THRESHOLD_", libc::M_MMAP_THRESHOLD, 4 << 20),
         ("MALLOC_TRIM_THRESHOLD_", libc::M_TRIM_THRESHOLD, 16 << 20),
     ] {
-        if std::env::var_os(var).is_none() {
+        if std::env::var_os("GLIBC_TUNABLES").is_none() && std::env::var_os(var).is_none() {
             // SAFETY: mallopt only sets an allocator parameter; no other thread exists yet.
             unsafe {
                 libc::mallopt(param, value);
