@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::db::models::audit::{self as rows, AuditRow};
+use crate::db::models::tokens::{Completed, KnownCompleted};
 use crate::db::{AnyConnection, Db};
 use crate::error::Result;
 use crate::util;
@@ -96,19 +97,38 @@ pub fn row_hash(r: &AuditRow) -> String {
 
 /// Appends events at the head of the chain, inside the caller's transaction.
 pub fn append(conn: &mut AnyConnection, events: &[Event]) -> Result<()> {
+    append_events(conn, events, &KnownCompleted::default()).map(|_| ())
+}
+
+/// [`append`], skipping the delivery records of files in `known`; returns the (jti, sha256)
+/// pairs found or made complete, for the caller to add to `known` once this commits.
+fn append_events(
+    conn: &mut AnyConnection,
+    events: &[Event],
+    known: &KnownCompleted,
+) -> Result<Completed> {
+    use crate::db::models::tokens;
     if events.is_empty() {
-        return Ok(());
+        return Ok(Completed::default());
     }
+    let pending = |d: &&tokens::Delivered| -> bool { !known.contains(&d.jti, &d.sha256) };
     // Files a token had completed before this batch need no delivery record (a later event
     // in the batch that completes a file is still checked by `record_delivery` itself).
-    let done = crate::db::models::tokens::completed_among(
+    let mut done = tokens::completed_among(
         conn,
-        events.iter().filter_map(|e| e.delivered.as_ref()),
+        events
+            .iter()
+            .filter_map(|e| e.delivered.as_ref())
+            .filter(pending),
     )?;
-    let record = |conn: &mut AnyConnection, e: &Event| -> Result<()> {
+    let mut made = Vec::new();
+    let mut record = |conn: &mut AnyConnection, e: &Event| -> Result<()> {
         match &e.delivered {
-            Some(d) if !done.contains(&d.jti, &d.sha256) => {
-                crate::db::models::tokens::record_delivery(conn, d, e.ts_ms / 1000).map(|_| ())
+            Some(d) if pending(&d) && !done.contains(&d.jti, &d.sha256) => {
+                if tokens::record_delivery(conn, d, e.ts_ms / 1000)? {
+                    made.push((d.jti.clone(), d.sha256.clone()));
+                }
+                Ok(())
             }
             _ => Ok(()),
         }
@@ -116,9 +136,21 @@ pub fn append(conn: &mut AnyConnection, events: &[Event]) -> Result<()> {
     for e in events.iter().filter(|e| e.unlogged) {
         record(conn, e)?;
     }
-    if events.iter().all(|e| e.unlogged) {
-        return Ok(());
+    if !events.iter().all(|e| e.unlogged) {
+        append_rows(conn, events, &mut record)?;
     }
+    for (jti, sha256) in made {
+        done.insert(jti, sha256);
+    }
+    Ok(done)
+}
+
+/// The chained rows of the logged events (and their delivery records, through `record`).
+fn append_rows(
+    conn: &mut AnyConnection,
+    events: &[Event],
+    record: &mut impl FnMut(&mut AnyConnection, &Event) -> Result<()>,
+) -> Result<()> {
     rows::lock_chain(conn)?;
     let (mut seq, mut prev) = rows::head(conn)?.unwrap_or((0, GENESIS.to_string()));
     let mut out = Vec::with_capacity(events.len());
@@ -536,6 +568,8 @@ pub struct AuditSink {
     tx: mpsc::UnboundedSender<Msg>,
     /// `audit.downloads`: whether download and HEAD events go into the chain.
     downloads: bool,
+    /// Files tokens have completed, as committed by the writer.
+    known: std::sync::Arc<KnownCompleted>,
 }
 
 impl AuditSink {
@@ -547,15 +581,31 @@ impl AuditSink {
         metrics: std::sync::Arc<crate::metrics::Metrics>,
     ) -> (AuditSink, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(writer(db, rx, batch_max, metrics));
-        (AuditSink { tx, downloads }, task)
+        let known = std::sync::Arc::new(KnownCompleted::default());
+        let task = tokio::spawn(writer(db, rx, batch_max, metrics, known.clone()));
+        (
+            AuditSink {
+                tx,
+                downloads,
+                known,
+            },
+            task,
+        )
     }
 
     /// Queues an event; it is committed with the next batch.
-    pub fn record(&self, mut event: Event) {
+    pub fn record(&self, event: Event) {
+        self.queue(event);
+    }
+
+    /// Queues an event unless it has nothing left to write; returns whether it was queued.
+    /// With `audit.downloads` off, a download event is kept only for its delivery record,
+    /// and not even for that once the token has completed the file.
+    fn queue(&self, mut event: Event) -> bool {
         if !self.downloads && matches!(event.kind.as_str(), "file_download" | "file_head") {
-            if event.delivered.is_none() {
-                return;
+            match &event.delivered {
+                Some(d) if !self.known.contains(&d.jti, &d.sha256) => {}
+                _ => return false,
             }
             event.unlogged = true;
             event.track = None;
@@ -563,13 +613,18 @@ impl AuditSink {
         if self.tx.send(Msg::Event(Box::new(event))).is_err() {
             tracing::error!("audit writer has stopped; an event could not be queued");
         }
+        true
     }
 
-    /// Queues an event and returns a receiver that resolves once it is committed.
+    /// Queues an event and returns a receiver that resolves once it is committed (at once
+    /// when there was nothing to write).
     pub fn commit(&self, event: Event) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
-        self.record(event);
-        let _ = self.tx.send(Msg::Flush(tx));
+        if self.queue(event) {
+            let _ = self.tx.send(Msg::Flush(tx));
+        } else {
+            let _ = tx.send(());
+        }
         rx
     }
 
@@ -587,6 +642,7 @@ async fn writer(
     mut rx: mpsc::UnboundedReceiver<Msg>,
     batch_max: usize,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
+    known: std::sync::Arc<KnownCompleted>,
 ) {
     let mut batch: Vec<Event> = Vec::new();
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
@@ -610,9 +666,10 @@ async fn writer(
         while pending {
             let started = std::time::Instant::now();
             let n = events.len() as u64;
-            let shared = events.clone();
-            match db.write(move |c| append(c, &shared)).await {
-                Ok(()) => {
+            let (shared, k) = (events.clone(), known.clone());
+            match db.write(move |c| append_events(c, &shared, &k)).await {
+                Ok(done) => {
+                    known.add(done.pairs());
                     pending = false;
                     use std::sync::atomic::Ordering::Relaxed;
                     metrics.audit_batches.fetch_add(1, Relaxed);

@@ -111,6 +111,9 @@ impl Db {
             // Connections are made on demand only: a background connect still running when
             // a CLI command exits races OpenSSL's exit-time cleanup inside libpq (SIGSEGV).
             .min_idle(Some(0))
+            // A SQLite connection is a local file handle that does not go stale, so it is not
+            // probed with a query on every checkout; PostgreSQL connections are.
+            .test_on_check_out(backend == Backend::Postgres)
             .max_size(settings.database.pool_size)
             .connection_timeout(Duration::from_secs(
                 settings.database.pool_timeout_secs.max(1),
@@ -185,18 +188,41 @@ impl Db {
         let mut pooled = self.pool.get()?;
         let conn: &mut AnyConnection = &mut pooled;
         epoch::take_changed();
-        let result = conn.transaction(|c| {
-            if let AnyConnection::Sqlite(s) = c {
-                // Take SQLite's write lock before reading anything, so that a read-then-write
-                // transaction never meets another process's commit (SQLITE_BUSY_SNAPSHOT);
-                // busy_timeout makes this statement wait for the lock instead.
-                s.batch_execute("UPDATE kv SET updated_at = updated_at WHERE key = ''")?;
-            }
-            f(c)
-        });
+        let result = match conn {
+            AnyConnection::Sqlite(_) => immediate_transaction(conn, f),
+            AnyConnection::Postgresql(_) => conn.transaction(f),
+        };
         if epoch::take_changed() && result.is_ok() {
             self.epoch.bump();
         }
         result
+    }
+}
+
+/// Runs `f` in a SQLite transaction opened with `BEGIN IMMEDIATE`, which takes the write
+/// lock before anything is read, so that a read-then-write transaction never meets another
+/// process's commit (SQLITE_BUSY_SNAPSHOT); busy_timeout makes it wait for the lock instead.
+/// Transactions that `f` opens itself become savepoints, as with `transaction`.
+fn immediate_transaction<T>(
+    conn: &mut AnyConnection,
+    f: impl FnOnce(&mut AnyConnection) -> Result<T>,
+) -> Result<T> {
+    use diesel::connection::{AnsiTransactionManager, TransactionManager};
+    fn sqlite(conn: &mut AnyConnection) -> Result<&mut diesel::SqliteConnection> {
+        match conn {
+            AnyConnection::Sqlite(s) => Ok(s),
+            AnyConnection::Postgresql(_) => Err(Error::internal("not a SQLite connection")),
+        }
+    }
+    AnsiTransactionManager::begin_transaction_sql(sqlite(conn)?, "BEGIN IMMEDIATE")?;
+    match f(conn) {
+        Ok(v) => {
+            AnsiTransactionManager::commit_transaction(sqlite(conn)?)?;
+            Ok(v)
+        }
+        Err(e) => {
+            AnsiTransactionManager::rollback_transaction(sqlite(conn)?)?;
+            Err(e)
+        }
     }
 }

@@ -86,6 +86,50 @@ impl Completed {
     pub fn contains(&self, jti: &str, sha256: &str) -> bool {
         self.0.get(jti).is_some_and(|files| files.contains(sha256))
     }
+
+    pub fn insert(&mut self, jti: String, sha256: String) {
+        self.0.entry(jti).or_default().insert(sha256);
+    }
+
+    /// Every (jti, sha256) pair held.
+    pub fn pairs(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0
+            .iter()
+            .flat_map(|(jti, files)| files.iter().map(move |f| (jti.as_str(), f.as_str())))
+    }
+}
+
+/// (jti, sha256) pairs known to be complete, kept in memory: a token's completion of a file
+/// is never undone, so a pair once committed stays true. The audit writer adds pairs after
+/// each commit; it and the request path then skip the lookups and events that a completed
+/// file no longer needs. Bounded: emptied once it holds [`KnownCompleted::MAX`] pairs.
+#[derive(Default)]
+pub struct KnownCompleted {
+    inner: std::sync::RwLock<(Completed, usize)>,
+}
+
+impl KnownCompleted {
+    pub const MAX: usize = 100_000;
+
+    pub fn contains(&self, jti: &str, sha256: &str) -> bool {
+        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        inner.0.contains(jti, sha256)
+    }
+
+    /// Adds pairs whose completion has been committed.
+    pub fn add<'a>(&self, pairs: impl IntoIterator<Item = (&'a str, &'a str)>) {
+        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        for (jti, sha256) in pairs {
+            if inner.0.contains(jti, sha256) {
+                continue;
+            }
+            if inner.1 >= Self::MAX {
+                *inner = Default::default();
+            }
+            inner.0.insert(jti.to_string(), sha256.to_string());
+            inner.1 += 1;
+        }
+    }
 }
 
 /// Of these deliveries, the (jti, sha256) pairs whose file the token had already completed:
@@ -116,7 +160,7 @@ pub fn completed_among<'a>(
                 .select((token_downloads::jti, token_downloads::sha256))
                 .load(conn)?;
             for (jti, sha) in pairs {
-                done.0.entry(jti).or_default().insert(sha);
+                done.insert(jti, sha);
             }
         }
     }
