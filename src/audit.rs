@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, oneshot};
+use std::sync::mpsc;
+use tokio::sync::oneshot;
 
-use crate::db::models::audit::{self as rows, AuditRow};
+use crate::db::models::audit::{self as rows, AuditRow, NewRow};
 use crate::db::models::tokens::{Completed, KnownCompleted};
 use crate::db::{AnyConnection, Db};
 use crate::error::Result;
@@ -23,11 +24,12 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 /// One thing that happened, before it is given its place in the chain.
 #[derive(Debug, Clone)]
 pub struct Event {
-    pub kind: String,
-    pub outcome: String,
+    pub kind: &'static str,
+    pub outcome: &'static str,
     pub actor: Option<String>,
     pub model_id: Option<String>,
-    pub detail: Value,
+    /// A JSON object, as the text stored in the row (keys in sorted order).
+    pub detail: String,
     pub ts_ms: i64,
     /// For downloads: opens or closes an entry in `open_downloads`, in the same transaction.
     pub track: Option<Track>,
@@ -47,13 +49,13 @@ pub enum Track {
 }
 
 impl Event {
-    pub fn new(kind: &str, outcome: &str) -> Event {
+    pub fn new(kind: &'static str, outcome: &'static str) -> Event {
         Event {
-            kind: kind.to_string(),
-            outcome: outcome.to_string(),
+            kind,
+            outcome,
             actor: None,
             model_id: None,
-            detail: json!({}),
+            detail: "{}".to_string(),
             ts_ms: util::now_ms(),
             track: None,
             delivered: None,
@@ -71,8 +73,17 @@ impl Event {
         self
     }
 
+    /// Sets the detail object. serde_json's default map is ordered by key, so this text is
+    /// canonical.
     pub fn detail(mut self, detail: Value) -> Event {
-        self.detail = detail;
+        self.detail = detail.to_string();
+        self
+    }
+
+    /// Sets the detail from a typed value that serialises to a JSON object; callers on hot
+    /// paths use a struct with its fields in sorted order, which gives the same text as a map.
+    pub fn detail_of(mut self, detail: &impl serde::Serialize) -> Event {
+        self.detail = serde_json::to_string(detail).unwrap_or_else(|_| "{}".into());
         self
     }
 
@@ -86,13 +97,30 @@ impl Event {
 /// every column but the two hashes, in a fixed order (`detail` exactly as stored). A JSON
 /// array has one encoding for these values, whatever they contain.
 pub fn row_hash(r: &AuditRow) -> String {
-    let canonical = json!([
-        r.seq, r.ts_ms, r.kind, r.outcome, r.actor, r.model_id, r.detail
-    ]);
-    let mut h = Sha256::new();
-    h.update(r.prev_hash.as_bytes());
-    h.update(serde_json::to_vec(&canonical).unwrap_or_default());
-    hex::encode(h.finalize())
+    chain_hash(&r.as_new())
+}
+
+/// [`row_hash`] of a row being written (its `hash` is not read). The array is serialised
+/// straight into the hasher, as a tuple: the same bytes as a `json!` array of the values.
+fn chain_hash(r: &NewRow<'_>) -> String {
+    struct Sink(Sha256);
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.update(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut sink = Sink(Sha256::new());
+    sink.0.update(r.prev_hash.as_bytes());
+    let canonical = (
+        r.seq, r.ts_ms, r.kind, r.outcome, r.actor, r.model_id, r.detail,
+    );
+    // Writing into a hasher cannot fail, and these values always serialise.
+    let _ = serde_json::to_writer(&mut sink, &canonical);
+    util::hex_lower(&sink.0.finalize())
 }
 
 /// Appends events at the head of the chain, inside the caller's transaction.
@@ -152,25 +180,15 @@ fn append_rows(
     record: &mut impl FnMut(&mut AnyConnection, &Event) -> Result<()>,
 ) -> Result<()> {
     rows::lock_chain(conn)?;
-    let (mut seq, mut prev) = rows::head(conn)?.unwrap_or((0, GENESIS.to_string()));
-    let mut out = Vec::with_capacity(events.len());
-    for e in events.iter().filter(|e| !e.unlogged) {
+    let (mut seq, head) = rows::head(conn)?.unwrap_or((0, GENESIS.to_string()));
+    let logged: Vec<&Event> = events.iter().filter(|e| !e.unlogged).collect();
+    // Each row's hash, in order; a row's prev_hash is the one before it (or the head's).
+    let mut hashes: Vec<String> = Vec::with_capacity(logged.len());
+    for e in &logged {
         seq += 1;
-        // serde_json's default map is ordered by key, so this text is canonical.
-        let detail = serde_json::to_string(&e.detail).unwrap_or_else(|_| "{}".into());
-        let mut row = AuditRow {
-            seq,
-            ts_ms: e.ts_ms,
-            kind: e.kind.clone(),
-            outcome: e.outcome.clone(),
-            actor: e.actor.clone(),
-            model_id: e.model_id.clone(),
-            detail,
-            prev_hash: prev,
-            hash: String::new(),
-        };
-        row.hash = row_hash(&row);
-        prev = row.hash.clone();
+        let prev = hashes.last().unwrap_or(&head);
+        let hash = chain_hash(&new_row(e, seq, prev, ""));
+        hashes.push(hash);
         crate::webhooks::enqueue(conn, e, seq)?;
         record(conn, e)?;
         match &e.track {
@@ -180,14 +198,36 @@ fn append_rows(
                 instance,
                 e.ts_ms,
                 e.model_id.as_deref(),
-                &row.detail,
+                &e.detail,
             )?,
             Some(Track::End(id)) => rows::close_download(conn, id)?,
             None => {}
         }
-        out.push(row);
     }
+    let first = seq + 1 - logged.len() as i64;
+    let out: Vec<NewRow<'_>> = logged
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let prev = if i == 0 { &head } else { &hashes[i - 1] };
+            new_row(e, first + i as i64, prev, &hashes[i])
+        })
+        .collect();
     rows::insert(conn, &out)
+}
+
+fn new_row<'a>(e: &'a Event, seq: i64, prev_hash: &'a str, hash: &'a str) -> NewRow<'a> {
+    NewRow {
+        seq,
+        ts_ms: e.ts_ms,
+        kind: e.kind,
+        outcome: e.outcome,
+        actor: e.actor.as_deref(),
+        model_id: e.model_id.as_deref(),
+        detail: &e.detail,
+        prev_hash,
+        hash,
+    }
 }
 
 /// Where the chain first goes wrong, if it does.
@@ -565,7 +605,7 @@ enum Msg {
 /// A handle to the batching writer. Cheap to clone.
 #[derive(Clone)]
 pub struct AuditSink {
-    tx: mpsc::UnboundedSender<Msg>,
+    tx: mpsc::Sender<Msg>,
     /// `audit.downloads`: whether download and HEAD events go into the chain.
     downloads: bool,
     /// Files tokens have completed, as committed by the writer.
@@ -573,24 +613,28 @@ pub struct AuditSink {
 }
 
 impl AuditSink {
-    /// Starts the writer task; it ends once every sink handle is dropped and the queue is empty.
+    /// Starts the writer thread; it ends once every sink handle is dropped and the queue is
+    /// empty.
     pub fn start(
         db: Db,
         batch_max: usize,
         downloads: bool,
         metrics: std::sync::Arc<crate::metrics::Metrics>,
-    ) -> (AuditSink, tokio::task::JoinHandle<()>) {
-        let (tx, rx) = mpsc::unbounded_channel();
+    ) -> std::io::Result<(AuditSink, std::thread::JoinHandle<()>)> {
+        let (tx, rx) = mpsc::channel();
         let known = std::sync::Arc::new(KnownCompleted::default());
-        let task = tokio::spawn(writer(db, rx, batch_max, metrics, known.clone()));
-        (
+        let k = known.clone();
+        let task = std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer(db, rx, batch_max, metrics, k))?;
+        Ok((
             AuditSink {
                 tx,
                 downloads,
                 known,
             },
             task,
-        )
+        ))
     }
 
     /// Queues an event; it is committed with the next batch.
@@ -602,7 +646,7 @@ impl AuditSink {
     /// With `audit.downloads` off, a download event is kept only for its delivery record,
     /// and not even for that once the token has completed the file.
     fn queue(&self, mut event: Event) -> bool {
-        if !self.downloads && matches!(event.kind.as_str(), "file_download" | "file_head") {
+        if !self.downloads && matches!(event.kind, "file_download" | "file_head") {
             match &event.delivered {
                 Some(d) if !self.known.contains(&d.jti, &d.sha256) => {}
                 _ => return false,
@@ -637,16 +681,19 @@ impl AuditSink {
     }
 }
 
-async fn writer(
+/// The writer: one thread of its own, with the database work done in place (no hop to the
+/// blocking pool and back for each batch). It takes whatever has queued up, up to
+/// `batch_max` events, commits it as one transaction, then answers the waiters.
+fn writer(
     db: Db,
-    mut rx: mpsc::UnboundedReceiver<Msg>,
+    rx: mpsc::Receiver<Msg>,
     batch_max: usize,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     known: std::sync::Arc<KnownCompleted>,
 ) {
     let mut batch: Vec<Event> = Vec::new();
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
-    while let Some(first) = rx.recv().await {
+    while let Ok(first) = rx.recv() {
         let mut next = Some(first);
         while let Some(msg) = next.take() {
             match msg {
@@ -658,29 +705,24 @@ async fn writer(
             }
             next = rx.try_recv().ok();
         }
-        // Never drop events: a failed commit is retried with backoff until it succeeds (the
-        // batch is shared with the blocking call, not copied for it).
+        // Never drop events: a failed commit is retried with backoff until it succeeds.
         let mut delay = Duration::from_millis(50);
-        let events = std::sync::Arc::new(std::mem::take(&mut batch));
-        let mut pending = !events.is_empty();
-        while pending {
+        while !batch.is_empty() {
             let started = std::time::Instant::now();
-            let n = events.len() as u64;
-            let (shared, k) = (events.clone(), known.clone());
-            match db.write(move |c| append_events(c, &shared, &k)).await {
+            match db.write_blocking(|c| append_events(c, &batch, &known)) {
                 Ok(done) => {
                     known.add(done.pairs());
-                    pending = false;
                     use std::sync::atomic::Ordering::Relaxed;
                     metrics.audit_batches.fetch_add(1, Relaxed);
-                    metrics.audit_events.fetch_add(n, Relaxed);
+                    metrics.audit_events.fetch_add(batch.len() as u64, Relaxed);
                     metrics
                         .audit_write_micros
                         .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
+                    batch.clear();
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, pending = events.len(), "audit batch not committed; retrying");
-                    tokio::time::sleep(delay).await;
+                    tracing::error!(error = %e, pending = batch.len(), "audit batch not committed; retrying");
+                    std::thread::sleep(delay);
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
@@ -713,4 +755,60 @@ pub async fn close_abandoned_downloads(db: &Db, instance: &str) -> Result<usize>
         Ok(events.len())
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hash as first defined: SHA-256 of prev_hash, then a `json!` array of the columns.
+    fn hash_as_defined(r: &AuditRow) -> String {
+        let canonical = json!([
+            r.seq, r.ts_ms, r.kind, r.outcome, r.actor, r.model_id, r.detail
+        ]);
+        let mut h = Sha256::new();
+        h.update(r.prev_hash.as_bytes());
+        h.update(serde_json::to_vec(&canonical).unwrap());
+        hex::encode(h.finalize())
+    }
+
+    #[test]
+    fn row_hashes_keep_their_definition() {
+        let rows = [
+            (1, None, None, "{}"),
+            (
+                42,
+                Some("user:ä \"quoted\" \\ back\nslash"),
+                Some("org/model"),
+                r#"{"path":"a\"b","n":-1,"u":"\u0001é"}"#,
+            ),
+            (
+                i64::MAX,
+                Some(""),
+                Some("x/y"),
+                "{\"k\":[1,2,{\"z\":null}]}",
+            ),
+        ];
+        for (seq, actor, model, detail) in rows {
+            let r = AuditRow {
+                seq,
+                ts_ms: -5 + seq % 1000,
+                kind: "file_download".into(),
+                outcome: "complete\t<tab>".into(),
+                actor: actor.map(str::to_string),
+                model_id: model.map(str::to_string),
+                detail: detail.into(),
+                prev_hash: GENESIS.into(),
+                hash: "ignored".into(),
+            };
+            assert_eq!(row_hash(&r), hash_as_defined(&r), "row {seq}");
+        }
+    }
+
+    #[test]
+    fn details_are_stored_as_sorted_json_text() {
+        let e =
+            Event::new("x", "ok").detail(json!({"b": 1, "a": [null, "é"], "c": {"z": 1, "y": 2}}));
+        assert_eq!(e.detail, r#"{"a":[null,"é"],"b":1,"c":{"y":2,"z":1}}"#);
+    }
 }

@@ -227,7 +227,7 @@ pub async fn run(
         settings.audit.batch_max,
         settings.audit.downloads,
         metrics.clone(),
-    );
+    )?;
     let mailer = Arc::new(Mailer::new(&settings, core.db.clone())?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mail_task = tokio::spawn(mailer.clone().run(stop_rx));
@@ -322,6 +322,6 @@ pub async fn run(
     // Everything queued before this point is committed when flush returns; the writer task
     // itself ends once the last handle (held by dropped workers) is gone.
     audit.flush().await;
-    drop(audit_task);
+    drop(audit_task); // detached: it ends by itself once the last handle is gone
     Ok(())
 }

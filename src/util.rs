@@ -23,7 +23,15 @@ pub fn now_ms() -> i64 {
 pub fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     rand::rng().fill(&mut buf[..]);
-    hex::encode(buf)
+    hex_lower(&buf)
+}
+
+/// Lower-case hex of `bytes` (as `hex::encode`, without its per-character iterator).
+pub fn hex_lower(bytes: &[u8]) -> String {
+    let mut out = vec![0u8; bytes.len() * 2];
+    // The output is exactly twice the input's length, which is all this can fail on.
+    let _ = hex::encode_to_slice(bytes, &mut out);
+    String::from_utf8(out).unwrap_or_default()
 }
 
 /// A random URL-safe secret of 32 bytes (256 bits), base64url without padding.

@@ -49,7 +49,7 @@ pub const EVENTS: [&str; 9] = [
 /// Queues deliveries for an audit event that has just been given `seq`, inside the caller's
 /// transaction. Only the event's public facts go out: ids, model, reason; never a token.
 pub fn enqueue(c: &mut AnyConnection, e: &Event, seq: i64) -> Result<()> {
-    let Some(name) = event_name(&e.kind) else {
+    let Some(name) = event_name(e.kind) else {
         return Ok(());
     };
     let hooks = rows::active(c)?;
@@ -62,7 +62,7 @@ pub fn enqueue(c: &mut AnyConnection, e: &Event, seq: i64) -> Result<()> {
             "occurred_at": util::rfc3339(e.ts_ms / 1000),
             "model": e.model_id,
             "actor": e.actor,
-            "data": e.detail,
+            "data": serde_json::from_str::<serde_json::Value>(&e.detail).unwrap_or_default(),
             "audit_seq": seq,
         });
         rows::enqueue(

@@ -12,7 +12,6 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use base64::Engine;
 use bytes::Bytes;
 use futures_util::Stream;
-use serde_json::json;
 
 use crate::State;
 use crate::audit::{AuditSink, Event, Track};
@@ -40,28 +39,87 @@ struct FetchLog {
     expected: u64,
 }
 
+/// The detail of a download event: a struct rather than a `json!` map (this is built for
+/// every request), its fields in sorted order so that the text is the same as the map's.
+#[derive(serde::Serialize)]
+struct FetchDetail<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    blocks_verified: Option<u64>,
+    bytes_expected: u64,
+    bytes_sent: u64,
+    client: Option<&'a str>,
+    commit: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    download: Option<&'a str>,
+    duration_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    first_block: Option<u64>,
+    jti: Option<&'a str>,
+    path: Option<&'a str>,
+    range: Option<&'a str>,
+    reason: Option<&'a str>,
+    revision: Option<&'a str>,
+    status: u16,
+    user: Option<&'a str>,
+}
+
+/// What a stream adds to its events: its id, and for its final event the blocks it covered.
+#[derive(Default, Clone, Copy)]
+struct StreamDetail<'a> {
+    download: Option<&'a str>,
+    /// `(first_block, blocks_verified)`.
+    blocks: Option<(u64, u64)>,
+}
+
 impl FetchLog {
     fn event(
         &self,
-        outcome: &str,
+        outcome: &'static str,
         bytes_sent: u64,
         started: Instant,
         reason: Option<&str>,
+    ) -> Event {
+        self.stream_event(
+            outcome,
+            bytes_sent,
+            started,
+            reason,
+            StreamDetail::default(),
+        )
+    }
+
+    fn stream_event(
+        &self,
+        outcome: &'static str,
+        bytes_sent: u64,
+        started: Instant,
+        reason: Option<&str>,
+        stream: StreamDetail<'_>,
     ) -> Event {
         let kind = if self.method == "HEAD" {
             "file_head"
         } else {
             "file_download"
         };
-        let mut e = Event::new(kind, outcome).detail(json!({
-            "revision": self.revision, "commit": self.commit, "path": self.path,
-            "user": self.user, "jti": self.jti, "range": self.range, "client": self.client,
-            "status": self.status, "bytes_expected": self.expected, "bytes_sent": bytes_sent,
-            "duration_ms": started.elapsed().as_millis() as u64, "reason": reason,
-        }));
-        if let Some(m) = &self.model {
-            e = e.model(m);
-        }
+        let detail = FetchDetail {
+            blocks_verified: stream.blocks.map(|b| b.1),
+            bytes_expected: self.expected,
+            bytes_sent,
+            client: self.client.as_deref(),
+            commit: self.commit.as_deref(),
+            download: stream.download,
+            duration_ms: started.elapsed().as_millis() as u64,
+            first_block: stream.blocks.map(|b| b.0),
+            jti: self.jti.as_deref(),
+            path: self.path.as_deref(),
+            range: self.range.as_deref(),
+            reason,
+            revision: self.revision.as_deref(),
+            status: self.status,
+            user: self.user.as_deref(),
+        };
+        let mut e = Event::new(kind, outcome).detail_of(&detail);
+        e.model_id = self.model.clone();
         if let Some(u) = &self.user {
             e = e.actor(format!("user:{u}"));
         }
@@ -667,14 +725,17 @@ impl AuditedBody {
             return;
         }
         self.opened = true;
-        let mut e = self
+        let stream = StreamDetail {
+            download: Some(&self.id),
+            blocks: None,
+        };
+        let e = self
             .log
-            .event("started", 0, self.started, None)
+            .stream_event("started", 0, self.started, None, stream)
             .track(Track::Start(
                 self.id.clone(),
                 self.delivery.state.instance.clone(),
             ));
-        e.detail["download"] = json!(self.id);
         self.sink.record(e);
     }
 
@@ -690,18 +751,21 @@ impl AuditedBody {
         })
     }
 
-    fn final_event(&self, outcome: &str) -> Event {
-        let mut e = self.log.event(outcome, self.sent, self.started, None);
+    fn final_event(&self, outcome: &'static str, reason: Option<&str>) -> Event {
+        let blocks_verified = self
+            .chunks
+            .blocks_verified
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let stream = StreamDetail {
+            download: Some(&self.id),
+            blocks: Some((self.chunks.first_block, blocks_verified)),
+        };
+        let mut e = self
+            .log
+            .stream_event(outcome, self.sent, self.started, reason, stream);
         if self.opened {
             e = e.track(Track::End(self.id.clone()));
         }
-        e.detail["download"] = json!(self.id);
-        e.detail["first_block"] = json!(self.chunks.first_block);
-        e.detail["blocks_verified"] = json!(
-            self.chunks
-                .blocks_verified
-                .load(std::sync::atomic::Ordering::Relaxed)
-        );
         e
     }
 
@@ -718,7 +782,7 @@ impl AuditedBody {
             "complete"
         };
         self.sent += b.len() as u64;
-        let mut e = self.final_event(outcome);
+        let mut e = self.final_event(outcome, None);
         e.delivered = self.delivered(self.sent);
         let ack = self.sink.commit(e);
         self.sent -= b.len() as u64;
@@ -818,13 +882,13 @@ impl Drop for AuditedBody {
                 (true, false) => "storage_error",
                 _ => "aborted_by_client",
             };
-            let mut e = self.final_event(outcome);
+            let mut e = self.final_event(outcome, None);
             e.delivered = self.delivered(self.sent);
             self.sink.record(e);
         } else if self.held.is_some() {
             // The client left while the last chunk waited for the log: correct the record.
-            let mut e = self.final_event("aborted_by_client");
-            e.detail["reason"] = json!("closed before the last chunk was delivered");
+            let reason = Some("closed before the last chunk was delivered");
+            let mut e = self.final_event("aborted_by_client", reason);
             e.track = None;
             self.sink.record(e);
         }
@@ -833,7 +897,62 @@ impl Drop for AuditedBody {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_range;
+    use super::{FetchLog, StreamDetail, parse_range};
+    use serde_json::json;
+
+    /// The typed detail gives the very text a `json!` map of the same fields gives.
+    #[test]
+    fn fetch_details_read_as_the_sorted_map() {
+        let log = FetchLog {
+            method: "GET".into(),
+            model: Some("org/m".into()),
+            revision: Some("main".into()),
+            commit: Some("c0ffee".into()),
+            path: Some("dir/w \"1\".bin".into()),
+            user: Some("u1".into()),
+            jti: Some("j1".into()),
+            range: Some("bytes=0-9".into()),
+            client: Some("127.0.0.1".into()),
+            status: 206,
+            expected: 10,
+        };
+        // The one field that depends on timing is taken from the text itself.
+        let ms = |text: &str| {
+            serde_json::from_str::<serde_json::Value>(text).unwrap()["duration_ms"].clone()
+        };
+        let started = std::time::Instant::now();
+        let plain = log.event("denied", 0, started, Some("token_scope"));
+        assert_eq!(
+            plain.detail,
+            json!({"revision": "main", "commit": "c0ffee", "path": "dir/w \"1\".bin",
+                "user": "u1", "jti": "j1", "range": "bytes=0-9", "client": "127.0.0.1",
+                "status": 206, "bytes_expected": 10, "bytes_sent": 0, "duration_ms": ms(&plain.detail),
+                "reason": "token_scope"})
+            .to_string()
+        );
+        assert_eq!((plain.kind, plain.outcome), ("file_download", "denied"));
+        assert_eq!(plain.actor.as_deref(), Some("user:u1"));
+        let stream = StreamDetail {
+            download: Some("d1"),
+            blocks: Some((3, 2)),
+        };
+        let last = FetchLog {
+            method: "HEAD".into(),
+            user: None,
+            ..log
+        }
+        .stream_event("partial", 10, started, None, stream);
+        assert_eq!(
+            last.detail,
+            json!({"revision": "main", "commit": "c0ffee", "path": "dir/w \"1\".bin",
+                "user": null, "jti": "j1", "range": "bytes=0-9", "client": "127.0.0.1",
+                "status": 206, "bytes_expected": 10, "bytes_sent": 10, "duration_ms": ms(&last.detail),
+                "reason": null, "download": "d1", "first_block": 3, "blocks_verified": 2})
+            .to_string()
+        );
+        assert_eq!(last.kind, "file_head");
+        assert_eq!(last.actor, None);
+    }
 
     #[test]
     fn ranges() {

@@ -6,11 +6,8 @@ use crate::db::AnyConnection;
 use crate::db::schema::{audit_events, open_downloads};
 use crate::error::Result;
 
-#[derive(Debug, Clone, Queryable, Selectable, Insertable, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Queryable, Selectable, serde::Serialize, serde::Deserialize)]
 #[diesel(table_name = audit_events)]
-// Every column is written as given, so SQLite's batch insert is one multi-row statement
-// rather than one INSERT per row.
-#[diesel(treat_none_as_default_value = false)]
 pub struct AuditRow {
     pub seq: i64,
     pub ts_ms: i64,
@@ -21,6 +18,40 @@ pub struct AuditRow {
     pub detail: String,
     pub prev_hash: String,
     pub hash: String,
+}
+
+/// A row as written by the appender, borrowing from the event it records.
+#[derive(Debug, Clone, Copy, Insertable)]
+#[diesel(table_name = audit_events)]
+// Every column is written as given, so the statement is the same for every row and stays
+// prepared.
+#[diesel(treat_none_as_default_value = false)]
+pub struct NewRow<'a> {
+    pub seq: i64,
+    pub ts_ms: i64,
+    pub kind: &'a str,
+    pub outcome: &'a str,
+    pub actor: Option<&'a str>,
+    pub model_id: Option<&'a str>,
+    pub detail: &'a str,
+    pub prev_hash: &'a str,
+    pub hash: &'a str,
+}
+
+impl AuditRow {
+    pub fn as_new(&self) -> NewRow<'_> {
+        NewRow {
+            seq: self.seq,
+            ts_ms: self.ts_ms,
+            kind: &self.kind,
+            outcome: &self.outcome,
+            actor: self.actor.as_deref(),
+            model_id: self.model_id.as_deref(),
+            detail: &self.detail,
+            prev_hash: &self.prev_hash,
+            hash: &self.hash,
+        }
+    }
 }
 
 /// Serialises appenders across processes and replicas: PostgreSQL takes a transaction-scoped
@@ -38,10 +69,17 @@ const ARCHIVE_BASE: &str = "audit_archived_through";
 /// The newest row's sequence number and hash; after an archive that took every row, the
 /// archive's last row.
 pub fn head(conn: &mut AnyConnection) -> Result<Option<(i64, String)>> {
+    // No bound value (`.first()` would bind its LIMIT): SQLite's STAT4 planner prepares a
+    // statement with bound values again on every run, this one stays prepared.
+    let all = diesel::alias!(audit_events as all_events);
     let newest = audit_events::table
-        .order(audit_events::seq.desc())
+        .filter(
+            audit_events::seq.nullable().eq(all
+                .select(diesel::dsl::max(all.field(audit_events::seq)))
+                .single_value()),
+        )
         .select((audit_events::seq, audit_events::hash))
-        .first(conn)
+        .get_result(conn)
         .optional()?;
     if newest.is_some() {
         return Ok(newest);
@@ -57,25 +95,29 @@ pub fn set_archive_base(conn: &mut AnyConnection, seq: i64, hash: &str) -> Resul
     super::kv::set(conn, ARCHIVE_BASE, &format!("{seq} {hash}"))
 }
 
-/// Rows per INSERT statement (9 bound values each, far below either backend's limit).
+/// Rows per PostgreSQL INSERT statement (9 bound values each, far below its limit).
 const ROWS_PER_INSERT: usize = 64;
 
-/// Inserts rows with one multi-row statement per `ROWS_PER_INSERT` (a batch of downloads is
-/// then a few statements, not one per event). diesel's `MultiConnection` has no multi-row
-/// INSERT, so each backend gets its own: SQLite diesel's batch insert on the inner
-/// connection, whose prepared statement is cached per row count (a boxed `sql_query` is
-/// parsed again every time, which was 15 % of the audit writer's time); PostgreSQL a boxed
-/// query with its own placeholders (one round trip matters more there than parsing).
-pub fn insert(conn: &mut AnyConnection, rows: &[AuditRow]) -> Result<()> {
-    for part in rows.chunks(ROWS_PER_INSERT) {
-        match conn {
-            AnyConnection::Sqlite(c) => {
+/// Inserts rows. diesel's `MultiConnection` has no multi-row INSERT, so each backend gets
+/// its own way:
+/// - SQLite: one single-row INSERT per row, through diesel's statement cache, so the
+///   statement is prepared once per connection. (diesel never caches a multi-row INSERT
+///   built from a `Vec`, and parsing one each batch cost more than stepping a prepared
+///   statement per row, which inside one transaction is cheap.)
+/// - PostgreSQL: one multi-row statement per `ROWS_PER_INSERT` rows, since each statement
+///   is a round trip to the server.
+pub fn insert(conn: &mut AnyConnection, rows: &[NewRow<'_>]) -> Result<()> {
+    match conn {
+        AnyConnection::Sqlite(c) => {
+            for row in rows {
                 diesel::insert_into(audit_events::table)
-                    .values(part)
+                    .values(row)
                     .execute(c)?;
             }
-            AnyConnection::Postgresql(c) => {
-                let sql = insert_sql(part.len(), |i| format!("${}", i + 1));
+        }
+        AnyConnection::Postgresql(c) => {
+            for part in rows.chunks(ROWS_PER_INSERT) {
+                let sql = insert_sql(part.len());
                 bind_rows(diesel::sql_query(sql).into_boxed(), part).execute(c)?;
             }
         }
@@ -83,49 +125,43 @@ pub fn insert(conn: &mut AnyConnection, rows: &[AuditRow]) -> Result<()> {
     Ok(())
 }
 
-/// `INSERT INTO audit_events (…) VALUES (…), (…)` for `n` rows; `mark(i)` is the i-th
-/// placeholder.
-fn insert_sql(n: usize, mark: impl Fn(usize) -> String) -> String {
+/// `INSERT INTO audit_events (…) VALUES ($1, …), (…)` for `n` rows.
+fn insert_sql(n: usize) -> String {
+    use std::fmt::Write;
     let mut sql = String::from(
         "INSERT INTO audit_events (seq, ts_ms, kind, outcome, actor, model_id, detail, prev_hash, hash) VALUES ",
     );
     for r in 0..n {
-        if r > 0 {
-            sql.push_str(", ");
+        sql.push_str(if r > 0 { ", (" } else { "(" });
+        for c in 0..9 {
+            let sep = if c > 0 { ", " } else { "" };
+            let _ = write!(sql, "{sep}${}", r * 9 + c + 1);
         }
-        let marks: Vec<String> = (0..9).map(|c| mark(r * 9 + c)).collect();
-        sql.push('(');
-        sql.push_str(&marks.join(", "));
         sql.push(')');
     }
     sql
 }
 
-fn bind_rows<'f, DB>(
-    mut q: diesel::query_builder::BoxedSqlQuery<'f, DB, diesel::query_builder::SqlQuery>,
-    rows: &'f [AuditRow],
-) -> diesel::query_builder::BoxedSqlQuery<'f, DB, diesel::query_builder::SqlQuery>
-where
-    DB: diesel::backend::Backend
-        + diesel::sql_types::HasSqlType<diesel::sql_types::BigInt>
-        + diesel::sql_types::HasSqlType<diesel::sql_types::Text>,
-    i64: diesel::serialize::ToSql<diesel::sql_types::BigInt, DB>,
-    str: diesel::serialize::ToSql<diesel::sql_types::Text, DB>,
-    Option<&'f str>:
-        diesel::serialize::ToSql<diesel::sql_types::Nullable<diesel::sql_types::Text>, DB>,
-{
+fn bind_rows<'f>(
+    mut q: diesel::query_builder::BoxedSqlQuery<
+        'f,
+        diesel::pg::Pg,
+        diesel::query_builder::SqlQuery,
+    >,
+    rows: &'f [NewRow<'f>],
+) -> diesel::query_builder::BoxedSqlQuery<'f, diesel::pg::Pg, diesel::query_builder::SqlQuery> {
     use diesel::sql_types::{BigInt, Nullable, Text};
     for r in rows {
         q = q
             .bind::<BigInt, _>(r.seq)
             .bind::<BigInt, _>(r.ts_ms)
-            .bind::<Text, _>(r.kind.as_str())
-            .bind::<Text, _>(r.outcome.as_str())
-            .bind::<Nullable<Text>, _>(r.actor.as_deref())
-            .bind::<Nullable<Text>, _>(r.model_id.as_deref())
-            .bind::<Text, _>(r.detail.as_str())
-            .bind::<Text, _>(r.prev_hash.as_str())
-            .bind::<Text, _>(r.hash.as_str());
+            .bind::<Text, _>(r.kind)
+            .bind::<Text, _>(r.outcome)
+            .bind::<Nullable<Text>, _>(r.actor)
+            .bind::<Nullable<Text>, _>(r.model_id)
+            .bind::<Text, _>(r.detail)
+            .bind::<Text, _>(r.prev_hash)
+            .bind::<Text, _>(r.hash);
     }
     q
 }

@@ -303,3 +303,26 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod known_tests {
+    use super::KnownCompleted;
+
+    #[test]
+    fn known_pairs_are_remembered_until_the_cap_empties_them() {
+        let k = KnownCompleted::default();
+        assert!(!k.contains("j1", "s1"));
+        k.add([("j1", "s1"), ("j1", "s2"), ("j2", "s1"), ("j1", "s1")]);
+        assert!(k.contains("j1", "s1") && k.contains("j1", "s2") && k.contains("j2", "s1"));
+        assert!(!k.contains("j2", "s2"), "pairs, not the cross product");
+        let many: Vec<(String, String)> = (0..KnownCompleted::MAX)
+            .map(|i| (format!("t{i}"), "s".to_string()))
+            .collect();
+        k.add(many.iter().map(|(a, b)| (a.as_str(), b.as_str())));
+        assert!(k.contains("t99999", "s"), "the newest pair is kept");
+        assert!(
+            !k.contains("j1", "s1"),
+            "passing the cap empties the older pairs"
+        );
+    }
+}
