@@ -26,7 +26,8 @@ use std::future::Future;
 use std::net::TcpListener;
 use std::sync::Arc;
 
-use actix_web::{App, HttpServer, web};
+use actix_web::http::Method;
+use actix_web::{App, HttpResponse, HttpServer, web};
 
 use crate::applications::Context;
 use crate::audit::AuditSink;
@@ -146,12 +147,13 @@ fn http_server(
                 // counted by route pattern, method and status. The raw path and query string
                 // (which may hold a token) are never logged.
                 use tracing::Instrument;
-                let route = if routes::is_download_path(req.path()) {
-                    routes::DOWNLOAD_ROUTE.to_string()
+                let download = routes::is_download_path(req.path());
+                let route: std::borrow::Cow<'static, str> = if download {
+                    routes::DOWNLOAD_ROUTE.into()
                 } else {
-                    req.match_pattern().unwrap_or_else(|| "unmatched".into())
+                    req.match_pattern().unwrap_or_else(|| "unmatched".into()).into()
                 };
-                let method = req.method().to_string();
+                let method = req.method().clone();
                 let id = req
                     .headers()
                     .get("x-request-id")
@@ -162,11 +164,27 @@ fn http_server(
                 let span = tracing::info_span!("request", request_id = %id, method = %method, route = %route);
                 let metrics = metrics.clone();
                 let started = std::time::Instant::now();
-                let fut = srv.call(req);
+                // Downloads (GET and HEAD) go straight to their handler: the router would
+                // match every other pattern's regex first.
+                let fut = if download && (method == Method::GET || method == Method::HEAD) {
+                    let (http, _) = req.into_parts();
+                    futures_util::future::Either::Left(async move {
+                        let state = http.app_data::<web::Data<State>>().cloned().ok_or_else(|| {
+                            actix_web::error::ErrorInternalServerError("no server state")
+                        })?;
+                        let res = match routes::download::resolve(http.clone(), state).await {
+                            Ok(res) => res,
+                            Err(e) => HttpResponse::from_error(e),
+                        };
+                        Ok(actix_web::dev::ServiceResponse::new(http, res))
+                    })
+                } else {
+                    futures_util::future::Either::Right(srv.call(req))
+                };
                 async move {
                     let mut res = fut.await?;
                     let status = res.status().as_u16();
-                    metrics.request(&route, &method, status);
+                    metrics.request(&route, method.as_str(), status);
                     tracing::debug!(status, ms = started.elapsed().as_millis() as u64, "answered");
                     if let Ok(v) = actix_web::http::header::HeaderValue::from_str(&id) {
                         res.headers_mut().insert(actix_web::http::header::HeaderName::from_static("x-request-id"), v);

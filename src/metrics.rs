@@ -5,9 +5,14 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// Method → status → count.
+type ByMethod = BTreeMap<String, BTreeMap<u16, u64>>;
+
 #[derive(Default)]
 pub struct Metrics {
-    requests: Mutex<BTreeMap<(String, String, u16), u64>>,
+    /// route pattern → method → status → count (nested so that counting a request that was
+    /// seen before allocates nothing).
+    requests: Mutex<BTreeMap<String, ByMethod>>,
     pub bytes_served: AtomicU64,
     pub blocks_verified: AtomicU64,
     pub integrity_failures: AtomicU64,
@@ -21,8 +26,18 @@ pub struct Metrics {
 impl Metrics {
     pub fn request(&self, route: &str, method: &str, status: u16) {
         let mut m = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        *m.entry((route.to_string(), method.to_string(), status))
-            .or_default() += 1;
+        if !m.contains_key(route) {
+            m.insert(route.to_string(), BTreeMap::new());
+        }
+        let Some(methods) = m.get_mut(route) else {
+            return;
+        };
+        if !methods.contains_key(method) {
+            methods.insert(method.to_string(), BTreeMap::new());
+        }
+        if let Some(statuses) = methods.get_mut(method) {
+            *statuses.entry(status).or_default() += 1;
+        }
     }
 
     pub fn add(counter: &AtomicU64, n: u64) {
@@ -33,15 +48,16 @@ impl Metrics {
     pub fn render(&self, mail_backlog: i64, webhook_backlog: i64) -> String {
         let mut out = String::new();
         out.push_str("# HELP weightgate_http_requests_total HTTP requests by route pattern, method and status.\n# TYPE weightgate_http_requests_total counter\n");
-        for ((route, method, status), n) in self
-            .requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
+        let requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        for (route, methods) in requests.iter() {
             let route = route.replace('\\', "\\\\").replace('"', "\\\"");
-            out.push_str(&format!("weightgate_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {n}\n"));
+            for (method, statuses) in methods {
+                for (status, n) in statuses {
+                    out.push_str(&format!("weightgate_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {n}\n"));
+                }
+            }
         }
+        drop(requests);
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         for (name, help, kind, v) in [
             (

@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Instant;
 
-use actix_web::http::header::{self, HeaderName};
+use actix_web::http::header::{self, HeaderName, HeaderValue};
 use actix_web::http::{Method, StatusCode};
 use actix_web::{HttpRequest, HttpResponse, web};
 use base64::Engine;
@@ -183,23 +183,22 @@ async fn serve(
     log.revision = Some(revision.clone());
     log.path = Some(path.clone());
 
-    let Resolved {
-        commit,
-        modified,
-        found,
-    } = resolve_path(state, &model, &revision, &path).await?;
+    let resolved = resolve_path(state, &model, &revision, &path).await?;
+    let commit = &resolved.commit;
     log.commit = Some(commit.clone());
-    let Some((file, mut blob)) = found else {
+    let Some((file, blob)) = &resolved.found else {
         if path == SUMS_FILE {
-            return sha256sums(state, &model, &commit, modified).await;
+            return sha256sums(state, &model, commit, resolved.modified).await;
         }
         return Err(Error::not_found(
             "entry_not_found",
             format!("File {path} does not exist in revision {revision} of model {model}."),
         )
         .hub(HubCode::EntryNotFound)
-        .with_header(HeaderName::from_static("x-repo-commit"), commit));
+        .with_header(HeaderName::from_static("x-repo-commit"), commit.clone()));
     };
+    // Replaced by a fresh copy once an upstream fill completes.
+    let mut blob = std::borrow::Cow::Borrowed(blob);
 
     // A bearer token (header or ?token=) wins; otherwise a signed link (?link=).
     let bearer = super::bearer(req);
@@ -212,7 +211,7 @@ async fn serve(
         Some(link) => {
             state
                 .gate
-                .authorize_link(&link, &model, &commit, &path)
+                .authorize_link(&link, &model, commit, &path)
                 .await?
         }
         None => state.gate.authorize(bearer.as_deref(), &model).await?,
@@ -238,8 +237,10 @@ async fn serve(
     if let Some(left) = quota_left {
         resp.insert_header(("X-Weightgate-Quota-Remaining", left.to_string()));
     }
-    identity_headers(&mut resp, &file, &blob, &commit, &principal, &model);
-    resp.insert_header((header::LAST_MODIFIED, http_date(modified)));
+    for (name, value) in &resolved.headers {
+        resp.insert_header((name.clone(), value.clone()));
+    }
+    expiry_warning(&mut resp, &principal, &model);
     if etag_matches(req, &blob.sha256) {
         log.status = 304;
         state
@@ -280,7 +281,7 @@ async fn serve(
         if range.is_none() {
             // The whole file: stream it to the client while the cache fills.
             let (tx, rx) = tokio::sync::mpsc::channel(16);
-            let (st, b) = (state.clone(), blob.clone());
+            let (st, b) = (state.clone(), blob.clone().into_owned());
             tokio::spawn(async move {
                 let _ = up.fill(&st.store, &st.db, &b, block_size, Some(tx)).await;
             });
@@ -312,18 +313,19 @@ async fn serve(
         up.fill(&state.store, &state.db, &blob, block_size, None)
             .await?;
         let sha = blob.sha256.clone();
-        blob = state
-            .db
-            .read(move |c| catalog::find_blob(c, &sha))
-            .await?
-            .ok_or_else(|| Error::internal("filled blob vanished"))?;
+        blob = std::borrow::Cow::Owned(
+            state
+                .db
+                .read(move |c| catalog::find_blob(c, &sha))
+                .await?
+                .ok_or_else(|| Error::internal("filled blob vanished"))?,
+        );
     }
     let plan = Plan {
         key: blob.storage_key.clone(),
         size,
         block_size: blob.block_size as u64,
-        // The blob is this request's own copy, and nothing below needs its block list.
-        block_hashes: std::mem::take(&mut blob.block_hashes),
+        block_hashes: blob.block_hashes.clone(),
         piece_hashes: piece_cvs(state, &blob).await,
         range: start..end,
         chunk_size: state.settings.storage.chunk_size,
@@ -394,46 +396,54 @@ async fn piece_cvs(state: &web::Data<State>, blob: &Blob) -> Bytes {
     }
 }
 
-/// What a `(model, revision, path)` resolved to.
-#[derive(Clone)]
+/// What a `(model, revision, path)` resolved to, with the response headers that depend on
+/// nothing else (built once per cache entry rather than per request).
 pub struct Resolved {
     commit: String,
     modified: i64,
     found: Option<(FileRow, Blob)>,
+    headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 /// Resolutions kept while the catalog epoch stands still (see `db::epoch`): steady-state
 /// downloads do no catalog query, and a quarantine or re-import is seen at once.
-pub type ResolveCache = crate::db::epoch::EpochCache<(String, String, String), Resolved>;
+pub type ResolveCache =
+    crate::db::epoch::EpochCache<(String, String, String), std::sync::Arc<Resolved>>;
 
 async fn resolve_path(
     state: &web::Data<State>,
     model: &str,
     revision: &str,
     path: &str,
-) -> Result<Resolved> {
+) -> Result<std::sync::Arc<Resolved>> {
     let key = (model.to_string(), revision.to_string(), path.to_string());
     let stamp = state.db.epoch.current();
     if let Some(hit) = state.resolved.get(&key, stamp) {
         return Ok(hit);
     }
     let (m, rev, p) = key.clone();
-    let found = state
+    let (commit, modified, found) = state
         .db
         .read(move |c| {
             catalog::require_model(c, &m)?;
             let commit = catalog::resolve_revision(c, &m, &rev)?;
             let modified = catalog::revision_created_at(c, &m, &commit)?;
             let found = catalog::find_file(c, &m, &commit, &p)?;
-            Ok(Resolved {
-                commit,
-                modified,
-                found,
-            })
+            Ok((commit, modified, found))
         })
         .await?;
-    state.resolved.put(key, stamp, found.clone());
-    Ok(found)
+    let headers = match &found {
+        Some((file, blob)) => file_headers(file, blob, &commit, modified),
+        None => Vec::new(),
+    };
+    let resolved = std::sync::Arc::new(Resolved {
+        commit,
+        modified,
+        found,
+        headers,
+    });
+    state.resolved.put(key, stamp, resolved.clone());
+    Ok(resolved)
 }
 
 /// Each revision's checksum list, generated (never stored): works with `sha256sum -c`.
@@ -502,32 +512,44 @@ fn repo_not_found(model: &str) -> Error {
 
 /// The headers that identify the content: its SHA-256 (ETag, X-Linked-Etag, Repr-Digest),
 /// its size and the commit, as the Hugging Face client and RFC 9530 expect.
-fn identity_headers(
-    resp: &mut actix_web::HttpResponseBuilder,
+/// The headers that say which file this is: the same for every request for it.
+fn file_headers(
     file: &FileRow,
     blob: &Blob,
     commit: &str,
-    principal: &Principal,
-    model: &str,
-) {
+    modified: i64,
+) -> Vec<(HeaderName, HeaderValue)> {
     let etag = format!("\"{}\"", blob.sha256);
     let digest = hex::decode(&blob.sha256).unwrap_or_default();
     let basename = file.path.rsplit('/').next().unwrap_or(&file.path);
-    resp.insert_header((header::ETAG, etag.clone()))
-        .insert_header(("X-Linked-Etag", etag))
-        .insert_header(("X-Linked-Size", blob.size.to_string()))
-        .insert_header(("X-Repo-Commit", commit.to_string()))
-        .insert_header((
-            "Repr-Digest",
+    [
+        (header::ETAG, etag.clone()),
+        (HeaderName::from_static("x-linked-etag"), etag),
+        (
+            HeaderName::from_static("x-linked-size"),
+            blob.size.to_string(),
+        ),
+        (HeaderName::from_static("x-repo-commit"), commit.to_string()),
+        (
+            HeaderName::from_static("repr-digest"),
             format!(
                 "sha-256=:{}:",
                 base64::engine::general_purpose::STANDARD.encode(digest)
             ),
-        ))
-        .insert_header((header::ACCEPT_RANGES, "bytes"))
-        .insert_header((header::CONTENT_TYPE, "application/octet-stream"))
-        .insert_header((header::CACHE_CONTROL, "private, no-transform"))
-        .insert_header((header::CONTENT_DISPOSITION, content_disposition(basename)));
+        ),
+        (header::ACCEPT_RANGES, "bytes".to_string()),
+        (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+        (header::CACHE_CONTROL, "private, no-transform".to_string()),
+        (header::CONTENT_DISPOSITION, content_disposition(basename)),
+        (header::LAST_MODIFIED, http_date(modified)),
+    ]
+    .into_iter()
+    .filter_map(|(name, value)| Some((name, HeaderValue::from_str(&value).ok()?)))
+    .collect()
+}
+
+/// Warns a researcher whose access ends within a week (the Hub client prints `X-HF-Warning`).
+fn expiry_warning(resp: &mut actix_web::HttpResponseBuilder, principal: &Principal, model: &str) {
     if let Some(exp) = principal.grant_expires_at {
         let left = exp - util::now();
         if left < 7 * 86400 {
