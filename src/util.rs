@@ -43,7 +43,7 @@ pub fn random_secret() -> String {
 
 /// Lower-case hex SHA-256 of `data`; how every bearer secret is stored.
 pub fn sha256_hex(data: impl AsRef<[u8]>) -> String {
-    hex::encode(Sha256::digest(data.as_ref()))
+    hex_lower(&Sha256::digest(data.as_ref()))
 }
 
 /// Constant-time equality for secrets and their hashes.
