@@ -513,8 +513,11 @@ fn main() -> ExitCode {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| default_level.into());
+    // Colours only for a terminal: a log file or collector gets plain text (and each span
+    // of each request is formatted a little cheaper).
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if settings.log.format == weightgate::config::LogFormat::Json {
         logs.json()
