@@ -266,6 +266,40 @@ async fn shutdown_drains_then_lets_downloads_finish() {
             .len(),
         16
     );
+    // Downloads skip the router, other methods on their paths still meet it, and both are
+    // counted under the download route.
+    let post = s
+        .http
+        .post(s.url("/acme/tiny/resolve/main/config.json"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), 405);
+    let head = s
+        .http
+        .head(s.url("/acme/tiny/resolve/main/config.json"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    assert!(head.headers().contains_key("x-request-id"));
+    let metrics = s
+        .http
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (method, status) in [("GET", 200), ("HEAD", 200), ("POST", 405)] {
+        let line = format!(
+            "weightgate_http_requests_total{{route=\"/{{org}}/{{name}}/resolve/{{tail:.*}}\",method=\"{method}\",status=\"{status}\"}} 1"
+        );
+        assert!(metrics.contains(&line), "{line} not in:\n{metrics}");
+    }
     // A download is in flight when shutdown begins.
     let mut inflight = s
         .http

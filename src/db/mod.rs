@@ -220,9 +220,11 @@ fn immediate_transaction<T>(
             AnsiTransactionManager::commit_transaction(sqlite(conn)?)?;
             Ok(v)
         }
-        Err(e) => {
-            AnsiTransactionManager::rollback_transaction(sqlite(conn)?)?;
-            Err(e)
-        }
+        // As diesel's own `transaction`: a failed rollback is reported unless the
+        // transaction manager was already broken by the original error.
+        Err(e) => match AnsiTransactionManager::rollback_transaction(sqlite(conn)?) {
+            Ok(()) | Err(diesel::result::Error::BrokenTransactionManager) => Err(e),
+            Err(rollback) => Err(rollback.into()),
+        },
     }
 }
