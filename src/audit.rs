@@ -642,7 +642,8 @@ impl AuditSink {
         self.queue(event);
     }
 
-    /// Queues an event unless it has nothing left to write; returns whether it was queued.
+    /// Queues an event unless it has nothing left to write; returns false when it was dropped
+    /// as needless (true also when the writer is gone, which is logged).
     /// With `audit.downloads` off, a download event is kept only for its delivery record,
     /// and not even for that once the token has completed the file.
     fn queue(&self, mut event: Event) -> bool {
@@ -709,7 +710,13 @@ fn writer(
         let mut delay = Duration::from_millis(50);
         while !batch.is_empty() {
             let started = std::time::Instant::now();
-            match db.write_blocking(|c| append_events(c, &batch, &known)) {
+            // A panic inside the write (a bug, or one in a library) is retried like an error,
+            // rather than ending the writer and with it every later event.
+            let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                db.write_blocking(|c| append_events(c, &batch, &known))
+            }))
+            .unwrap_or_else(|_| Err(crate::error::Error::internal("the audit write panicked")));
+            match attempt {
                 Ok(done) => {
                     known.add(done.pairs());
                     use std::sync::atomic::Ordering::Relaxed;

@@ -164,8 +164,8 @@ fn http_server(
                 let span = tracing::info_span!("request", request_id = %id, method = %method, route = %route);
                 let metrics = metrics.clone();
                 let started = std::time::Instant::now();
-                // Downloads (GET and HEAD) go straight to their handler: the router would
-                // match every other pattern's regex first.
+                // Downloads (GET and HEAD) go straight to their handler, without the router's
+                // regex match of the download pattern; other methods meet the router (405).
                 let fut = if download && (method == Method::GET || method == Method::HEAD) {
                     let (http, _) = req.into_parts();
                     futures_util::future::Either::Left(async move {
@@ -337,7 +337,7 @@ pub async fn run(
         let _ = t.await;
     }
     drop(state);
-    // Everything queued before this point is committed when flush returns; the writer task
+    // Everything queued before this point is committed when flush returns; the writer thread
     // itself ends once the last handle (held by dropped workers) is gone.
     audit.flush().await;
     drop(audit_task); // detached: it ends by itself once the last handle is gone

@@ -61,8 +61,15 @@ impl ManageConnection for Manager {
             .map_err(r2d2::Error::QueryError)
     }
 
-    fn has_broken(&self, _conn: &mut AnyConnection) -> bool {
-        false
+    /// A connection dropped while its thread unwinds, or left inside a transaction, is not
+    /// handed out again.
+    fn has_broken(&self, conn: &mut AnyConnection) -> bool {
+        use diesel::r2d2::R2D2Connection;
+        std::thread::panicking()
+            || match conn {
+                AnyConnection::Sqlite(c) => c.is_broken(),
+                AnyConnection::Postgresql(c) => c.is_broken(),
+            }
     }
 }
 

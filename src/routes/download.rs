@@ -510,9 +510,10 @@ fn repo_not_found(model: &str) -> Error {
     .hub(HubCode::RepoNotFound)
 }
 
-/// The headers that identify the content: its SHA-256 (ETag, X-Linked-Etag, Repr-Digest),
-/// its size and the commit, as the Hugging Face client and RFC 9530 expect.
-/// The headers that say which file this is: the same for every request for it.
+/// The headers that say which file this is, the same for every request for it: its SHA-256
+/// (ETag, X-Linked-Etag, Repr-Digest), its size and commit (as the Hugging Face client and
+/// RFC 9530 expect), its name and when its revision was made. A value that cannot be a header
+/// is left out (none of these inputs can produce one).
 fn file_headers(
     file: &FileRow,
     blob: &Blob,

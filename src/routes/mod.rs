@@ -34,13 +34,18 @@ const RESERVED_FIRST: [&str; 10] = [
 
 pub const DOWNLOAD_ROUTE: &str = "/{org}/{name}/resolve/{tail:.*}";
 
-/// Whether `path` is certainly a download, judged from its raw segments alone. A first
-/// segment with a percent escape may decode to a reserved one (actix routes on the decoded
-/// path), so it takes the usual order.
+/// Whether `path` is certainly a download, judged from its raw segments alone: exactly what
+/// `DOWNLOAD_ROUTE` matches (non-empty org and name, then `resolve/`), minus the paths
+/// other routes may take. A first segment with a percent escape may decode to a reserved one
+/// (actix routes on the decoded path), so it takes the usual order.
 pub fn is_download_path(path: &str) -> bool {
     let mut parts = path.split('/').skip(1);
-    let first = parts.next().unwrap_or("");
-    !first.contains('%') && !RESERVED_FIRST.contains(&first) && parts.nth(1) == Some("resolve")
+    let (Some(org), Some(name), Some("resolve"), Some(_tail)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    !org.is_empty() && !name.is_empty() && !org.contains('%') && !RESERVED_FIRST.contains(&org)
 }
 
 fn download_resource() -> actix_web::Resource {
@@ -248,6 +253,12 @@ mod route_tests {
         assert!(!is_download_path("/models/org/resolve/apply"));
         assert!(!is_download_path("/org/model/tree/main"));
         assert!(!is_download_path("/org/resolve"));
+        assert!(
+            !is_download_path("/org/model/resolve"),
+            "no tail: not the route"
+        );
+        assert!(!is_download_path("/org//resolve/x"), "empty name");
+        assert!(!is_download_path("//model/resolve/x"), "empty org");
         assert!(!is_download_path("/"));
         assert!(
             !is_download_path("/%61pi/models/resolve/x"),
