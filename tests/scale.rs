@@ -268,32 +268,15 @@ async fn shutdown_drains_then_lets_downloads_finish() {
     );
     // Downloads skip the router, other methods on their paths still meet it, and both are
     // counted under the download route.
-    let post = s
-        .http
-        .post(s.url("/acme/tiny/resolve/main/config.json"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(post.status(), 405);
-    let head = s
-        .http
-        .head(s.url("/acme/tiny/resolve/main/config.json"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(head.status(), 200);
-    assert!(head.headers().contains_key("x-request-id"));
-    let metrics = s
-        .http
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    for (method, status) in [(reqwest::Method::POST, 405), (reqwest::Method::HEAD, 200)] {
+        let url = s.url("/acme/tiny/resolve/main/config.json");
+        let r = s.http.request(method, url).bearer_auth(&token).send();
+        let r = r.await.unwrap();
+        assert_eq!(r.status(), status);
+        assert!(r.headers().contains_key("x-request-id"));
+    }
+    let metrics = s.http.get(s.url("/metrics")).send().await.unwrap();
+    let metrics = metrics.text().await.unwrap();
     for (method, status) in [("GET", 200), ("HEAD", 200), ("POST", 405)] {
         let line = format!(
             "weightgate_http_requests_total{{route=\"/{{org}}/{{name}}/resolve/{{tail:.*}}\",method=\"{method}\",status=\"{status}\"}} 1"
