@@ -26,6 +26,9 @@ struct Origin {
     mode: Arc<AtomicU8>,
     hits: Arc<AtomicUsize>,
     data: Vec<u8>,
+    /// In SLOW mode the origin sends the second half of the weights only once this is
+    /// notified.
+    release: Arc<tokio::sync::Notify>,
 }
 
 async fn origin() -> Origin {
@@ -42,14 +45,16 @@ async fn origin_with(size: usize, foreign: &str) -> Origin {
     let sha = weightgate::util::sha256_hex(&data);
     let commit = "ab".repeat(20);
     let (mode, hits) = (Arc::new(AtomicU8::new(GOOD)), Arc::new(AtomicUsize::new(0)));
-    let (m, h, d) = (mode.clone(), hits.clone(), data.clone());
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (m, h, d, go) = (mode.clone(), hits.clone(), data.clone(), release.clone());
     tokio::spawn(async move {
         loop {
             let (mut sock, _) = listener.accept().await.unwrap();
-            let (m, h, d, sha, commit, foreign) = (
+            let (m, h, d, go, sha, commit, foreign) = (
                 m.clone(),
                 h.clone(),
                 d.clone(),
+                go.clone(),
                 sha.clone(),
                 commit.clone(),
                 foreign.clone(),
@@ -99,11 +104,11 @@ async fn origin_with(size: usize, foreign: &str) -> Origin {
                         }
                         STALL => {
                             let _ = sock.write_all(&d[..half]).await;
-                            tokio::time::sleep(Duration::from_secs(30)).await;
+                            std::future::pending::<()>().await;
                         }
                         SLOW => {
                             let _ = sock.write_all(&d[..half]).await;
-                            tokio::time::sleep(Duration::from_millis(400)).await; // keeps two first requests overlapping
+                            go.notified().await;
                             let _ = sock.write_all(&d[half..]).await;
                         }
                         _ => {
@@ -121,6 +126,7 @@ async fn origin_with(size: usize, foreign: &str) -> Origin {
         mode,
         hits,
         data,
+        release,
     }
 }
 
@@ -153,7 +159,11 @@ async fn get(s: &TestServer, token: &str, range: Option<&str>) -> (u16, Vec<u8>,
     if let Some(r) = range {
         req = req.header("Range", r);
     }
-    let mut r = req.send().await.unwrap();
+    read_all(req.send().await.unwrap()).await
+}
+
+/// Status, body, and whether the body broke off.
+async fn read_all(mut r: reqwest::Response) -> (u16, Vec<u8>, bool) {
     let status = r.status().as_u16();
     let mut got = Vec::new();
     loop {
@@ -237,7 +247,16 @@ async fn concurrent_first_requests_fill_once() {
     let o = origin().await;
     o.mode.store(SLOW, Ordering::SeqCst);
     let (s, token) = server(&o).await;
-    let (a, b) = tokio::join!(get(&s, &token, None), get(&s, &token, None));
+    let send = || {
+        s.http
+            .get(s.url("/o/m/resolve/main/w.bin"))
+            .bearer_auth(&token)
+            .send()
+    };
+    // Both answers have their headers, so both requests are in before the origin finishes.
+    let (a, b) = tokio::join!(send(), send());
+    o.release.notify_one();
+    let (a, b) = tokio::join!(read_all(a.unwrap()), read_all(b.unwrap()));
     assert!(a.1 == o.data && b.1 == o.data, "both complete and correct");
     assert_eq!(o.hits.load(Ordering::SeqCst), 1, "one fill");
 }
