@@ -180,12 +180,13 @@ fn append_rows(
     record: &mut impl FnMut(&mut AnyConnection, &Event) -> Result<()>,
 ) -> Result<()> {
     rows::lock_chain(conn)?;
-    let (mut seq, head) = rows::head(conn)?.unwrap_or((0, GENESIS.to_string()));
+    let (head_seq, head) = rows::head(conn)?.unwrap_or((0, GENESIS.to_string()));
     let logged: Vec<&Event> = events.iter().filter(|e| !e.unlogged).collect();
-    // Each row's hash, in order; a row's prev_hash is the one before it (or the head's).
+    // Row i is number head_seq + 1 + i; its prev_hash is row i - 1's hash (or the head's).
+    let seq_of = |i: usize| head_seq + 1 + i as i64;
     let mut hashes: Vec<String> = Vec::with_capacity(logged.len());
-    for e in &logged {
-        seq += 1;
+    for (i, e) in logged.iter().enumerate() {
+        let seq = seq_of(i);
         let prev = hashes.last().unwrap_or(&head);
         let hash = chain_hash(&new_row(e, seq, prev, ""));
         hashes.push(hash);
@@ -204,13 +205,12 @@ fn append_rows(
             None => {}
         }
     }
-    let first = seq + 1 - logged.len() as i64;
     let out: Vec<NewRow<'_>> = logged
         .iter()
         .enumerate()
         .map(|(i, e)| {
             let prev = if i == 0 { &head } else { &hashes[i - 1] };
-            new_row(e, first + i as i64, prev, &hashes[i])
+            new_row(e, seq_of(i), prev, &hashes[i])
         })
         .collect();
     rows::insert(conn, &out)

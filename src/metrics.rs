@@ -8,6 +8,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// Method → status → count.
 type ByMethod = BTreeMap<String, BTreeMap<u16, u64>>;
 
+/// The value under `key`, added empty if missing (the key is copied only then); always
+/// `Some`.
+fn entry<'m, V: Default>(map: &'m mut BTreeMap<String, V>, key: &str) -> Option<&'m mut V> {
+    if !map.contains_key(key) {
+        map.insert(key.to_string(), V::default());
+    }
+    map.get_mut(key)
+}
+
 #[derive(Default)]
 pub struct Metrics {
     /// route pattern → method → status → count (nested so that counting a request that was
@@ -26,16 +35,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn request(&self, route: &str, method: &str, status: u16) {
         let mut m = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        if !m.contains_key(route) {
-            m.insert(route.to_string(), BTreeMap::new());
-        }
-        let Some(methods) = m.get_mut(route) else {
-            return;
-        };
-        if !methods.contains_key(method) {
-            methods.insert(method.to_string(), BTreeMap::new());
-        }
-        if let Some(statuses) = methods.get_mut(method) {
+        if let Some(statuses) = entry(&mut m, route).and_then(|by| entry(by, method)) {
             *statuses.entry(status).or_default() += 1;
         }
     }

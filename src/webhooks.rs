@@ -53,6 +53,7 @@ pub fn enqueue(c: &mut AnyConnection, e: &Event, seq: i64) -> Result<()> {
         return Ok(());
     };
     let hooks = rows::active(c)?;
+    let data = serde_json::from_str::<serde_json::Value>(&e.detail).unwrap_or_default();
     for w in hooks.iter().filter(|w| w.wants(name)) {
         let id = util::random_hex(12);
         let payload = json!({
@@ -62,7 +63,7 @@ pub fn enqueue(c: &mut AnyConnection, e: &Event, seq: i64) -> Result<()> {
             "occurred_at": util::rfc3339(e.ts_ms / 1000),
             "model": e.model_id,
             "actor": e.actor,
-            "data": serde_json::from_str::<serde_json::Value>(&e.detail).unwrap_or_default(),
+            "data": data,
             "audit_seq": seq,
         });
         rows::enqueue(

@@ -373,10 +373,13 @@ async fn serve(
 }
 
 /// The blob's piece CVs, from the cache or (once) from the database; empty when the blob has
-/// none or they cannot be read now (its blocks are then verified whole).
+/// none or they cannot be read now (its blocks are then verified whole). A file of at most
+/// one piece is one block that is checked whole anyway (a block's CVs are used only when it
+/// has two or more), so it is not looked up at all.
 async fn piece_cvs(state: &web::Data<State>, blob: &Blob) -> Bytes {
+    use crate::storage::manifest::{PIECE_SIZE, pieces_apply};
     let block_size = blob.block_size as u64;
-    if !crate::storage::manifest::pieces_apply(block_size) {
+    if !pieces_apply(block_size) || blob.size as u64 <= PIECE_SIZE {
         return Bytes::new();
     }
     if let Some(cvs) = state.pieces.get(&blob.sha256, block_size) {

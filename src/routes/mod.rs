@@ -16,9 +16,9 @@ use actix_web::{HttpRequest, web};
 use crate::error::Error;
 
 /// The first path segments the other routes start with. A path starting with anything else
-/// can only be a download (`/{org}/{name}/resolve/…`), so downloads are routed first,
-/// without trying the other patterns (each one a regex match); paths starting with one of
-/// these take the usual order, where the download route comes last.
+/// can only be a download (`/{org}/{name}/resolve/…`), so downloads skip the router and its
+/// regex matches; paths starting with one of these take the usual order, where the download
+/// route comes last.
 const RESERVED_FIRST: [&str; 10] = [
     "",
     ".well-known",
@@ -54,10 +54,10 @@ fn download_resource() -> actix_web::Resource {
         .route(web::head().to(download::resolve))
 }
 
+/// The routes. `GET`/`HEAD` on a download path never get here: the request middleware in
+/// `lib.rs` hands them to `download::resolve` itself (see `is_download_path`); the download
+/// resource, last, answers the other methods on those paths (405).
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(download_resource().guard(actix_web::guard::fn_guard(|ctx| {
-        is_download_path(ctx.head().uri.path())
-    })));
     cfg.route("/", web::get().to(pages::catalogue))
         .route("/static/{file}", web::get().to(pages::static_file))
         .route("/models/{org}/{name}", web::get().to(pages::model))

@@ -115,12 +115,7 @@ impl Hasher {
     pub fn update(&mut self, mut data: &[u8]) {
         self.sha256.update(data);
         self.size += data.len() as u64;
-        // The hasher covers a piece when pieces apply, else a whole block.
-        let unit = if self.pieces.is_some() {
-            PIECE_SIZE
-        } else {
-            self.block_size
-        };
+        let unit = self.unit();
         while !data.is_empty() {
             let room = (unit - self.in_block % unit) as usize;
             let take = room.min(data.len());
@@ -136,6 +131,15 @@ impl Hasher {
                     self.block.set_input_offset(self.in_block);
                 }
             }
+        }
+    }
+
+    /// What `block` hashes at a time: a piece when pieces apply, else a whole block.
+    fn unit(&self) -> u64 {
+        if self.pieces.is_some() {
+            PIECE_SIZE
+        } else {
+            self.block_size
         }
     }
 
@@ -166,12 +170,7 @@ impl Hasher {
 
     pub fn finish(mut self) -> Digest {
         if self.in_block > 0 {
-            let unit = if self.pieces.is_some() {
-                PIECE_SIZE
-            } else {
-                self.block_size
-            };
-            if !self.in_block.is_multiple_of(unit) {
+            if !self.in_block.is_multiple_of(self.unit()) {
                 self.close_piece();
             }
             self.close_block();

@@ -302,10 +302,7 @@ mod tests {
             vec![(0, 25), (30, 40)]
         );
     }
-}
 
-#[cfg(test)]
-mod known_tests {
     use super::KnownCompleted;
 
     #[test]
