@@ -125,6 +125,10 @@ pub struct StorageSettings {
     /// ran faster than with 1 MiB (the read, hash and copy stay in the CPU's cache) and as
     /// fast as with 2 MiB; 256 KiB loses to per-chunk overhead.
     pub chunk_size: usize,
+    /// Bytes of small local files (up to 64 KiB each) kept in memory once verified, while
+    /// the file on disk is unchanged (0: none). Each request still checks the file's
+    /// identity with a `stat`.
+    pub small_file_cache: usize,
     /// S3-compatible storage (storage.backend = "s3").
     pub s3_endpoint: String,
     pub s3_bucket: String,
@@ -278,6 +282,7 @@ impl Default for StorageSettings {
             backend: StorageBackend::Local,
             block_size: 8 << 20,
             chunk_size: 512 << 10,
+            small_file_cache: 16 << 20,
             s3_endpoint: String::new(),
             s3_bucket: String::new(),
             s3_region: "us-east-1".into(),

@@ -6,9 +6,11 @@
 //! then bumps the epoch after the commit. In this process that is a counter; for other
 //! processes on the same data dir (the CLI beside the server) it is the file
 //! `<data_dir>/catalog.epoch`, which grows by one byte on each change (appends are atomic
-//! across processes), so its size, read with one `stat`, never repeats; the inode and mtime
-//! tell a rotated file apart. Processes on other machines see changes once their
-//! cache entries age out (the same bound as token revocation).
+//! across processes), so its size never repeats; the inode and mtime tell a rotated file
+//! apart. Readers keep the file open and `fstat` it (no path lookup per request); a file
+//! that has reached its rotation size sends them back to the path. Processes on other
+//! machines see changes once their cache entries age out (the same bound as token
+//! revocation).
 
 use std::cell::Cell;
 use std::path::PathBuf;
@@ -42,6 +44,17 @@ const ROTATE_AT: u64 = 1 << 20;
 pub struct Epoch {
     path: Option<PathBuf>,
     local: AtomicU64,
+    /// The epoch file as last opened. Appends from any process show in its `fstat`; once
+    /// it is as long as `ROTATE_AT` it is about to be (or was) replaced by a rename, so the
+    /// path is looked at again until it names a new file.
+    open: std::sync::RwLock<Option<std::fs::File>>,
+}
+
+type FileStamp = (u64, u64, i64, i64);
+
+fn file_stamp(m: &std::fs::Metadata) -> FileStamp {
+    use std::os::unix::fs::MetadataExt;
+    (m.ino(), m.len(), m.mtime(), m.mtime_nsec())
 }
 
 impl Epoch {
@@ -49,19 +62,40 @@ impl Epoch {
         Epoch {
             path,
             local: AtomicU64::new(0),
+            open: Default::default(),
         }
     }
 
     pub fn current(&self) -> Stamp {
-        use std::os::unix::fs::MetadataExt;
         Stamp {
             local: self.local.load(Ordering::SeqCst),
-            file: self
-                .path
-                .as_ref()
-                .and_then(|p| std::fs::metadata(p).ok())
-                .map(|m| (m.ino(), m.len(), m.mtime(), m.mtime_nsec())),
+            file: self.path.as_ref().and_then(|p| self.file(p)),
         }
+    }
+
+    /// The epoch file's stamp: through the open file while it is short of its rotation
+    /// size, else through the path (reopening it when it names another file).
+    fn file(&self, path: &std::path::Path) -> Option<FileStamp> {
+        {
+            let open = self.open.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(m) = open.as_ref().and_then(|f| f.metadata().ok())
+                && m.len() < ROTATE_AT
+            {
+                return Some(file_stamp(&m));
+            }
+        }
+        let by_path = file_stamp(&std::fs::metadata(path).ok()?);
+        let mut open = self.open.write().unwrap_or_else(|p| p.into_inner());
+        let held = open
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map(|m| file_stamp(&m).0);
+        if held != Some(by_path.0) {
+            // Opened after the stat: if the file was replaced in between, the next call
+            // sees a stamp that differs from this one, which is all a stamp promises.
+            *open = std::fs::File::open(path).ok();
+        }
+        Some(by_path)
     }
 
     /// Records a committed change, for this process and for others on the same data dir.
@@ -162,6 +196,38 @@ mod tests {
             writer.bump();
             assert!(seen.insert(reader.current()), "a stamp came back");
         }
+    }
+
+    #[test]
+    fn a_reader_follows_the_file_through_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.epoch");
+        let (writer, reader) = (
+            Epoch::new(Some(path.clone())),
+            Epoch::new(Some(path.clone())),
+        );
+        writer.bump();
+        let held = reader.current();
+        // One byte short of the rotation size: the next bump rotates the file.
+        let f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.set_len(ROTATE_AT - 1).unwrap();
+        let long = reader.current();
+        assert_ne!(held, long);
+        writer.bump();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 1, "rotated");
+        let rotated = reader.current();
+        assert_ne!(long, rotated, "the renamed-in file is seen");
+        assert_eq!(rotated, reader.current(), "and stands still");
+        writer.bump();
+        let after = reader.current();
+        assert_ne!(
+            rotated, after,
+            "a change in the new file is seen through the reopened one"
+        );
+        assert_eq!(after.file.unwrap().1, 2);
     }
 
     #[test]

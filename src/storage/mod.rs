@@ -4,6 +4,7 @@
 pub mod import;
 pub mod manifest;
 pub mod shared;
+pub mod small;
 pub mod upstream;
 pub mod verify;
 
@@ -26,6 +27,16 @@ pub struct Store {
     pub local_root: Option<std::path::PathBuf>,
     /// Verified blocks currently held by streams, shared with concurrent streams.
     pub blocks: Arc<shared::Blocks>,
+    /// Verified small local files, kept while the file on disk is unchanged.
+    pub small: Arc<small::SmallFiles>,
+}
+
+/// The small-file cache for local stores (`storage.small_file_cache` bytes).
+fn small_files(settings: &Settings) -> Arc<small::SmallFiles> {
+    Arc::new(small::SmallFiles::new(
+        settings.storage.small_file_cache,
+        small::SETTLE,
+    ))
 }
 
 impl Store {
@@ -40,6 +51,7 @@ impl Store {
                     upstream: None,
                     local_root: Some(dir),
                     blocks: Default::default(),
+                    small: small_files(settings),
                 })
             }
             StorageBackend::S3 => {
@@ -66,6 +78,7 @@ impl Store {
                     upstream: None,
                     local_root: None,
                     blocks: Default::default(),
+                    small: small_files(settings),
                 })
             }
             StorageBackend::Upstream => {
@@ -79,6 +92,7 @@ impl Store {
                     upstream: Some(Arc::new(up)),
                     local_root: Some(dir),
                     blocks: Default::default(),
+                    small: small_files(settings),
                 })
             }
         }
