@@ -600,6 +600,8 @@ pub fn export_value(r: &AuditRow) -> Value {
 enum Msg {
     Event(Box<Event>),
     Flush(oneshot::Sender<()>),
+    /// An event and its waiter in one message.
+    Commit(Box<Event>, oneshot::Sender<()>),
 }
 
 /// A handle to the batching writer. Cheap to clone.
@@ -639,23 +641,34 @@ impl AuditSink {
 
     /// Queues an event; it is committed with the next batch.
     pub fn record(&self, event: Event) {
-        self.queue(event);
+        self.send(event, None);
     }
 
-    /// Queues an event unless it has nothing left to write; returns false when it was dropped
-    /// as needless (true also when the writer is gone, which is logged).
-    /// With `audit.downloads` off, a download event is kept only for its delivery record,
-    /// and not even for that once the token has completed the file.
-    fn queue(&self, mut event: Event) -> bool {
+    /// Queues an event, with `waiter` to be answered once it commits; false (and the
+    /// waiter answered at once) when the event has nothing to write (true also when the
+    /// writer is gone, which is logged). With
+    /// `audit.downloads` off, a download event is kept only for its delivery record, and
+    /// not even for that once the token has completed the file.
+    fn send(&self, mut event: Event, waiter: Option<oneshot::Sender<()>>) -> bool {
         if !self.downloads && matches!(event.kind, "file_download" | "file_head") {
             match &event.delivered {
                 Some(d) if !self.known.contains(&d.jti, &d.sha256) => {}
-                _ => return false,
+                _ => {
+                    if let Some(w) = waiter {
+                        let _ = w.send(());
+                    }
+                    return false;
+                }
             }
             event.unlogged = true;
             event.track = None;
         }
-        if self.tx.send(Msg::Event(Box::new(event))).is_err() {
+        let event = Box::new(event);
+        let msg = match waiter {
+            Some(w) => Msg::Commit(event, w),
+            None => Msg::Event(event),
+        };
+        if self.tx.send(msg).is_err() {
             tracing::error!("audit writer has stopped; an event could not be queued");
         }
         true
@@ -665,11 +678,7 @@ impl AuditSink {
     /// when there was nothing to write).
     pub fn commit(&self, event: Event) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
-        if self.queue(event) {
-            let _ = self.tx.send(Msg::Flush(tx));
-        } else {
-            let _ = tx.send(());
-        }
+        self.send(event, Some(tx));
         rx
     }
 
@@ -700,6 +709,10 @@ fn writer(
             match msg {
                 Msg::Event(e) => batch.push(*e),
                 Msg::Flush(w) => waiters.push(w),
+                Msg::Commit(e, w) => {
+                    batch.push(*e);
+                    waiters.push(w);
+                }
             }
             if batch.len() >= batch_max {
                 break;
