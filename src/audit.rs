@@ -644,12 +644,11 @@ impl AuditSink {
         self.send(event, None);
     }
 
-    /// Queues an event, with `waiter` to be answered once it commits; false (and the
-    /// waiter answered at once) when the event has nothing to write (true also when the
-    /// writer is gone, which is logged). With
+    /// Queues an event, with `waiter` to be answered once it commits (at once when the
+    /// event has nothing to write; a writer that is gone is logged, and drops it). With
     /// `audit.downloads` off, a download event is kept only for its delivery record, and
     /// not even for that once the token has completed the file.
-    fn send(&self, mut event: Event, waiter: Option<oneshot::Sender<()>>) -> bool {
+    fn send(&self, mut event: Event, waiter: Option<oneshot::Sender<()>>) {
         if !self.downloads && matches!(event.kind, "file_download" | "file_head") {
             match &event.delivered {
                 Some(d) if !self.known.contains(&d.jti, &d.sha256) => {}
@@ -657,7 +656,7 @@ impl AuditSink {
                     if let Some(w) = waiter {
                         let _ = w.send(());
                     }
-                    return false;
+                    return;
                 }
             }
             event.unlogged = true;
@@ -671,7 +670,6 @@ impl AuditSink {
         if self.tx.send(msg).is_err() {
             tracing::error!("audit writer has stopped; an event could not be queued");
         }
-        true
     }
 
     /// Queues an event and returns a receiver that resolves once it is committed (at once

@@ -125,9 +125,9 @@ pub struct StorageSettings {
     /// ran faster than with 1 MiB (the read, hash and copy stay in the CPU's cache) and as
     /// fast as with 2 MiB; 256 KiB loses to per-chunk overhead.
     pub chunk_size: usize,
-    /// Bytes of small local files (up to 64 KiB each) kept in memory once verified, while
-    /// the file on disk is unchanged (0: none). Each request still checks the file's
-    /// identity with a `stat`.
+    /// Bytes of small local files (up to 64 KiB each) kept in memory to save a read per
+    /// request (0: none). A copy is used while the file's metadata is unchanged and for at
+    /// most a minute, and is hashed again every time it is sent (`storage::small`).
     pub small_file_cache: usize,
     /// S3-compatible storage (storage.backend = "s3").
     pub s3_endpoint: String,

@@ -76,20 +76,25 @@ impl Epoch {
     /// The epoch file's stamp: through the open file while it is short of its rotation
     /// size, else through the path (reopening it when it names another file).
     fn file(&self, path: &std::path::Path) -> Option<FileStamp> {
-        {
+        use std::os::unix::fs::MetadataExt;
+        let held = {
             let open = self.open.read().unwrap_or_else(|p| p.into_inner());
-            if let Some(m) = open.as_ref().and_then(|f| f.metadata().ok())
-                && m.len() < ROTATE_AT
-            {
-                return Some(file_stamp(&m));
+            match open.as_ref().and_then(|f| f.metadata().ok()) {
+                // Still linked (not deleted or renamed over) and short of rotation.
+                Some(m) if m.nlink() > 0 && m.len() < ROTATE_AT => return Some(file_stamp(&m)),
+                Some(m) => Some(m.ino()),
+                None => None,
             }
-        }
+        };
         let by_path = file_stamp(&std::fs::metadata(path).ok()?);
+        if held == Some(by_path.0) {
+            return Some(by_path); // due to rotate, not rotated yet
+        }
         let mut open = self.open.write().unwrap_or_else(|p| p.into_inner());
         let held = open
             .as_ref()
             .and_then(|f| f.metadata().ok())
-            .map(|m| file_stamp(&m).0);
+            .map(|m| m.ino());
         if held != Some(by_path.0) {
             // Opened after the stat: if the file was replaced in between, the next call
             // sees a stamp that differs from this one, which is all a stamp promises.
@@ -228,6 +233,35 @@ mod tests {
             "a change in the new file is seen through the reopened one"
         );
         assert_eq!(after.file.unwrap().1, 2);
+    }
+
+    #[test]
+    fn a_reader_follows_a_file_deleted_or_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.epoch");
+        let (writer, reader) = (
+            Epoch::new(Some(path.clone())),
+            Epoch::new(Some(path.clone())),
+        );
+        writer.bump();
+        writer.bump();
+        let held = reader.current();
+        std::fs::remove_file(&path).unwrap();
+        writer.bump();
+        let fresh = reader.current();
+        assert_ne!(held, fresh, "the new file is read, not the deleted one");
+        assert_eq!(fresh.file.unwrap().1, 1);
+        let other = dir.path().join("restored");
+        std::fs::write(&other, b"...").unwrap();
+        std::fs::rename(&other, &path).unwrap();
+        let restored = reader.current();
+        assert_eq!(
+            restored.file.unwrap().1,
+            3,
+            "a file renamed over it is read"
+        );
+        writer.bump();
+        assert_eq!(reader.current().file.unwrap().1, 4);
     }
 
     #[test]

@@ -1,12 +1,13 @@
-//! Verified small local files, kept in memory while the file on disk stays the same.
+//! Small local files kept in memory, to save the open, read and close of every request.
 //!
-//! A small file's request is mostly fixed cost: open, read, close and a BLAKE3 pass over a
-//! few KiB. Reading it again from the page cache only re-checks what the page cache holds,
-//! and that changes only through a write to the file, which moves its change time. So a
-//! verified copy is kept with the file's identity (device, inode, size, mtime, ctime), and
-//! each request `stat`s the path: any write, truncation or replacement since the copy was
-//! verified makes it miss, and the file is read and verified afresh (a damaged one then
-//! fails as before).
+//! A kept copy is used only while the file's metadata (device, inode, size, mtime, ctime,
+//! read with one `stat` per request) is what it was when the copy was read, and for at most
+//! `MAX_AGE`; its bytes are checked against the block hash on every request all the same
+//! (see `verify::read_small`), so no byte leaves unverified and a copy that no longer
+//! matches is dropped. What the copy cannot see is a change on disk that leaves the metadata
+//! alone (bit rot below the filesystem, a write to the block device): that is caught when
+//! the copy expires and the disk is read again, within `MAX_AGE`, instead of at the next
+//! read that misses the page cache.
 //!
 //! File timestamps advance in ticks, so a write in the same tick as the last one could keep
 //! the same times. A copy is therefore only kept once the file has been unchanged for
@@ -22,6 +23,9 @@ use bytes::Bytes;
 /// How long a file must have been unchanged before a copy of it is kept: well above any
 /// filesystem's timestamp granularity.
 pub const SETTLE: Duration = Duration::from_secs(2);
+
+/// How long a copy is used before the disk is read again.
+pub const MAX_AGE: Duration = Duration::from_secs(60);
 
 /// What identifies one version of a file on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +66,7 @@ impl Identity {
 
 struct Entry {
     identity: Identity,
+    kept: std::time::Instant,
     /// The BLAKE3 hash the bytes were verified against.
     hash: [u8; 32],
     bytes: Bytes,
@@ -89,16 +94,31 @@ impl SmallFiles {
         self.max_bytes > 0
     }
 
-    /// The verified bytes of `key` (stored at `path`) when the file is still the version
-    /// they were read from and they were checked against `hash`.
+    /// The copy of `key` (stored at `path`) when the file's metadata is still that of the
+    /// version it was read from, it was verified against `hash`, and it is younger than
+    /// `MAX_AGE`. The caller checks the bytes again before sending them.
     pub fn get(&self, key: &str, path: &Path, hash: &[u8]) -> Option<Bytes> {
         if !self.enabled() {
             return None;
         }
-        let identity = Identity::of(&std::fs::metadata(path).ok()?);
-        let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
-        let e = entries.0.get(key)?;
-        (e.identity == identity && e.hash[..] == *hash).then(|| e.bytes.clone())
+        let (identity, bytes) = {
+            let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
+            let e = entries.0.get(key)?;
+            if e.hash[..] != *hash || e.kept.elapsed() >= MAX_AGE {
+                return None;
+            }
+            (e.identity, e.bytes.clone())
+        };
+        (Identity::of(&std::fs::metadata(path).ok()?) == identity).then_some(bytes)
+    }
+
+    /// Drops the copy of `key` (it failed its check).
+    pub fn forget(&self, key: &str) {
+        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        let (map, held) = &mut *entries;
+        if let Some(old) = map.remove(key) {
+            *held -= old.bytes.len();
+        }
     }
 
     /// Keeps `bytes`, just verified against `hash`, as the content of the file `meta`
@@ -130,6 +150,7 @@ impl SmallFiles {
             key.to_string(),
             Entry {
                 identity,
+                kept: std::time::Instant::now(),
                 hash,
                 bytes: bytes.clone(),
             },
@@ -174,6 +195,46 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         assert_eq!(cache.get("f", &path, &[7; 32]), None, "gone");
         assert_eq!(cache.usage(), (5, 1));
+        cache.forget("f");
+        assert_eq!(cache.usage(), (0, 0));
+    }
+
+    #[test]
+    fn a_change_of_ctime_alone_misses() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"hello").unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        let mut id = Identity::of(&meta);
+        id.ctime.1 = (id.ctime.1 + 1) % 1_000_000_000;
+        assert_ne!(id, Identity::of(&meta));
+        let cache = SmallFiles::new(1 << 20, Duration::ZERO);
+        cache.put("f", &meta, &[7; 32], &Bytes::from_static(b"hello"));
+        cache
+            .entries
+            .write()
+            .unwrap()
+            .0
+            .get_mut("f")
+            .unwrap()
+            .identity = id;
+        assert_eq!(cache.get("f", &path, &[7; 32]), None);
+    }
+
+    #[test]
+    fn a_copy_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"hello").unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        let cache = SmallFiles::new(1 << 20, Duration::ZERO);
+        cache.put("f", &meta, &[7; 32], &Bytes::from_static(b"hello"));
+        assert!(cache.get("f", &path, &[7; 32]).is_some());
+        let Some(old) = std::time::Instant::now().checked_sub(MAX_AGE) else {
+            return; // a monotonic clock younger than MAX_AGE: nothing to age
+        };
+        cache.entries.write().unwrap().0.get_mut("f").unwrap().kept = old;
+        assert_eq!(cache.get("f", &path, &[7; 32]), None);
     }
 
     #[test]

@@ -208,26 +208,33 @@ pub const INLINE_MAX: u64 = 64 << 10;
 
 /// Reads a small local object whole and returns the wanted range if its one block verifies;
 /// `None` when the plan does not qualify or anything is off, so that the streaming path
-/// (which reports failures) handles it.
+/// (which reports failures) handles it. A copy kept in `store.small` saves the open, read
+/// and close while the file is unchanged; its bytes are checked against the block hash all
+/// the same, on every request.
 fn read_small(store: &Store, plan: &Plan) -> Option<Bytes> {
     use std::io::Read;
     let root = store.local_root.as_ref()?;
     if plan.size > INLINE_MAX || plan.size > plan.block_size || plan.range.is_empty() {
         return None;
     }
-    // No stat for the size: up to one byte more than expected is read instead, and a file of
-    // any other length (a regular file reads short only at its end) goes the streaming way,
-    // which reports it.
-    let hash = plan.block_hashes.get(..HASH_LEN)?;
+    let hash: [u8; HASH_LEN] = plan.block_hashes.get(..HASH_LEN)?.try_into().ok()?;
+    let size = plan.size as usize;
     let path = root.join(&plan.key);
     let slice = |b: Bytes| b.slice(plan.range.start as usize..plan.range.end as usize);
     // A scrub (share = false) always reads the disk.
     let cache = plan.share.then_some(&*store.small);
-    if let Some(bytes) = cache.and_then(|c| c.get(&plan.key, &path, hash)) {
-        return Some(slice(bytes));
+    if let Some(c) = cache
+        && let Some(bytes) = c.get(&plan.key, &path, &hash)
+    {
+        if bytes.len() == size && Check::Block(hash).passes(&bytes) {
+            return Some(slice(bytes));
+        }
+        c.forget(&plan.key);
     }
+    // The size is not taken from a stat: up to one byte more than expected is read instead,
+    // and a file of any other length (a regular file reads short only at its end) goes the
+    // streaming way, which reports it.
     let mut file = std::fs::File::open(&path).ok()?;
-    let size = plan.size as usize;
     let mut buf = vec![0u8; size + 1];
     let mut n = 0;
     while n < size {
@@ -237,14 +244,14 @@ fn read_small(store: &Store, plan: &Plan) -> Option<Bytes> {
         }
     }
     buf.truncate(size);
-    if n != size || !Check::Block(hash.try_into().ok()?).passes(&buf) {
+    if n != size || !Check::Block(hash).passes(&buf) {
         return None;
     }
     let bytes = Bytes::from(buf);
     if let Some(c) = cache.filter(|c| c.enabled())
         && let Ok(meta) = file.metadata()
     {
-        c.put(&plan.key, &meta, hash, &bytes);
+        c.put(&plan.key, &meta, &hash, &bytes);
     }
     Some(slice(bytes))
 }
@@ -888,17 +895,33 @@ mod tests {
             &data[100..200],
             "ranges too"
         );
-        // A scrub reads the disk, never the copy.
+        let meta = std::fs::metadata(dir.path().join("b")).unwrap();
+        let hash: [u8; HASH_LEN] = plan.block_hashes[..HASH_LEN].try_into().unwrap();
+        // A copy is checked again on every use: one that no longer matches its hash is
+        // dropped and the disk is read (and kept) instead.
+        let fake = Bytes::from(vec![9u8; 5000]);
+        small.put(&plan.key, &meta, &hash, &fake);
+        assert_eq!(read_small(&store, &plan).unwrap(), &data[100..200]);
+        assert_eq!(
+            small.get(&plan.key, &dir.path().join("b"), &hash).unwrap(),
+            &data[..]
+        );
+        // The copy is what a download uses, while a scrub reads the disk: with a copy that
+        // matches another hash, a plan for that hash is served the copy, and its scrub
+        // finds the disk's bytes wrong.
+        let fake_hash = *blake3::hash(&fake).as_bytes();
+        small.put(&plan.key, &meta, &fake_hash, &fake);
+        let mut other = plan.clone();
+        other.block_hashes = fake_hash.to_vec();
+        assert_eq!(read_small(&store, &other).unwrap(), &fake[100..200]);
         let scrub = Plan {
             share: false,
-            ..plan.clone()
+            ..other.clone()
         };
-        std::fs::remove_file(dir.path().join("b")).unwrap();
         assert!(read_small(&store, &scrub).is_none());
-        assert!(
-            read_small(&store, &plan).is_none(),
-            "a missing file misses too"
-        );
+        small.put(&plan.key, &meta, &hash, &Bytes::from(data.clone()));
+        std::fs::remove_file(dir.path().join("b")).unwrap();
+        assert!(read_small(&store, &plan).is_none(), "a missing file misses");
         // Damage of the same size is read and caught, not hidden by the copy. (With no
         // settling time, as here, a write in the same timestamp tick could go unseen, so the
         // write's time is made distinct; the server waits for files to settle instead.)
