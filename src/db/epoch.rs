@@ -175,11 +175,20 @@ impl<K: std::hash::Hash + Eq, V: Clone> EpochCache<K, V> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_bump_in_another_handle_changes_the_stamp() {
+    /// Two handles on one epoch file in a fresh folder (a writer and a reader).
+    fn pair() -> (tempfile::TempDir, PathBuf, Epoch, Epoch) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("catalog.epoch");
-        let (a, b) = (Epoch::new(Some(path.clone())), Epoch::new(Some(path)));
+        let (a, b) = (
+            Epoch::new(Some(path.clone())),
+            Epoch::new(Some(path.clone())),
+        );
+        (dir, path, a, b)
+    }
+
+    #[test]
+    fn a_bump_in_another_handle_changes_the_stamp() {
+        let (_dir, _path, a, b) = pair();
         let before = a.current();
         assert_eq!(before, a.current());
         b.bump();
@@ -193,9 +202,7 @@ mod tests {
 
     #[test]
     fn stamps_never_repeat_however_fast_the_bumps() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("catalog.epoch");
-        let (writer, reader) = (Epoch::new(Some(path.clone())), Epoch::new(Some(path)));
+        let (_dir, _path, writer, reader) = pair();
         let mut seen = std::collections::HashSet::new();
         for _ in 0..200 {
             writer.bump();
@@ -205,12 +212,7 @@ mod tests {
 
     #[test]
     fn a_reader_follows_the_file_through_rotation() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("catalog.epoch");
-        let (writer, reader) = (
-            Epoch::new(Some(path.clone())),
-            Epoch::new(Some(path.clone())),
-        );
+        let (_dir, path, writer, reader) = pair();
         writer.bump();
         let held = reader.current();
         // One byte short of the rotation size: the next bump rotates the file.
@@ -237,12 +239,7 @@ mod tests {
 
     #[test]
     fn a_reader_follows_a_file_deleted_or_replaced() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("catalog.epoch");
-        let (writer, reader) = (
-            Epoch::new(Some(path.clone())),
-            Epoch::new(Some(path.clone())),
-        );
+        let (dir, path, writer, reader) = pair();
         writer.bump();
         writer.bump();
         let held = reader.current();

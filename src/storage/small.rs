@@ -168,15 +168,28 @@ impl SmallFiles {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_copy_is_kept_only_for_the_version_it_was_read_from() {
+    /// A folder holding the file `f` with `body`, the file's path and metadata.
+    fn file_with(body: &[u8]) -> (tempfile::TempDir, std::path::PathBuf, std::fs::Metadata) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
-        std::fs::write(&path, b"hello").unwrap();
-        let cache = SmallFiles::new(1 << 20, Duration::ZERO);
-        let bytes = Bytes::from_static(b"hello");
+        std::fs::write(&path, body).unwrap();
         let meta = std::fs::metadata(&path).unwrap();
-        cache.put("f", &meta, &[7; 32], &bytes);
+        (dir, path, meta)
+    }
+
+    /// A cache holding `body` as the copy of `f`, kept at once.
+    fn kept(body: &'static [u8]) -> (tempfile::TempDir, std::path::PathBuf, SmallFiles) {
+        let (dir, path, meta) = file_with(body);
+        let cache = SmallFiles::new(1 << 20, Duration::ZERO);
+        cache.put("f", &meta, &[7; 32], &Bytes::from_static(body));
+        (dir, path, cache)
+    }
+
+    #[test]
+    fn a_copy_is_kept_only_for_the_version_it_was_read_from() {
+        let (dir, path, cache) = kept(b"hello");
+        let meta = std::fs::metadata(&path).unwrap();
+        let bytes = Bytes::from_static(b"hello");
         assert_eq!(cache.get("f", &path, &[7; 32]), Some(bytes.clone()));
         assert_eq!(
             cache.get("f", &path, &[8; 32]),
@@ -201,15 +214,12 @@ mod tests {
 
     #[test]
     fn a_change_of_ctime_alone_misses() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        std::fs::write(&path, b"hello").unwrap();
+        let (_dir, path, cache) = kept(b"hello");
         let meta = std::fs::metadata(&path).unwrap();
         let mut id = Identity::of(&meta);
         id.ctime.1 = (id.ctime.1 + 1) % 1_000_000_000;
         assert_ne!(id, Identity::of(&meta));
-        let cache = SmallFiles::new(1 << 20, Duration::ZERO);
-        cache.put("f", &meta, &[7; 32], &Bytes::from_static(b"hello"));
+        assert!(cache.get("f", &path, &[7; 32]).is_some());
         cache
             .entries
             .write()
@@ -223,12 +233,7 @@ mod tests {
 
     #[test]
     fn a_copy_expires() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        std::fs::write(&path, b"hello").unwrap();
-        let meta = std::fs::metadata(&path).unwrap();
-        let cache = SmallFiles::new(1 << 20, Duration::ZERO);
-        cache.put("f", &meta, &[7; 32], &Bytes::from_static(b"hello"));
+        let (_dir, path, cache) = kept(b"hello");
         assert!(cache.get("f", &path, &[7; 32]).is_some());
         let Some(old) = std::time::Instant::now().checked_sub(MAX_AGE) else {
             return; // a monotonic clock younger than MAX_AGE: nothing to age
@@ -239,10 +244,7 @@ mod tests {
 
     #[test]
     fn nothing_is_kept_while_the_file_may_still_change_unseen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        std::fs::write(&path, b"fresh").unwrap();
-        let meta = std::fs::metadata(&path).unwrap();
+        let (_dir, path, meta) = file_with(b"fresh");
         let cache = SmallFiles::new(1 << 20, Duration::from_secs(3600));
         cache.put("f", &meta, &[7; 32], &Bytes::from_static(b"fresh"));
         assert_eq!(cache.usage(), (0, 0), "changed within the hour: not kept");

@@ -836,18 +836,21 @@ mod tests {
         }
     }
 
+    /// A store on a local folder, with `small` as its small-file cache.
+    fn local_store(root: &std::path::Path, small: Arc<crate::storage::small::SmallFiles>) -> Store {
+        Store {
+            local_root: Some(root.to_path_buf()),
+            upstream: None,
+            inner: Arc::new(object_store::local::LocalFileSystem::new_with_prefix(root).unwrap()),
+            blocks: Default::default(),
+            small,
+        }
+    }
+
     #[tokio::test]
     async fn small_local_files_are_served_inline_and_still_verified() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store {
-            local_root: Some(dir.path().to_path_buf()),
-            upstream: None,
-            inner: Arc::new(
-                object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap(),
-            ),
-            blocks: Default::default(),
-            small: Default::default(),
-        };
+        let store = local_store(dir.path(), Default::default());
         let data: Vec<u8> = (0..5000u32).map(|i| (i % 199) as u8).collect();
         std::fs::write(dir.path().join("b"), &data).unwrap();
         let (_, mut plan) = blob_with(&data, BS).await;
@@ -874,15 +877,7 @@ mod tests {
             1 << 20,
             std::time::Duration::ZERO,
         ));
-        let store = Store {
-            local_root: Some(dir.path().to_path_buf()),
-            upstream: None,
-            inner: Arc::new(
-                object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap(),
-            ),
-            blocks: Default::default(),
-            small: small.clone(),
-        };
+        let store = local_store(dir.path(), small.clone());
         let data: Vec<u8> = (0..5000u32).map(|i| (i % 199) as u8).collect();
         std::fs::write(dir.path().join("b"), &data).unwrap();
         let (_, mut plan) = blob_with(&data, BS).await;
