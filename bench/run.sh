@@ -344,7 +344,7 @@ NG_GET=$W_RPS; NG_GET_P99=$W_P99
 wrk_rate wg_get "$WG_TINY" -H "$AUTH_SMALL"
 WG_GET=$W_RPS; WG_GET_P99=$W_P99
 WG_DOWNLOADS=$((WG_DOWNLOADS + W_REQS))
-row "tiny-file (4 KiB) GET req/s, wrk 64 conns (audit-heavy path; nginx access_log on)" "$WG_GET" "$NG_GET" higher
+row "tiny-file ($(stat -c %s "$SMALL_DIR/$TINY") B) GET req/s, wrk 64 conns (audit-heavy path; nginx access_log on)" "$WG_GET" "$NG_GET" higher
 meta "wrk latency p99: weightgate $WG_GET_P99, nginx $NG_GET_P99 (tiny GET, 64 connections)"
 
 A0=$(audit_downloads)
