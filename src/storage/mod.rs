@@ -1,6 +1,7 @@
 //! Weight storage: an `object_store` backend addressed by typed keys, the block manifests
 //! computed at import, and the verifying reader that checks every block before it is sent.
 
+pub mod budget;
 pub mod import;
 pub mod manifest;
 pub mod shared;

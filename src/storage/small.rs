@@ -13,12 +13,13 @@
 //! the same times. A copy is therefore only kept once the file has been unchanged for
 //! `settle` (its ctime that far in the past), the way git treats "racily clean" entries.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::RwLock;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+
+use super::budget::{Budgeted, Weighed};
 
 /// How long a file must have been unchanged before a copy of it is kept: well above any
 /// filesystem's timestamp granularity.
@@ -72,10 +73,16 @@ struct Entry {
     bytes: Bytes,
 }
 
+impl Weighed for Entry {
+    fn weight(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
 /// The cache; `Default` keeps nothing.
 #[derive(Default)]
 pub struct SmallFiles {
-    entries: RwLock<(HashMap<String, Entry>, usize)>,
+    entries: RwLock<Budgeted<String, Entry>>,
     max_bytes: usize,
     settle: Duration,
 }
@@ -103,7 +110,7 @@ impl SmallFiles {
         }
         let (identity, bytes) = {
             let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
-            let e = entries.0.get(key)?;
+            let e = entries.get(key)?;
             if e.hash[..] != *hash || e.kept.elapsed() >= MAX_AGE {
                 return None;
             }
@@ -115,10 +122,7 @@ impl SmallFiles {
     /// Drops the copy of `key` (it failed its check).
     pub fn forget(&self, key: &str) {
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
-        let (map, held) = &mut *entries;
-        if let Some(old) = map.remove(key) {
-            *held -= old.bytes.len();
-        }
+        entries.remove(key);
     }
 
     /// Keeps `bytes`, just verified against `hash`, as the content of the file `meta`
@@ -136,17 +140,12 @@ impl SmallFiles {
             return;
         }
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
-        let (map, held) = &mut *entries;
-        if let Some(old) = map.remove(key) {
-            *held -= old.bytes.len();
-        }
-        if *held + bytes.len() > self.max_bytes {
+        entries.remove(key);
+        if entries.usage().0 + bytes.len() > self.max_bytes {
             // Full: start over rather than track recency on every hit.
-            map.clear();
-            *held = 0;
+            entries.clear();
         }
-        *held += bytes.len();
-        map.insert(
+        entries.insert(
             key.to_string(),
             Entry {
                 identity,
@@ -159,8 +158,10 @@ impl SmallFiles {
 
     /// Bytes held, and entries.
     pub fn usage(&self) -> (usize, usize) {
-        let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
-        (entries.1, entries.0.len())
+        self.entries
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .usage()
     }
 }
 
@@ -175,6 +176,14 @@ mod tests {
         std::fs::write(&path, body).unwrap();
         let meta = std::fs::metadata(&path).unwrap();
         (dir, path, meta)
+    }
+
+    /// Alters the entry of `f` in place.
+    fn change(cache: &SmallFiles, f: impl FnOnce(&mut Entry)) {
+        let mut entries = cache.entries.write().unwrap();
+        let mut e = entries.remove("f").unwrap();
+        f(&mut e);
+        entries.insert("f".into(), e);
     }
 
     /// A cache holding `body` as the copy of `f`, kept at once.
@@ -220,14 +229,7 @@ mod tests {
         id.ctime.1 = (id.ctime.1 + 1) % 1_000_000_000;
         assert_ne!(id, Identity::of(&meta));
         assert!(cache.get("f", &path, &[7; 32]).is_some());
-        cache
-            .entries
-            .write()
-            .unwrap()
-            .0
-            .get_mut("f")
-            .unwrap()
-            .identity = id;
+        change(&cache, |e| e.identity = id);
         assert_eq!(cache.get("f", &path, &[7; 32]), None);
     }
 
@@ -238,7 +240,7 @@ mod tests {
         let Some(old) = std::time::Instant::now().checked_sub(MAX_AGE) else {
             return; // a monotonic clock younger than MAX_AGE: nothing to age
         };
-        cache.entries.write().unwrap().0.get_mut("f").unwrap().kept = old;
+        change(&cache, |e| e.kept = old);
         assert_eq!(cache.get("f", &path, &[7; 32]), None);
     }
 

@@ -167,11 +167,9 @@ where
 /// blocks has the same CVs (and CVs that do not merge into the block hash are not used).
 #[derive(Default)]
 pub struct PieceCache {
-    /// The CVs by (SHA-256, block size), and how many bytes they hold together.
-    entries: std::sync::Mutex<(PieceMap, usize)>,
+    /// The CVs by (SHA-256, block size).
+    entries: std::sync::Mutex<crate::storage::budget::Budgeted<(String, u64), Bytes>>,
 }
-
-type PieceMap = std::collections::HashMap<(String, u64), Bytes>;
 
 /// What `PieceCache` holds at most: the CVs of 64 GiB of files.
 pub const PIECE_CACHE_BYTES: usize = 16 << 20;
@@ -179,7 +177,7 @@ pub const PIECE_CACHE_BYTES: usize = 16 << 20;
 impl PieceCache {
     pub fn get(&self, sha256: &str, block_size: u64) -> Option<Bytes> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        entries.0.get(&(sha256.to_owned(), block_size)).cloned()
+        entries.get(&(sha256.to_owned(), block_size)).cloned()
     }
 
     /// Keeps `cvs` unless it alone exceeds the budget; makes room by dropping other entries.
@@ -188,17 +186,8 @@ impl PieceCache {
             return;
         }
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let (map, held) = &mut *entries;
-        while *held + cvs.len() > PIECE_CACHE_BYTES {
-            let Some(k) = map.keys().next().cloned() else {
-                break;
-            };
-            *held -= map.remove(&k).map_or(0, |v| v.len());
-        }
-        *held += cvs.len();
-        if let Some(old) = map.insert((sha256.to_owned(), block_size), cvs) {
-            *held -= old.len();
-        }
+        entries.make_room(cvs.len(), PIECE_CACHE_BYTES);
+        entries.insert((sha256.to_owned(), block_size), cvs);
     }
 }
 
@@ -945,7 +934,7 @@ mod tests {
         let third = Bytes::from(vec![1u8; PIECE_CACHE_BYTES / 3]);
         for i in 0..10 {
             cache.put(&format!("sha{i}"), 8 << 20, third.clone());
-            let held = cache.entries.lock().unwrap().1;
+            let held = cache.entries.lock().unwrap().usage().0;
             assert!(held <= PIECE_CACHE_BYTES, "{held}");
         }
         assert!(
