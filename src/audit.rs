@@ -186,10 +186,13 @@ fn append_rows(
     let seq_of = |i: usize| head_seq + 1 + i as i64;
     let mut hashes: Vec<String> = Vec::with_capacity(logged.len());
     for (i, e) in logged.iter().enumerate() {
-        let seq = seq_of(i);
         let prev = hashes.last().unwrap_or(&head);
-        let hash = chain_hash(&new_row(e, seq, prev, ""));
-        hashes.push(hash);
+        hashes.push(chain_hash(&new_row(e, seq_of(i), prev, "")));
+    }
+    let prevs = std::iter::once(&head).chain(&hashes);
+    let mut out = Vec::with_capacity(logged.len());
+    for (i, ((e, prev), hash)) in logged.iter().zip(prevs).zip(&hashes).enumerate() {
+        let seq = seq_of(i);
         crate::webhooks::enqueue(conn, e, seq)?;
         record(conn, e)?;
         match &e.track {
@@ -204,15 +207,8 @@ fn append_rows(
             Some(Track::End(id)) => rows::close_download(conn, id)?,
             None => {}
         }
+        out.push(new_row(e, seq, prev, hash));
     }
-    let out: Vec<NewRow<'_>> = logged
-        .iter()
-        .enumerate()
-        .map(|(i, e)| {
-            let prev = if i == 0 { &head } else { &hashes[i - 1] };
-            new_row(e, seq_of(i), prev, &hashes[i])
-        })
-        .collect();
     rows::insert(conn, &out)
 }
 

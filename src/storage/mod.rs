@@ -28,7 +28,8 @@ pub struct Store {
     pub local_root: Option<std::path::PathBuf>,
     /// Verified blocks currently held by streams, shared with concurrent streams.
     pub blocks: Arc<shared::Blocks>,
-    /// Verified small local files, kept while the file on disk is unchanged.
+    /// Copies of small local files, used while the file on disk is unchanged (and hashed
+    /// again every time they are sent); keeps nothing for stores without a local folder.
     pub small: Arc<small::SmallFiles>,
 }
 
@@ -79,7 +80,7 @@ impl Store {
                     upstream: None,
                     local_root: None,
                     blocks: Default::default(),
-                    small: small_files(settings),
+                    small: Default::default(),
                 })
             }
             StorageBackend::Upstream => {
