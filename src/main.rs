@@ -14,13 +14,6 @@ use weightgate::mail::Mailer;
 use weightgate::storage::import::{self, ImportRequest};
 use weightgate::{Core, applications, util};
 
-// glibc's malloc frees a block made on another thread under that thread's arena lock, and every
-// audited download does so (an event built on a request worker is dropped by the audit
-// writer). mimalloc keeps such frees lock-free; the audited request rate rose 14-26 % with it
-// on this project's benchmark machine (see README, Benchmarks).
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "weightgate",
