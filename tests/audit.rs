@@ -283,10 +283,7 @@ async fn hostile_text_is_stored_exactly(backend: Backend) {
         expected.extend(events.clone());
         db.write(move |c| audit::append(c, &events)).await.unwrap();
     }
-    let stored = db
-        .read(move |c| rows::page(c, head, 100))
-        .await
-        .unwrap();
+    let stored = db.read(move |c| rows::page(c, head, 100)).await.unwrap();
     assert_eq!(stored.len(), expected.len());
     for (row, e) in stored.iter().zip(&expected) {
         assert_eq!(row.kind, e.kind);
