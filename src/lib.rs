@@ -4,6 +4,7 @@
 //!
 //! [`run`] starts the whole server; `main.rs` and the integration tests both call it.
 
+pub mod alloc;
 pub mod applications;
 pub mod audit;
 pub mod auth;

@@ -14,6 +14,10 @@ use weightgate::mail::Mailer;
 use weightgate::storage::import::{self, ImportRequest};
 use weightgate::{Core, applications, util};
 
+/// Small blocks from mimalloc, large ones from glibc (see `weightgate::alloc`).
+#[global_allocator]
+static ALLOC: weightgate::alloc::Hybrid = weightgate::alloc::Hybrid;
+
 #[derive(Parser)]
 #[command(
     name = "weightgate",
@@ -464,7 +468,9 @@ fn client_command(command: &Command) -> Option<ExitCode> {
     })
 }
 
-/// Tunes glibc's allocator for streaming, before any thread starts:
+/// Tunes glibc's allocator for streaming, before any thread starts. glibc serves the blocks of
+/// 64 KiB and more (`weightgate::alloc`), which are the stream buffers, and the C libraries
+/// (SQLite, libpq):
 /// - glibc gives every thread that allocates its own arena (up to eight per core), and a
 ///   stream buffer freed on a worker stays resident in the arena of the blocking thread that
 ///   read it; four arenas keep the blocking readers from multiplying resident memory (64
@@ -495,6 +501,7 @@ fn tune_malloc() {
 
 fn main() -> ExitCode {
     tune_malloc();
+    weightgate::alloc::tune();
     let cli = Cli::parse();
     if let Some(code) = client_command(&cli.command) {
         return code;
