@@ -9,8 +9,12 @@
 //!   these too, 64 ranged streams peaked at 309 MiB resident instead of about 45 MiB, so they
 //!   stay with glibc, tuned for them at start (`tune_malloc` in `main.rs`).
 //!
-//! mimalloc's eager commit is turned off at start ([`tune`]); with it on, resident memory
-//! rose well past the streaming target.
+//! mimalloc's eager commit is turned off by the first allocation, so its memory is committed
+//! as it is used instead of a segment (or an arena) at a time. With it on, the benchmark's 64
+//! ranged streams peaked at 69–77 MiB resident, against the 64 MiB target; with it off, at
+//! about 51 MiB (glibc alone: 44–46). Set at the start of `main` instead, it came too late
+//! (72 MiB), since allocations before `main` already take memory; so it is set in `alloc`.
+//! `MIMALLOC_EAGER_COMMIT` and `MIMALLOC_ARENA_EAGER_COMMIT` are overridden.
 //!
 //! Which allocator owns a block follows from its size alone, and `dealloc` and `realloc` are
 //! given the size the block was made (or last resized) with, so each block goes back where it
@@ -28,28 +32,13 @@ unsafe extern "C" {
 const EAGER_COMMIT: std::ffi::c_int = 3;
 const ARENA_EAGER_COMMIT: std::ffi::c_int = 4;
 
-/// Turns off mimalloc's eager commit, so its memory is committed as it is used instead of a
-/// segment (or an arena) at a time. With it on, the benchmark's 64 ranged streams peaked at
-/// 69–77 MiB resident, against the 64 MiB target; with it off, at 44–46 MiB, as with glibc
-/// alone. `MIMALLOC_EAGER_COMMIT` and `MIMALLOC_ARENA_EAGER_COMMIT` win when set. Called at
-/// the start of `main`, before any other thread exists.
-pub fn tune() {
-    for (var, option) in [
-        ("MIMALLOC_EAGER_COMMIT", EAGER_COMMIT),
-        ("MIMALLOC_ARENA_EAGER_COMMIT", ARENA_EAGER_COMMIT),
-    ] {
-        if std::env::var_os(var).is_none() {
-            // SAFETY: sets one of mimalloc's options; it takes any value and is safe to call
-            // at any time.
-            unsafe { mi_option_set(option, 0) }
-        }
-    }
-}
-
 /// Blocks of at least this many bytes come from the system allocator.
 pub const LARGE: usize = 64 * 1024;
 
 pub struct Hybrid;
+
+/// Whether the options were set (two threads setting them at once is harmless).
+static TUNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn small(size: usize) -> bool {
     size < LARGE
@@ -60,6 +49,14 @@ fn small(size: usize) -> bool {
 // both sizes share, and frees the old block in its class.
 unsafe impl GlobalAlloc for Hybrid {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if !TUNED.load(std::sync::atomic::Ordering::Relaxed) {
+            TUNED.store(true, std::sync::atomic::Ordering::Relaxed);
+            // SAFETY: sets two of mimalloc's options, which take any value at any time.
+            unsafe {
+                mi_option_set(EAGER_COMMIT, 0);
+                mi_option_set(ARENA_EAGER_COMMIT, 0);
+            }
+        }
         // SAFETY: the caller's contract (a non-zero-size layout) is passed on unchanged.
         unsafe {
             if small(layout.size()) {

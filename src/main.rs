@@ -501,7 +501,6 @@ fn tune_malloc() {
 
 fn main() -> ExitCode {
     tune_malloc();
-    weightgate::alloc::tune();
     let cli = Cli::parse();
     if let Some(code) = client_command(&cli.command) {
         return code;
