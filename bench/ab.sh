@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Alternating A/B of two weightgate binaries on the audited tiny-file GET rate, each round
+# next to an nginx run (access log on), for machines whose speed drifts within minutes.
+# Usage: bench/ab.sh BIN_A BIN_B [ROUNDS]     (nginx and wrk as bench/run.sh installs them)
+# Extra server settings for both: export them (e.g. WEIGHTGATE__AUDIT__DOWNLOADS=false).
+# Prints per round: req/s, the ratio to that round's nginx, and server CPU µs per request.
+set -euo pipefail
+BENCH=$(cd "$(dirname "$0")" && pwd)
+A=$1 B=$2 ROUNDS=${3:-3} SECS=${SECS:-5}
+OUT=$BENCH/out/ab PORT=${AB_PORT:-18490} NG_PORT=${AB_NG_PORT:-18483}
+LIB="python3 $BENCH/lib.py"
+EMAIL=ab@example.org URL=http://127.0.0.1:$PORT
+rm -rf "$OUT" && mkdir -p "$OUT/nginx" "$OUT/small"
+$LIB mkdata-small "$OUT/small" 20
+PIDS=()
+trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
+cat >"$OUT/nginx/nginx.conf" <<NG
+user root; worker_processes auto; daemon off; pid $OUT/nginx/nginx.pid;
+error_log $OUT/nginx/error.log warn; events { worker_connections 4096; }
+http { client_body_temp_path $OUT/nginx/tb; proxy_temp_path $OUT/nginx/tp; fastcgi_temp_path $OUT/nginx/tf;
+  uwsgi_temp_path $OUT/nginx/tu; scgi_temp_path $OUT/nginx/ts; keepalive_requests 1000000;
+  server { listen 127.0.0.1:$NG_PORT; root $OUT; sendfile on; access_log $OUT/nginx/access.log; } }
+NG
+nginx -c "$OUT/nginx/nginx.conf" -p "$OUT/nginx/" & PIDS+=($!)
+wait_up() { for _ in $(seq 1 100); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done; echo "no answer from $1" >&2; exit 1; }
+wait_up "http://127.0.0.1:$NG_PORT/small/part-000.bin"
+export WEIGHTGATE__DATA_DIR=$OUT/wg WEIGHTGATE__SERVER__BIND=127.0.0.1:$PORT
+WG=""
+start() { "$1" serve >"$OUT/wg.log" 2>&1 & WG=$!; PIDS+=("$WG"); wait_up "$URL/healthz"; }
+stop() { kill "$WG"; wait "$WG" 2>/dev/null || true; }
+# one model, one approved token, made through the real API and CLI with binary A
+"$A" models add ab/small --from "$OUT/small" >/dev/null
+start "$A"
+: >"$OUT/seen"
+curl -fsS -o /dev/null -X POST "$URL/api/v1/models/ab/small/applications" -H 'content-type: application/json' \
+    -d "{\"name\":\"AB\",\"email\":\"$EMAIL\",\"affiliation\":\"AB\",\"country\":\"FR\",\"intended_use\":\"bench\",\"accept_license\":true}"
+link=""
+for _ in $(seq 1 100); do link=$($LIB confirm-link "$OUT/wg/outbox" "$OUT/seen" 2>/dev/null) && break; sleep 0.1; done
+curl -fsS -o /dev/null "$link"
+"$A" applications approve "$("$A" applications list --status pending --json | $LIB app-id "$EMAIL" ab/small)" >/dev/null
+TOKEN=$("$A" tokens issue --email "$EMAIL" --model ab/small | tail -n1 | tr -d '[:space:]')
+stop
+ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
+rate() { # URL [wrk args] -> "req/s requests"
+    local out
+    out=$(wrk -t2 -c64 -d"${SECS}s" "$@")
+    if grep -q 'Non-2xx' <<<"$out"; then echo "non-2xx answers from $1" >&2; exit 1; fi
+    awk '/Requests\/sec/ {r=$2} /requests in/ {n=$1} END {print r, n}' <<<"$out"
+}
+for round in $(seq 1 "$ROUNDS"); do
+    read -r ng _ < <(rate "http://127.0.0.1:$NG_PORT/small/part-000.bin")
+    line="round $round: nginx $ng"
+    for side in A B; do
+        bin=$A; [ "$side" = B ] && bin=$B
+        start "$bin"
+        t0=$(ticks "$WG")
+        read -r rps n < <(rate "$URL/ab/small/resolve/main/part-000.bin" -H "Authorization: Bearer $TOKEN")
+        t1=$(ticks "$WG")
+        stop
+        line+=$(awk -v s="$side" -v r="$rps" -v g="$ng" -v d=$((t1 - t0)) -v n="$n" -v hz="$(getconf CLK_TCK)" \
+            'BEGIN { printf " | %s %.0f (%.3f) %.1f us", s, r, r / g, d / hz * 1e6 / n }')
+    done
+    echo "$line"
+done
