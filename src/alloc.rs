@@ -9,7 +9,7 @@
 //!   these too, 64 ranged streams peaked at 309 MiB resident instead of about 45 MiB, so they
 //!   stay with glibc, tuned for them at start (`tune_malloc` in `main.rs`).
 //!
-//! mimalloc's eager commit is turned off by the first allocation, so its memory is committed
+//! mimalloc's eager commit is turned off by its first allocation, so its memory is committed
 //! as it is used instead of a segment (or an arena) at a time. With it on, the benchmark's 64
 //! ranged streams peaked at 69–77 MiB resident, against the 64 MiB target; with it off, at
 //! about 51 MiB (glibc alone: 44–46). Set at the start of `main` instead, it came too late
@@ -33,12 +33,25 @@ const EAGER_COMMIT: std::ffi::c_int = 3;
 const ARENA_EAGER_COMMIT: std::ffi::c_int = 4;
 
 /// Blocks of at least this many bytes come from the system allocator.
-pub const LARGE: usize = 64 * 1024;
+const LARGE: usize = 64 * 1024;
 
 pub struct Hybrid;
 
 /// Whether the options were set (two threads setting them at once is harmless).
 static TUNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Turns mimalloc's eager commit off before its first block (see the module's notes).
+fn tune_once() {
+    use std::sync::atomic::Ordering::Relaxed;
+    if !TUNED.load(Relaxed) {
+        TUNED.store(true, Relaxed);
+        // SAFETY: sets two of mimalloc's options, which take any value at any time.
+        unsafe {
+            mi_option_set(EAGER_COMMIT, 0);
+            mi_option_set(ARENA_EAGER_COMMIT, 0);
+        }
+    }
+}
 
 fn small(size: usize) -> bool {
     size < LARGE
@@ -49,17 +62,10 @@ fn small(size: usize) -> bool {
 // both sizes share, and frees the old block in its class.
 unsafe impl GlobalAlloc for Hybrid {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if !TUNED.load(std::sync::atomic::Ordering::Relaxed) {
-            TUNED.store(true, std::sync::atomic::Ordering::Relaxed);
-            // SAFETY: sets two of mimalloc's options, which take any value at any time.
-            unsafe {
-                mi_option_set(EAGER_COMMIT, 0);
-                mi_option_set(ARENA_EAGER_COMMIT, 0);
-            }
-        }
         // SAFETY: the caller's contract (a non-zero-size layout) is passed on unchanged.
         unsafe {
             if small(layout.size()) {
+                tune_once();
                 mimalloc::MiMalloc.alloc(layout)
             } else {
                 System.alloc(layout)
@@ -71,6 +77,7 @@ unsafe impl GlobalAlloc for Hybrid {
         // SAFETY: as for `alloc`.
         unsafe {
             if small(layout.size()) {
+                tune_once();
                 mimalloc::MiMalloc.alloc_zeroed(layout)
             } else {
                 System.alloc_zeroed(layout)
