@@ -9,7 +9,10 @@ BENCH=$(cd "$(dirname "$0")" && pwd)
 A=$1 B=$2 ROUNDS=${3:-3} SECS=${SECS:-5}
 OUT=$BENCH/out/ab PORT=${AB_PORT:-18490} NG_PORT=${AB_NG_PORT:-18483}
 LIB="python3 $BENCH/lib.py"
-EMAIL=ab@example.org URL=http://127.0.0.1:$PORT
+# shellcheck source=bench/common.sh
+. "$BENCH/common.sh"
+EMAIL=ab@example.org WG_DATA=$OUT/wg WG_BIND=127.0.0.1:$PORT TMP=$OUT URL=http://127.0.0.1:$PORT
+wg() { "$A" "$@"; }
 rm -rf "$OUT" && mkdir -p "$OUT/nginx" "$OUT/small"
 $LIB mkdata-small "$OUT/small" 20
 PIDS=()
@@ -22,25 +25,16 @@ http { client_body_temp_path $OUT/nginx/tb; proxy_temp_path $OUT/nginx/tp; fastc
   server { listen 127.0.0.1:$NG_PORT; root $OUT; sendfile on; access_log $OUT/nginx/access.log; } }
 NG
 nginx -c "$OUT/nginx/nginx.conf" -p "$OUT/nginx/" & PIDS+=($!)
-wait_up() { for _ in $(seq 1 100); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done; echo "no answer from $1" >&2; exit 1; }
-wait_up "http://127.0.0.1:$NG_PORT/small/part-000.bin"
-export WEIGHTGATE__DATA_DIR=$OUT/wg WEIGHTGATE__SERVER__BIND=127.0.0.1:$PORT
+wait_http "http://127.0.0.1:$NG_PORT/small/part-000.bin"
+export WEIGHTGATE__DATA_DIR=$WG_DATA WEIGHTGATE__SERVER__BIND=$WG_BIND
 WG=""
-start() { "$1" serve >"$OUT/wg.log" 2>&1 & WG=$!; PIDS+=("$WG"); wait_up "$URL/healthz"; }
+start() { "$1" serve >"$OUT/wg.log" 2>&1 & WG=$!; PIDS+=("$WG"); wait_http "$URL/healthz"; }
 stop() { kill "$WG"; wait "$WG" 2>/dev/null || true; }
 # one model, one approved token, made through the real API and CLI with binary A
 "$A" models add ab/small --from "$OUT/small" >/dev/null
 start "$A"
-: >"$OUT/seen"
-curl -fsS -o /dev/null -X POST "$URL/api/v1/models/ab/small/applications" -H 'content-type: application/json' \
-    -d "{\"name\":\"AB\",\"email\":\"$EMAIL\",\"affiliation\":\"AB\",\"country\":\"FR\",\"intended_use\":\"bench\",\"accept_license\":true}"
-link=""
-for _ in $(seq 1 100); do link=$($LIB confirm-link "$OUT/wg/outbox" "$OUT/seen" 2>/dev/null) && break; sleep 0.1; done
-curl -fsS -o /dev/null "$link"
-"$A" applications approve "$("$A" applications list --status pending --json | $LIB app-id "$EMAIL" ab/small)" >/dev/null
-TOKEN=$("$A" tokens issue --email "$EMAIL" --model ab/small | tail -n1 | tr -d '[:space:]')
+TOKEN=$(wg_token ab/small)
 stop
-ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
 rate() { # URL [wrk args] -> "req/s requests"
     local out
     out=$(wrk -t2 -c64 -d"${SECS}s" "$@")
@@ -53,9 +47,9 @@ for round in $(seq 1 "$ROUNDS"); do
     for side in A B; do
         bin=$A; [ "$side" = B ] && bin=$B
         start "$bin"
-        t0=$(ticks "$WG")
+        t0=$(cpu_ticks "$WG")
         read -r rps n < <(rate "$URL/ab/small/resolve/main/part-000.bin" -H "Authorization: Bearer $TOKEN")
-        t1=$(ticks "$WG")
+        t1=$(cpu_ticks "$WG")
         stop
         line+=$(awk -v s="$side" -v r="$rps" -v g="$ng" -v d=$((t1 - t0)) -v n="$n" -v hz="$(getconf CLK_TCK)" \
             'BEGIN { printf " | %s %.0f (%.3f) %.1f us", s, r, r / g, d / hz * 1e6 / n }')

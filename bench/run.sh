@@ -11,6 +11,8 @@ WG_BIN=${WG_BIN:-$ROOT/target/bench/release/weightgate}
 HF_BIN_SET=${HF_BIN:-}
 HF_BIN=${HF_BIN:-$ROOT/.venv/bin/hf}
 LIB="python3 $BENCH/lib.py"
+# shellcheck source=bench/common.sh
+. "$BENCH/common.sh"
 NG_ON=${NG_ON:-18181}     # nginx, sendfile on,  access_log off (throughput)
 NG_OFF=${NG_OFF:-18182}   # nginx, sendfile off, access_log off (throughput)
 NG_LOG=${NG_LOG:-18183}   # nginx, sendfile on,  access_log on  (tiny-file rate, TTFB, small files)
@@ -134,14 +136,6 @@ EOF
 NGINX_PID=$!
 SERVER_PIDS+=("$NGINX_PID")
 
-wait_http() { # URL
-    for _ in $(seq 1 200); do
-        curl -s -o /dev/null "$1" && return 0
-        sleep 0.1
-    done
-    echo "server at $1 did not come up" >&2
-    return 1
-}
 wait_http "http://127.0.0.1:$NG_ON/small/$TINY"
 ng_workers() { ps -o pid= --ppid "$NGINX_PID" | tr -d ' '; }
 
@@ -160,23 +154,6 @@ wg_start() { # LOGFILE -> sets WG_PID
     WG_PID=$!
     SERVER_PIDS+=("$WG_PID")
     wait_http "http://$WG_BIND/healthz"
-}
-# apply -> confirm -> approve -> token, all through the real HTTP API and CLI; prints the token
-wg_token() { # MODEL
-    local model=$1 outbox=$WG_DATA/outbox seen=$TMP/seen.$$ link="" id
-    ls "$outbox" 2>/dev/null >"$seen" || : >"$seen"
-    curl -fsS -o "$TMP/apply.json" -X POST "http://$WG_BIND/api/v1/models/$model/applications" \
-        -H 'content-type: application/json' \
-        -d "{\"name\":\"Bench\",\"email\":\"$EMAIL\",\"affiliation\":\"Bench\",\"country\":\"FR\",\"intended_use\":\"benchmark\",\"accept_license\":true}"
-    for _ in $(seq 1 150); do
-        link=$($LIB confirm-link "$outbox" "$seen" 2>/dev/null) && break
-        sleep 0.1
-    done
-    [ -n "$link" ] || { echo "no confirmation email for $model" >&2; return 1; }
-    curl -fsS -o /dev/null "$link"
-    id=$(wg applications list --status pending --json | $LIB app-id "$EMAIL" "$model")
-    wg applications approve "$id" >/dev/null
-    wg tokens issue --email "$EMAIL" --model "$model" | tail -n1 | tr -d '[:space:]'
 }
 
 WG_DATA=$OUT/wg WG_BIND=127.0.0.1:$WG_PORT WG_DBURL=""
@@ -201,14 +178,6 @@ AUTH_SMALL="Authorization: Bearer $TOK_SMALL"
 WG_DOWNLOADS=0   # every GET download weightgate answered with a body
 
 # ------------------------------------------------------------------ helpers
-cpu_ticks() { # PID... -> utime+stime ticks summed
-    local t=0 p v
-    for p in "$@"; do
-        v=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13}') || v=0
-        t=$((t + ${v:-0}))
-    done
-    echo "$t"
-}
 server_ticks() { # wg | nginx
     if [ "$1" = wg ]; then cpu_ticks "$WG_PID"; else cpu_ticks $(ng_workers); fi
 }
