@@ -254,6 +254,7 @@ impl Plan {
 }
 
 /// What a read must match before its bytes are handed on.
+#[derive(Clone)]
 enum Check {
     /// A whole block against its BLAKE3 hash.
     Block([u8; HASH_LEN]),
@@ -409,24 +410,36 @@ impl Reader {
                 *slot = file;
                 result
             }
-            Reader::Store(path) => {
-                let data = match store.inner.get_range(path, start..end).await {
-                    Ok(d) => d,
-                    Err(object_store::Error::NotFound { .. }) => return Err(Failure::Missing),
-                    Err(e) => return Err(Failure::Unreadable(e.to_string())),
-                };
-                if data.len() as u64 != len {
-                    return Err(Failure::WrongSize {
-                        expected: len,
-                        actual: start + data.len() as u64,
-                    });
-                }
-                verify_off_thread(data, check)
-                    .await
-                    .ok_or(Failure::Mismatch { block })
-            }
+            Reader::Store(path) => read_store(store, path, start..end, block, check).await,
         }
     }
+}
+
+/// Reads `span` (in block `block`) from the object store and returns it only if it passes
+/// `check`.
+async fn read_store(
+    store: &Store,
+    path: &object_store::path::Path,
+    span: Range<u64>,
+    block: u64,
+    check: Check,
+) -> Result<Bytes, Failure> {
+    let len = span.end - span.start;
+    let start = span.start;
+    let data = match store.inner.get_range(path, span).await {
+        Ok(d) => d,
+        Err(object_store::Error::NotFound { .. }) => return Err(Failure::Missing),
+        Err(e) => return Err(Failure::Unreadable(e.to_string())),
+    };
+    if data.len() as u64 != len {
+        return Err(Failure::WrongSize {
+            expected: len,
+            actual: start + data.len() as u64,
+        });
+    }
+    verify_off_thread(data, check)
+        .await
+        .ok_or(Failure::Mismatch { block })
 }
 
 async fn produce(
@@ -439,84 +452,240 @@ async fn produce(
         return Ok(());
     }
     let mut reader = Reader::open(store, plan).await?;
-    let bs = plan.block_size;
-    let first = plan.range.start / bs;
-    let last = (plan.range.end - 1) / bs;
-    if first != last {
+    let units = Units::new(plan);
+    if units.next_block != units.last_block {
         // Blocks may come from other streams; check the object itself before the headers go
         // out, so a missing or resized file is a clean error, not a cut-off body. (A one-block
         // range opens it in its only read, or is served bytes another stream just verified.)
         reader.ensure_open().await?;
     }
-    let pieces = plan.has_pieces();
-    for block in first..=last {
-        let start = block * bs;
-        let end = ((block + 1) * bs).min(plan.size);
-        let expected: [u8; HASH_LEN] = plan
+    if let Reader::Store(path) = &reader {
+        return read_ahead(store, plan, path, units, tx, verified).await;
+    }
+    for unit in units {
+        let Unit {
+            span,
+            block,
+            hash,
+            check,
+            wanted,
+            ends_block,
+        } = unit?;
+        let data = fetch(
+            &mut reader,
+            store,
+            plan,
+            span.clone(),
+            (block, &hash),
+            check,
+        )
+        .await?;
+        verified.fetch_add(u64::from(ends_block), Ordering::Relaxed);
+        if !hand_on(tx, &data, span.start, wanted, plan.chunk_size).await {
+            return Ok(()); // the client went away
+        }
+    }
+    Ok(())
+}
+
+/// One read of a stream: a span of one block, what it must pass, and the part of it the
+/// client wants.
+struct Unit {
+    span: Range<u64>,
+    block: u64,
+    hash: [u8; HASH_LEN],
+    check: Check,
+    wanted: Range<u64>,
+    /// The last read of its block, which then counts as verified.
+    ends_block: bool,
+}
+
+/// The reads that cover a plan's range, in order. Blocks whose piece CVs merge into the
+/// manifest's block hash are read in units of whole pieces, sized as each is reached (so
+/// they shrink as streams add up); any other block (CVs damaged or absent, a one-piece last
+/// block) is read and verified whole.
+struct Units<'a> {
+    plan: &'a Plan,
+    pieces: bool,
+    next_block: u64,
+    last_block: u64,
+    /// The block being read in pieces, and where its next unit starts.
+    within: Option<(PieceBlock, u64)>,
+}
+
+struct PieceBlock {
+    index: u64,
+    start: u64,
+    end: u64,
+    hash: [u8; HASH_LEN],
+    cvs: Bytes,
+    wanted: Range<u64>,
+}
+
+impl<'a> Units<'a> {
+    fn new(plan: &'a Plan) -> Units<'a> {
+        Units {
+            plan,
+            pieces: plan.has_pieces(),
+            next_block: plan.range.start / plan.block_size,
+            last_block: (plan.range.end - 1) / plan.block_size,
+            within: None,
+        }
+    }
+
+    fn next_piece_unit(&mut self) -> Option<Unit> {
+        let (b, at) = self.within.as_mut()?;
+        // Units are aligned to their size within the block, so concurrent streams in the
+        // same state read (and share) the same units.
+        let unit = unit_pieces(self.plan.chunk_size) * PIECE_SIZE;
+        let unit_end = (b.start + ((*at - b.start) / unit + 1) * unit)
+            .min(b.wanted.end.div_ceil(PIECE_SIZE) * PIECE_SIZE)
+            .min(b.end);
+        let first_cv = ((*at - b.start) / PIECE_SIZE) as usize * HASH_LEN;
+        let last_cv = (unit_end - b.start).div_ceil(PIECE_SIZE) as usize * HASH_LEN;
+        let out = Unit {
+            span: *at..unit_end,
+            block: b.index,
+            hash: b.hash,
+            check: Check::Pieces {
+                offset: *at - b.start,
+                cvs: b.cvs.slice(first_cv..last_cv),
+            },
+            wanted: b.wanted.clone(),
+            ends_block: unit_end >= b.wanted.end,
+        };
+        *at = unit_end;
+        if out.ends_block {
+            self.within = None;
+        }
+        Some(out)
+    }
+}
+
+impl Iterator for Units<'_> {
+    type Item = Result<Unit, Failure>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(unit) = self.next_piece_unit() {
+            return Some(Ok(unit));
+        }
+        if self.next_block > self.last_block {
+            return None;
+        }
+        let (plan, block) = (self.plan, self.next_block);
+        self.next_block += 1;
+        let bs = plan.block_size;
+        let (start, end) = (block * bs, ((block + 1) * bs).min(plan.size));
+        let Some(hash) = plan
             .block_hashes
             .get(block as usize * HASH_LEN..(block as usize + 1) * HASH_LEN)
-            .and_then(|h| h.try_into().ok())
-            .ok_or(Failure::Mismatch { block })?;
+            .and_then(|h| <[u8; HASH_LEN]>::try_from(h).ok())
+        else {
+            self.next_block = self.last_block + 1; // nothing after a failure
+            return Some(Err(Failure::Mismatch { block }));
+        };
         // The wanted part of this block.
-        let (lo, hi) = (plan.range.start.max(start), plan.range.end.min(end));
-        // Pieces only when their CVs merge into the manifest's hash of this block; otherwise
-        // (CVs damaged or absent, a one-piece last block) the block is verified whole.
+        let wanted = plan.range.start.max(start)..plan.range.end.min(end);
         // (`has_pieces` checked that the CVs cover the blob, so the slice is in bounds.)
-        let cvs = pieces.then(|| {
+        let cvs = self.pieces.then(|| {
             plan.piece_hashes.slice(
                 (start / PIECE_SIZE) as usize * HASH_LEN
                     ..end.div_ceil(PIECE_SIZE) as usize * HASH_LEN,
             )
         });
-        if let Some(cvs) =
-            cvs.filter(|cvs| manifest::block_root(cvs, end - start) == Some(expected))
-        {
-            let mut at = lo / PIECE_SIZE * PIECE_SIZE;
-            while at < hi {
-                // Units are aligned to their size within the block, so concurrent streams
-                // in the same state read (and share) the same units.
-                let unit = unit_pieces(plan.chunk_size) * PIECE_SIZE;
-                let unit_end = (start + ((at - start) / unit + 1) * unit)
-                    .min(hi.div_ceil(PIECE_SIZE) * PIECE_SIZE)
-                    .min(end);
-                let first_cv = ((at - start) / PIECE_SIZE) as usize * HASH_LEN;
-                let last_cv = (unit_end - start).div_ceil(PIECE_SIZE) as usize * HASH_LEN;
-                let check = Check::Pieces {
-                    offset: at - start,
-                    cvs: cvs.slice(first_cv..last_cv),
-                };
-                let data = fetch(
-                    &mut reader,
-                    store,
-                    plan,
-                    at..unit_end,
-                    (block, &expected),
-                    check,
-                )
-                .await?;
-                if !hand_on(tx, &data, at, lo..hi, plan.chunk_size).await {
-                    return Ok(()); // the client went away
-                }
-                at = unit_end;
-            }
-            verified.fetch_add(1, Ordering::Relaxed);
-            continue;
+        if let Some(cvs) = cvs.filter(|cvs| manifest::block_root(cvs, end - start) == Some(hash)) {
+            let at = wanted.start / PIECE_SIZE * PIECE_SIZE;
+            let b = PieceBlock {
+                index: block,
+                start,
+                end,
+                hash,
+                cvs,
+                wanted,
+            };
+            self.within = Some((b, at));
+            return self.next_piece_unit().map(Ok);
         }
-        let data = fetch(
-            &mut reader,
-            store,
-            plan,
-            start..end,
-            (block, &expected),
-            Check::Block(expected),
-        )
-        .await?;
-        verified.fetch_add(1, Ordering::Relaxed);
-        if !hand_on(tx, &data, start, lo..hi, plan.chunk_size).await {
+        Some(Ok(Unit {
+            span: start..end,
+            block,
+            hash,
+            check: Check::Block(hash),
+            wanted,
+            ends_block: true,
+        }))
+    }
+}
+
+/// At most this much of one stream is being read ahead from an object store at a time.
+const STORE_AHEAD_MAX: u64 = 8 << 20;
+
+/// The object-store side of [`produce`]: each read is a request with a round trip of its own
+/// (milliseconds on S3), so several run at once, up to `STORE_AHEAD_MAX` bytes or the
+/// stream's share of `BUFFER_BUDGET` (always at least one), and are handed on in order.
+async fn read_ahead(
+    store: &Store,
+    plan: &Plan,
+    path: &object_store::path::Path,
+    units: Units<'_>,
+    tx: &mpsc::Sender<Result<Bytes, io::Error>>,
+    verified: &AtomicU64,
+) -> Result<(), Failure> {
+    use futures_util::StreamExt;
+    use futures_util::stream::FuturesOrdered;
+    let read = |unit: Result<Unit, Failure>| async move {
+        let unit = unit?;
+        let data = fetch_store(store, plan, path, &unit).await?;
+        Ok::<_, Failure>((unit, data))
+    };
+    let mut units = units.peekable();
+    let mut reading = FuturesOrdered::new();
+    let mut in_flight = 0u64;
+    loop {
+        let budget =
+            (BUFFER_BUDGET / STREAMS.load(Ordering::Relaxed).max(1) as u64).min(STORE_AHEAD_MAX);
+        while let Some(next) = units.peek() {
+            let len = next.as_ref().map_or(0, |u| u.span.end - u.span.start);
+            if !reading.is_empty() && in_flight + len > budget {
+                break;
+            }
+            let Some(unit) = units.next() else { break };
+            in_flight += len;
+            reading.push_back(read(unit));
+        }
+        let Some(done) = reading.next().await else {
+            return Ok(());
+        };
+        let (unit, data) = done?;
+        in_flight -= unit.span.end - unit.span.start;
+        verified.fetch_add(u64::from(unit.ends_block), Ordering::Relaxed);
+        if !hand_on(tx, &data, unit.span.start, unit.wanted, plan.chunk_size).await {
             return Ok(()); // the client went away
         }
     }
-    Ok(())
+}
+
+/// [`fetch`] for an object store, which needs no reader state (so reads can overlap).
+async fn fetch_store(
+    store: &Store,
+    plan: &Plan,
+    path: &object_store::path::Path,
+    unit: &Unit,
+) -> Result<Bytes, Failure> {
+    let read = read_store(
+        store,
+        path,
+        unit.span.clone(),
+        unit.block,
+        unit.check.clone(),
+    );
+    if !plan.share {
+        return read.await;
+    }
+    store
+        .blocks
+        .get_or_fill(&plan.key, unit.span.start, unit.span.end, &unit.hash, read)
+        .await
 }
 
 /// Reads and verifies `span` of a block (its index and hash), sharing the result with
@@ -778,6 +947,122 @@ mod tests {
         );
         assert_eq!(got, &data[..got.len()]);
         assert_eq!(rx.await.unwrap(), Failure::Mismatch { block: 1 });
+    }
+
+    /// An object store that counts how many reads are under way at once; each read yields
+    /// a few times before it answers, so reads issued together are seen together.
+    #[derive(Debug)]
+    struct Overlap {
+        inner: InMemory,
+        now: std::sync::atomic::AtomicUsize,
+        most: std::sync::atomic::AtomicUsize,
+    }
+
+    impl std::fmt::Display for Overlap {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "Overlap")
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl object_store::ObjectStore for Overlap {
+        async fn put_opts(
+            &self,
+            location: &object_store::path::Path,
+            payload: object_store::PutPayload,
+            opts: object_store::PutOptions,
+        ) -> object_store::Result<object_store::PutResult> {
+            self.inner.put_opts(location, payload, opts).await
+        }
+
+        async fn put_multipart_opts(
+            &self,
+            location: &object_store::path::Path,
+            opts: object_store::PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+            self.inner.put_multipart_opts(location, opts).await
+        }
+
+        async fn get_opts(
+            &self,
+            location: &object_store::path::Path,
+            options: object_store::GetOptions,
+        ) -> object_store::Result<object_store::GetResult> {
+            let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(now, Ordering::SeqCst);
+            for _ in 0..4 {
+                tokio::task::yield_now().await;
+            }
+            let got = self.inner.get_opts(location, options).await;
+            self.now.fetch_sub(1, Ordering::SeqCst);
+            got
+        }
+
+        fn delete_stream(
+            &self,
+            locations: futures_util::stream::BoxStream<
+                'static,
+                object_store::Result<object_store::path::Path>,
+            >,
+        ) -> futures_util::stream::BoxStream<'static, object_store::Result<object_store::path::Path>>
+        {
+            self.inner.delete_stream(locations)
+        }
+
+        fn list(
+            &self,
+            prefix: Option<&object_store::path::Path>,
+        ) -> futures_util::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>
+        {
+            self.inner.list(prefix)
+        }
+
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&object_store::path::Path>,
+        ) -> object_store::Result<object_store::ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+
+        async fn copy_opts(
+            &self,
+            from: &object_store::path::Path,
+            to: &object_store::path::Path,
+            options: object_store::CopyOptions,
+        ) -> object_store::Result<()> {
+            self.inner.copy_opts(from, to, options).await
+        }
+    }
+
+    #[tokio::test]
+    async fn object_store_reads_overlap_within_a_bound_and_arrive_in_order() {
+        // 80 pieces in blocks of 4, read one piece at a time: 10 MiB, more than one stream
+        // may have in flight (STORE_AHEAD_MAX).
+        let data: Vec<u8> = (0..80 * P).map(|i| (i % 239) as u8).collect();
+        let (mut store, mut plan) = blob_with(&data, 4 * P).await;
+        plan.chunk_size = P as usize;
+        let overlap = Arc::new(Overlap {
+            inner: InMemory::new(),
+            now: Default::default(),
+            most: Default::default(),
+        });
+        overlap
+            .put(&Store::path("b"), data.clone().into())
+            .await
+            .unwrap();
+        store.inner = overlap.clone();
+        let chunks = stream(store, plan, no_failure);
+        let verified = chunks.blocks_verified.clone();
+        let (got, failed) = drain(chunks).await;
+        assert!(!failed);
+        assert!(got == data, "every byte, in order");
+        assert_eq!(verified.load(Ordering::Relaxed), 20);
+        let most = overlap.most.load(Ordering::SeqCst);
+        assert!(most >= 2, "reads did not overlap (at most {most} at once)");
+        assert!(
+            most as u64 <= STORE_AHEAD_MAX / P,
+            "{most} reads of one piece at once, beyond the read-ahead bound"
+        );
     }
 
     #[tokio::test]
