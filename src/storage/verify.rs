@@ -7,7 +7,9 @@
 //! belong to the block the manifest names. A unit is up to `chunk_size` while few streams run
 //! and shrinks towards one piece as more do, keeping all streams' buffers near
 //! `BUFFER_BUDGET`. Blocks without CVs are read and verified whole. Either way the next unit
-//! is read and hashed while the previous one drains to the client.
+//! is read and hashed while the previous one drains to the client. From an object store,
+//! where every read is a request with its own round trip, several units are read at once
+//! (see `read_ahead`).
 
 use std::io;
 use std::ops::Range;
