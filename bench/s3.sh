@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # weightgate on S3-protocol storage against the S3 server itself: the same object fetched
 # through weightgate (verified, audited) and straight from the server (unverified), in turns.
-# The S3 server is moto on loopback (installed into .venv when missing). Its per-request cost
-# stands in for an object store's round trip, so this measures how well weightgate hides it.
+# The S3 server is moto on loopback (installed into .venv when missing), or any S3-protocol
+# endpoint already running: S3_ENDPOINT, with S3_KEY and S3_SECRET.
 # Usage: bench/s3.sh [SIZE_MIB]     (default 256; WG_BIN, REPS, S3_WG_PORT, MOTO_PORT)
 set -euo pipefail
 BENCH=$(cd "$(dirname "$0")" && pwd)
@@ -20,30 +20,49 @@ if [ ! -x "$MOTO" ]; then
     "$ROOT/.venv/bin/pip" install -q --disable-pip-version-check "moto[server]==5.2.5"
 fi
 EMAIL=s3@example.org WG_DATA=$OUT/wg WG_BIND=127.0.0.1:$PORT TMP=$OUT
-S3=http://127.0.0.1:$MOTO_PORT
+S3_KEY=${S3_KEY:-bench} S3_SECRET=${S3_SECRET:-bench-secret} BUCKET=${S3_BUCKET:-weights}
 rm -rf "$OUT" && mkdir -p "$OUT/model"
 head -c $((SIZE_MIB << 20)) /dev/urandom >"$OUT/model/model.bin"
 SUM=$(sha256sum "$OUT/model/model.bin" | cut -d' ' -f1)
 PIDS=()
 trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
-"$MOTO" -H 127.0.0.1 -p "$MOTO_PORT" >"$OUT/moto.log" 2>&1 &
-PIDS+=($!)
-wait_http "$S3"
-curl -fsS -o /dev/null -X PUT "$S3/weights"
+if [ -z "${S3_ENDPOINT:-}" ]; then
+    S3_ENDPOINT=http://127.0.0.1:$MOTO_PORT
+    "$MOTO" -H 127.0.0.1 -p "$MOTO_PORT" >"$OUT/moto.log" 2>&1 &
+    PIDS+=($!)
+    wait_http "$S3_ENDPOINT"
+fi
+# The bucket (made if missing), the key weightgate stored the file under (the one that names
+# its SHA-256) and a presigned URL for it, so the direct fetch is signed as weightgate's are.
+s3py() { # COMMAND [KEY]
+    "$ROOT/.venv/bin/python" - "$S3_ENDPOINT" "$S3_KEY" "$S3_SECRET" "$BUCKET" "$@" <<'PY'
+import sys, boto3
+endpoint, key_id, secret, bucket, cmd = sys.argv[1:6]
+c = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=key_id,
+                 aws_secret_access_key=secret, region_name="us-east-1")
+if cmd == "bucket":
+    if bucket not in [b["Name"] for b in c.list_buckets().get("Buckets", [])]:
+        c.create_bucket(Bucket=bucket)
+elif cmd == "find":
+    for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for o in page.get("Contents", []):
+            if sys.argv[6] in o["Key"]:
+                print(o["Key"])
+elif cmd == "presign":
+    print(c.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": sys.argv[6]},
+                                   ExpiresIn=3600))
+PY
+}
+s3py bucket
 export WEIGHTGATE__DATA_DIR=$WG_DATA WEIGHTGATE__SERVER__BIND=$WG_BIND \
-    WEIGHTGATE__STORAGE__BACKEND=s3 WEIGHTGATE__STORAGE__S3_BUCKET=weights \
-    WEIGHTGATE__STORAGE__S3_ENDPOINT=$S3 WEIGHTGATE__STORAGE__S3_ACCESS_KEY_ID=bench \
-    WEIGHTGATE__STORAGE__S3_SECRET_ACCESS_KEY=bench-secret
+    WEIGHTGATE__STORAGE__BACKEND=s3 WEIGHTGATE__STORAGE__S3_BUCKET=$BUCKET \
+    WEIGHTGATE__STORAGE__S3_ENDPOINT=$S3_ENDPOINT WEIGHTGATE__STORAGE__S3_ACCESS_KEY_ID=$S3_KEY \
+    WEIGHTGATE__STORAGE__S3_SECRET_ACCESS_KEY=$S3_SECRET
 wg() { "$WG_BIN" "$@"; }
 wg models add bench/s3 --from "$OUT/model" >/dev/null
-# The object weightgate stored: the one key in the bucket that names the file's SHA-256.
-KEY=$(curl -fsS "$S3/weights?list-type=2" | grep -o "<Key>[^<]*$SUM[^<]*</Key>" | sed 's/<[^>]*>//g' | head -n1)
+KEY=$(s3py find "$SUM" | head -n1)
 [ -n "$KEY" ] || { echo "no object for $SUM in the bucket" >&2; exit 1; }
-# A presigned URL, so the direct fetch is signed as weightgate's reads are.
-DIRECT=$("$ROOT/.venv/bin/python" -c 'import sys, boto3
-c = boto3.client("s3", endpoint_url=sys.argv[1], aws_access_key_id="bench",
-                 aws_secret_access_key="bench-secret", region_name="us-east-1")
-print(c.generate_presigned_url("get_object", Params={"Bucket": "weights", "Key": sys.argv[2]}, ExpiresIn=3600))' "$S3" "$KEY")
+DIRECT=$(s3py presign "$KEY")
 "$WG_BIN" serve >"$OUT/wg.log" 2>&1 &
 PIDS+=($!)
 wait_http "http://$WG_BIND/healthz"
