@@ -623,8 +623,13 @@ impl Iterator for Units<'_> {
 const STORE_AHEAD_MAX: u64 = 8 << 20;
 
 /// The object-store side of [`produce`]: each read is a request with a round trip of its own
-/// (milliseconds on S3), so several run at once, up to `STORE_AHEAD_MAX` bytes or the
-/// stream's share of `BUFFER_BUDGET` (always at least one), and are handed on in order.
+/// (milliseconds on S3), so several run at once and are handed on in order. They are bounded
+/// by `STORE_AHEAD_MAX` and by half the stream's share of `BUFFER_BUDGET` (the other half
+/// covers the unit queued and the one being written), always allowing one.
+///
+/// Each read runs as a task of its own: it may hold the claim on a unit that other streams of
+/// the same blob wait for (see `shared::Blocks`), so it must finish even while this stream
+/// waits for a slow client to take the previous unit.
 async fn read_ahead(
     store: &Store,
     plan: &Plan,
@@ -635,17 +640,25 @@ async fn read_ahead(
 ) -> Result<(), Failure> {
     use futures_util::StreamExt;
     use futures_util::stream::FuturesOrdered;
-    let read = |unit: Result<Unit, Failure>| async move {
-        let unit = unit?;
-        let data = fetch_store(store, plan, path, &unit).await?;
-        Ok::<_, Failure>((unit, data))
+    let read = |unit: Result<Unit, Failure>| {
+        let (store, path) = (store.clone(), path.clone());
+        let shared = plan.share.then(|| plan.key.clone());
+        let task = tokio::spawn(async move {
+            let unit = unit?;
+            let data = fetch_store(&store, shared.as_deref(), &path, &unit).await?;
+            Ok::<_, Failure>((unit, data))
+        });
+        async move {
+            task.await
+                .map_err(|e| Failure::Unreadable(format!("read task: {e}")))?
+        }
     };
     let mut units = units.peekable();
     let mut reading = FuturesOrdered::new();
     let mut in_flight = 0u64;
     loop {
-        let budget =
-            (BUFFER_BUDGET / STREAMS.load(Ordering::Relaxed).max(1) as u64).min(STORE_AHEAD_MAX);
+        let share = BUFFER_BUDGET / (2 * STREAMS.load(Ordering::Relaxed).max(1) as u64);
+        let budget = share.min(STORE_AHEAD_MAX);
         while let Some(next) = units.peek() {
             let len = next.as_ref().map_or(0, |u| u.span.end - u.span.start);
             if !reading.is_empty() && in_flight + len > budget {
@@ -662,15 +675,16 @@ async fn read_ahead(
         in_flight -= unit.span.end - unit.span.start;
         verified.fetch_add(u64::from(unit.ends_block), Ordering::Relaxed);
         if !hand_on(tx, &data, unit.span.start, unit.wanted, plan.chunk_size).await {
-            return Ok(()); // the client went away
+            return Ok(()); // the client went away (reads under way finish on their own)
         }
     }
 }
 
-/// [`fetch`] for an object store, which needs no reader state (so reads can overlap).
+/// [`fetch`] for an object store, which needs no reader state (so reads can overlap);
+/// `shared` is the blob's key when verified units may be shared with other streams.
 async fn fetch_store(
     store: &Store,
-    plan: &Plan,
+    shared: Option<&str>,
     path: &object_store::path::Path,
     unit: &Unit,
 ) -> Result<Bytes, Failure> {
@@ -681,12 +695,12 @@ async fn fetch_store(
         unit.block,
         unit.check.clone(),
     );
-    if !plan.share {
+    let Some(key) = shared else {
         return read.await;
-    }
+    };
     store
         .blocks
-        .get_or_fill(&plan.key, unit.span.start, unit.span.end, &unit.hash, read)
+        .get_or_fill(key, unit.span.start, unit.span.end, &unit.hash, read)
         .await
 }
 
@@ -1065,6 +1079,38 @@ mod tests {
             most as u64 <= STORE_AHEAD_MAX / P,
             "{most} reads of one piece at once, beyond the read-ahead bound"
         );
+    }
+
+    #[tokio::test]
+    async fn a_stalled_client_does_not_hold_up_other_streams_of_the_blob() {
+        // A's client takes one chunk and then stops reading, with its reads ahead claimed in
+        // the shared blocks; B, reading the same blob from the same store, must still finish.
+        let data: Vec<u8> = (0..80 * P).map(|i| (i % 233) as u8).collect();
+        let (mut store, mut plan) = blob_with(&data, 4 * P).await;
+        plan.chunk_size = P as usize;
+        let overlap = Arc::new(Overlap {
+            inner: InMemory::new(),
+            now: Default::default(),
+            most: Default::default(),
+        });
+        overlap
+            .put(&Store::path("b"), data.clone().into())
+            .await
+            .unwrap();
+        store.inner = overlap;
+        let mut a = stream(store.clone(), plan.clone(), no_failure);
+        let first = a.rx.recv().await.unwrap().unwrap();
+        assert_eq!(&first[..], &data[..first.len()]);
+        // A bound on a hang, not a wait for readiness: B needs no time from A.
+        let b = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            drain(stream(store, plan, no_failure)),
+        )
+        .await
+        .expect("B waited on reads that A started and stopped driving");
+        assert!(!b.1);
+        assert!(b.0 == data, "B got every byte, in order");
+        drop(a);
     }
 
     #[tokio::test]
