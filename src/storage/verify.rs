@@ -1050,12 +1050,10 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn object_store_reads_overlap_within_a_bound_and_arrive_in_order() {
-        // 80 pieces in blocks of 4, read one piece at a time: 10 MiB, more than one stream
-        // may have in flight (STORE_AHEAD_MAX).
-        let data: Vec<u8> = (0..80 * P).map(|i| (i % 239) as u8).collect();
-        let (mut store, mut plan) = blob_with(&data, 4 * P).await;
+    /// 80 pieces in blocks of 4, on an [`Overlap`] store, read one piece at a time: 10 MiB,
+    /// more than one stream may have in flight (`STORE_AHEAD_MAX`).
+    async fn overlapping_blob(data: &[u8]) -> (Store, Plan, Arc<Overlap>) {
+        let (mut store, mut plan) = blob_with(data, 4 * P).await;
         plan.chunk_size = P as usize;
         let overlap = Arc::new(Overlap {
             inner: InMemory::new(),
@@ -1063,10 +1061,17 @@ mod tests {
             most: Default::default(),
         });
         overlap
-            .put(&Store::path("b"), data.clone().into())
+            .put(&Store::path("b"), data.to_vec().into())
             .await
             .unwrap();
         store.inner = overlap.clone();
+        (store, plan, overlap)
+    }
+
+    #[tokio::test]
+    async fn object_store_reads_overlap_within_a_bound_and_arrive_in_order() {
+        let data: Vec<u8> = (0..80 * P).map(|i| (i % 239) as u8).collect();
+        let (store, plan, overlap) = overlapping_blob(&data).await;
         let chunks = stream(store, plan, no_failure);
         let verified = chunks.blocks_verified.clone();
         let (got, failed) = drain(chunks).await;
@@ -1086,18 +1091,7 @@ mod tests {
         // A's client takes one chunk and then stops reading, with its reads ahead claimed in
         // the shared blocks; B, reading the same blob from the same store, must still finish.
         let data: Vec<u8> = (0..80 * P).map(|i| (i % 233) as u8).collect();
-        let (mut store, mut plan) = blob_with(&data, 4 * P).await;
-        plan.chunk_size = P as usize;
-        let overlap = Arc::new(Overlap {
-            inner: InMemory::new(),
-            now: Default::default(),
-            most: Default::default(),
-        });
-        overlap
-            .put(&Store::path("b"), data.clone().into())
-            .await
-            .unwrap();
-        store.inner = overlap;
+        let (store, plan, _) = overlapping_blob(&data).await;
         let mut a = stream(store.clone(), plan.clone(), no_failure);
         let first = a.rx.recv().await.unwrap().unwrap();
         assert_eq!(&first[..], &data[..first.len()]);
