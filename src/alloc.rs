@@ -57,6 +57,12 @@ fn small(size: usize) -> bool {
     size < LARGE
 }
 
+/// mimalloc, for a new block: its options are set before its first one.
+fn mi() -> mimalloc::MiMalloc {
+    tune_once();
+    mimalloc::MiMalloc
+}
+
 // SAFETY: every call is forwarded to the allocator that owns the block's size class, with the
 // caller's own layout; `realloc` across classes allocates in the new class, copies the bytes
 // both sizes share, and frees the old block in its class.
@@ -65,8 +71,7 @@ unsafe impl GlobalAlloc for Hybrid {
         // SAFETY: the caller's contract (a non-zero-size layout) is passed on unchanged.
         unsafe {
             if small(layout.size()) {
-                tune_once();
-                mimalloc::MiMalloc.alloc(layout)
+                mi().alloc(layout)
             } else {
                 System.alloc(layout)
             }
@@ -77,8 +82,7 @@ unsafe impl GlobalAlloc for Hybrid {
         // SAFETY: as for `alloc`.
         unsafe {
             if small(layout.size()) {
-                tune_once();
-                mimalloc::MiMalloc.alloc_zeroed(layout)
+                mi().alloc_zeroed(layout)
             } else {
                 System.alloc_zeroed(layout)
             }

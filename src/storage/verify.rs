@@ -283,17 +283,21 @@ impl Check {
     }
 }
 
-/// Reads blocks one after another: from a local file through one handle (opened, read and
-/// hashed in one blocking call, no zero-filled buffers), or through the object store.
-enum Reader {
-    Local {
-        path: std::path::PathBuf,
-        size: u64,
-        /// Opened by the first block read; `None` again only while a read holds it.
-        file: Option<std::fs::File>,
-        opened: bool,
-    },
+/// Where a stream's blocks come from: a local file, read one unit after another through one
+/// handle, or an object store, read ahead (see `read_ahead`).
+enum Source {
+    Local(LocalReader),
     Store(object_store::path::Path),
+}
+
+/// A local file read through one handle (opened, read and hashed in one blocking call, no
+/// zero-filled buffers).
+struct LocalReader {
+    path: std::path::PathBuf,
+    size: u64,
+    /// Opened by the first block read; `None` again only while a read holds it.
+    file: Option<std::fs::File>,
+    opened: bool,
 }
 
 /// Opens a local object and checks its size: a file that grew or shrank is caught before
@@ -313,40 +317,17 @@ fn open_local(path: &std::path::Path, size: u64) -> Result<std::fs::File, Failur
     }
 }
 
-impl Reader {
-    /// Opens and size-checks a local file now rather than at its first block read.
-    async fn ensure_open(&mut self) -> Result<(), Failure> {
-        let Reader::Local {
-            path,
-            size,
-            file,
-            opened,
-        } = self
-        else {
-            return Ok(());
-        };
-        if *opened {
-            return Ok(());
-        }
-        let (p, n) = (path.clone(), *size);
-        let f = tokio::task::spawn_blocking(move || open_local(&p, n))
-            .await
-            .map_err(|e| Failure::Unreadable(e.to_string()))??;
-        *file = Some(f);
-        *opened = true;
-        Ok(())
-    }
-
+impl Source {
     /// Prepares to read the object; an object store's object is checked for its size here,
     /// a local file when the first block is read.
-    async fn open(store: &Store, plan: &Plan) -> Result<Reader, Failure> {
+    async fn open(store: &Store, plan: &Plan) -> Result<Source, Failure> {
         if let Some(root) = &store.local_root {
-            return Ok(Reader::Local {
+            return Ok(Source::Local(LocalReader {
                 path: root.join(&plan.key),
                 size: plan.size,
                 file: None,
                 opened: false,
-            });
+            }));
         }
         let path = Store::path(&plan.key);
         match store.inner.head(&path).await {
@@ -354,66 +335,70 @@ impl Reader {
                 expected: plan.size,
                 actual: meta.size,
             }),
-            Ok(_) => Ok(Reader::Store(path)),
+            Ok(_) => Ok(Source::Store(path)),
             Err(object_store::Error::NotFound { .. }) => Err(Failure::Missing),
             Err(e) => Err(Failure::Unreadable(e.to_string())),
         }
     }
+}
 
-    /// Reads `start..end` (in block `block`) and returns it only if it passes `check`.
+impl LocalReader {
+    /// Opens and size-checks the file now rather than at its first block read.
+    async fn ensure_open(&mut self) -> Result<(), Failure> {
+        if self.opened {
+            return Ok(());
+        }
+        let (p, n) = (self.path.clone(), self.size);
+        let f = tokio::task::spawn_blocking(move || open_local(&p, n))
+            .await
+            .map_err(|e| Failure::Unreadable(e.to_string()))??;
+        self.file = Some(f);
+        self.opened = true;
+        Ok(())
+    }
+
+    /// Reads `span` (in block `block`) and returns it only if it passes `check`.
     async fn verified(
         &mut self,
-        store: &Store,
-        start: u64,
-        end: u64,
+        span: Range<u64>,
         block: u64,
         check: Check,
     ) -> Result<Bytes, Failure> {
-        let len = end - start;
-        match self {
-            Reader::Local {
-                path,
-                size,
-                file: slot,
-                opened,
-            } => {
-                let held = slot.take();
-                if held.is_none() && *opened {
-                    return Err(Failure::Unreadable("reader closed".into()));
-                }
-                *opened = true;
-                let (path, size) = (path.clone(), *size);
-                let (file, result) = tokio::task::spawn_blocking(move || {
-                    use std::io::{Read, Seek, SeekFrom};
-                    let mut file = match held {
-                        Some(f) => f,
-                        None => match open_local(&path, size) {
-                            Ok(f) => f,
-                            Err(e) => return (None, Err(e)),
-                        },
-                    };
-                    let mut buf = Vec::with_capacity(len as usize);
-                    let read = file
-                        .seek(SeekFrom::Start(start))
-                        .and_then(|_| (&mut file).take(len).read_to_end(&mut buf));
-                    let result = match read {
-                        Ok(n) if n as u64 != len => Err(Failure::WrongSize {
-                            expected: len,
-                            actual: start + n as u64,
-                        }),
-                        Ok(_) if check.passes(&buf) => Ok(Bytes::from(buf)),
-                        Ok(_) => Err(Failure::Mismatch { block }),
-                        Err(e) => Err(Failure::Unreadable(e.to_string())),
-                    };
-                    (Some(file), result)
-                })
-                .await
-                .map_err(|e| Failure::Unreadable(e.to_string()))?;
-                *slot = file;
-                result
-            }
-            Reader::Store(path) => read_store(store, path, start..end, block, check).await,
+        let (start, len) = (span.start, span.end - span.start);
+        let held = self.file.take();
+        if held.is_none() && self.opened {
+            return Err(Failure::Unreadable("reader closed".into()));
         }
+        self.opened = true;
+        let (path, size) = (self.path.clone(), self.size);
+        let (file, result) = tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Seek, SeekFrom};
+            let mut file = match held {
+                Some(f) => f,
+                None => match open_local(&path, size) {
+                    Ok(f) => f,
+                    Err(e) => return (None, Err(e)),
+                },
+            };
+            let mut buf = Vec::with_capacity(len as usize);
+            let read = file
+                .seek(SeekFrom::Start(start))
+                .and_then(|_| (&mut file).take(len).read_to_end(&mut buf));
+            let result = match read {
+                Ok(n) if n as u64 != len => Err(Failure::WrongSize {
+                    expected: len,
+                    actual: start + n as u64,
+                }),
+                Ok(_) if check.passes(&buf) => Ok(Bytes::from(buf)),
+                Ok(_) => Err(Failure::Mismatch { block }),
+                Err(e) => Err(Failure::Unreadable(e.to_string())),
+            };
+            (Some(file), result)
+        })
+        .await
+        .map_err(|e| Failure::Unreadable(e.to_string()))?;
+        self.file = file;
+        result
     }
 }
 
@@ -453,17 +438,18 @@ async fn produce(
     if plan.range.is_empty() {
         return Ok(());
     }
-    let mut reader = Reader::open(store, plan).await?;
     let units = Units::new(plan);
+    let mut reader = match Source::open(store, plan).await? {
+        Source::Store(path) => return read_ahead(store, plan, &path, units, tx, verified).await,
+        Source::Local(reader) => reader,
+    };
     if units.next_block != units.last_block {
-        // Blocks may come from other streams; check the object itself before the headers go
+        // Blocks may come from other streams; check the file itself before the headers go
         // out, so a missing or resized file is a clean error, not a cut-off body. (A one-block
         // range opens it in its only read, or is served bytes another stream just verified.)
         reader.ensure_open().await?;
     }
-    if let Reader::Store(path) = &reader {
-        return read_ahead(store, plan, path, units, tx, verified).await;
-    }
+    let key = plan.share.then_some(plan.key.as_str());
     for unit in units {
         let Unit {
             span,
@@ -473,15 +459,8 @@ async fn produce(
             wanted,
             ends_block,
         } = unit?;
-        let data = fetch(
-            &mut reader,
-            store,
-            plan,
-            span.clone(),
-            (block, &hash),
-            check,
-        )
-        .await?;
+        let read = reader.verified(span.clone(), block, check);
+        let data = shared_or_read(store, key, &span, &hash, read).await?;
         verified.fetch_add(u64::from(ends_block), Ordering::Relaxed);
         if !hand_on(tx, &data, span.start, wanted, plan.chunk_size).await {
             return Ok(()); // the client went away
@@ -645,7 +624,15 @@ async fn read_ahead(
         let shared = plan.share.then(|| plan.key.clone());
         let task = tokio::spawn(async move {
             let unit = unit?;
-            let data = fetch_store(&store, shared.as_deref(), &path, &unit).await?;
+            let read = read_store(
+                &store,
+                &path,
+                unit.span.clone(),
+                unit.block,
+                unit.check.clone(),
+            );
+            let data =
+                shared_or_read(&store, shared.as_deref(), &unit.span, &unit.hash, read).await?;
             Ok::<_, Failure>((unit, data))
         });
         async move {
@@ -680,49 +667,25 @@ async fn read_ahead(
     }
 }
 
-/// [`fetch`] for an object store, which needs no reader state (so reads can overlap);
-/// `shared` is the blob's key when verified units may be shared with other streams.
-async fn fetch_store(
+/// The verified bytes of `span` of a block whose hash is `hash`: when `key` names the blob
+/// (downloads), shared with concurrent streams of it under the block hash, which fixes every
+/// byte of the block and so of any part of it; otherwise (a scrub) from `read` alone.
+async fn shared_or_read(
     store: &Store,
-    shared: Option<&str>,
-    path: &object_store::path::Path,
-    unit: &Unit,
+    key: Option<&str>,
+    span: &Range<u64>,
+    hash: &[u8; HASH_LEN],
+    read: impl std::future::Future<Output = Result<Bytes, Failure>>,
 ) -> Result<Bytes, Failure> {
-    let read = read_store(
-        store,
-        path,
-        unit.span.clone(),
-        unit.block,
-        unit.check.clone(),
-    );
-    let Some(key) = shared else {
-        return read.await;
-    };
-    store
-        .blocks
-        .get_or_fill(key, unit.span.start, unit.span.end, &unit.hash, read)
-        .await
-}
-
-/// Reads and verifies `span` of a block (its index and hash), sharing the result with
-/// concurrent streams of the same blob when the plan allows: under the block hash, which
-/// fixes every byte of the block and so of any part of it.
-async fn fetch(
-    reader: &mut Reader,
-    store: &Store,
-    plan: &Plan,
-    span: Range<u64>,
-    (block, block_hash): (u64, &[u8; HASH_LEN]),
-    check: Check,
-) -> Result<Bytes, Failure> {
-    let read = reader.verified(store, span.start, span.end, block, check);
-    if !plan.share {
-        return read.await;
+    match key {
+        Some(key) => {
+            store
+                .blocks
+                .get_or_fill(key, span.start, span.end, hash, read)
+                .await
+        }
+        None => read.await,
     }
-    store
-        .blocks
-        .get_or_fill(&plan.key, span.start, span.end, block_hash, read)
-        .await
 }
 
 /// Sends the part of verified `data` (which starts at `at` in the object) that falls in
