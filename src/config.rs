@@ -125,9 +125,10 @@ pub struct StorageSettings {
     /// ran faster than with 1 MiB (the read, hash and copy stay in the CPU's cache) and as
     /// fast as with 2 MiB; 256 KiB loses to per-chunk overhead.
     pub chunk_size: usize,
-    /// Bytes of small local files (up to 64 KiB each) kept in memory to save a read per
-    /// request (0: none). A copy is used while the file's metadata is unchanged and for at
-    /// most a minute, and is hashed again every time it is sent (`storage::small`).
+    /// Bytes of small local files (up to 64 KiB each) kept in memory, verified when read, to
+    /// save a read and hash per request (0: none). A copy is used while an `fstat` of its
+    /// file finds the metadata unchanged and the file still linked, and for at most a minute
+    /// (`storage::small`).
     pub small_file_cache: usize,
     /// S3-compatible storage (storage.backend = "s3").
     pub s3_endpoint: String,

@@ -1,19 +1,23 @@
-//! Small local files kept in memory, to save the open, read and close of every request.
+//! Small local files kept in memory, to save the open, read, hash and close of every request.
 //!
-//! A kept copy is used only while the file's metadata (device, inode, size, mtime, ctime,
-//! read with one `stat` per request) is what it was when the copy was read, and for at most
-//! `MAX_AGE`; its bytes are checked against the block hash on every request all the same
-//! (see `verify::read_small`), so no byte leaves unverified and a copy that no longer
-//! matches is dropped. What the copy cannot see is a change on disk that leaves the metadata
-//! alone (bit rot below the filesystem, a write to the block device): that is caught when
-//! the copy expires and the disk is read again, within `MAX_AGE`, instead of at the next
-//! read that misses the page cache.
+//! A copy is kept only after its bytes were read from the disk and verified against the
+//! block hash; from then on it is served as it is, the way verified blocks are shared between
+//! concurrent streams (`storage::shared`): the check is of what comes off the disk. The file
+//! stays open beside its copy, and each request takes one `fstat` of that handle (no path
+//! lookup): the copy is used only while the file's metadata (device, inode, size, mtime,
+//! ctime) is what it was when the copy was read, the file still has a name (a delete, or a
+//! rename over it, leaves the old inode with no links), and for at most `MAX_AGE`. So any
+//! write, truncation, replacement or removal sends the next request to the disk, where the
+//! damage is found and reported. What the copy cannot see is a change on disk that leaves
+//! the metadata alone (bit rot below the filesystem, a write to the block device): that is
+//! caught when the copy expires and the disk is read again, within `MAX_AGE`, instead of at
+//! the next read that misses the page cache.
 //!
 //! File timestamps advance in ticks, so a write in the same tick as the last one could keep
 //! the same times. A copy is therefore only kept once the file has been unchanged for
 //! `settle` (its ctime that far in the past), the way git treats "racily clean" entries.
+//! At most `MAX_ENTRIES` copies are kept, which bounds the file handles held open.
 
-use std::path::Path;
 use std::sync::RwLock;
 use std::time::{Duration, SystemTime};
 
@@ -27,6 +31,9 @@ pub const SETTLE: Duration = Duration::from_secs(2);
 
 /// How long a copy is used before the disk is read again.
 pub const MAX_AGE: Duration = Duration::from_secs(60);
+
+/// How many copies are kept at most (each holds its file open).
+pub const MAX_ENTRIES: usize = 1024;
 
 /// What identifies one version of a file on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +74,8 @@ impl Identity {
 
 struct Entry {
     identity: Identity,
+    /// The file the copy was read from, held open for the `fstat` of each use.
+    file: std::fs::File,
     kept: std::time::Instant,
     /// The BLAKE3 hash the bytes were verified against.
     hash: [u8; 32],
@@ -84,6 +93,7 @@ impl Weighed for Entry {
 pub struct SmallFiles {
     entries: RwLock<Budgeted<String, Entry>>,
     max_bytes: usize,
+    max_entries: usize,
     settle: Duration,
 }
 
@@ -93,6 +103,7 @@ impl SmallFiles {
         SmallFiles {
             entries: Default::default(),
             max_bytes,
+            max_entries: MAX_ENTRIES,
             settle,
         }
     }
@@ -101,37 +112,44 @@ impl SmallFiles {
         self.max_bytes > 0
     }
 
-    /// The copy of `key` (stored at `path`) when the file's metadata is still that of the
-    /// version it was read from, it was verified against `hash`, and it is younger than
-    /// `MAX_AGE`. The caller checks the bytes again before sending them.
-    pub fn get(&self, key: &str, path: &Path, hash: &[u8]) -> Option<Bytes> {
+    /// The copy of `key` when it was verified against `hash`, is younger than `MAX_AGE`, and
+    /// its file is still linked and has the metadata of the version it was read from. A copy
+    /// found stale is dropped, closing its file.
+    pub fn get(&self, key: &str, hash: &[u8]) -> Option<Bytes> {
         if !self.enabled() {
             return None;
         }
-        let (identity, bytes) = {
+        let fresh = {
             let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
             let e = entries.get(key)?;
-            if e.hash[..] != *hash || e.kept.elapsed() >= MAX_AGE {
-                return None;
+            if e.hash[..] != *hash {
+                return None; // kept for another version of the manifest
             }
-            (e.identity, e.bytes.clone())
+            use std::os::unix::fs::MetadataExt;
+            let unchanged = |m: std::fs::Metadata| m.nlink() > 0 && Identity::of(&m) == e.identity;
+            (e.kept.elapsed() < MAX_AGE && e.file.metadata().is_ok_and(unchanged))
+                .then(|| e.bytes.clone())
         };
-        (Identity::of(&std::fs::metadata(path).ok()?) == identity).then_some(bytes)
+        if fresh.is_none() {
+            self.forget(key);
+        }
+        fresh
     }
 
-    /// Drops the copy of `key` (it failed its check).
+    /// Drops the copy of `key`.
     pub fn forget(&self, key: &str) {
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
         entries.remove(key);
     }
 
-    /// Keeps `bytes`, just verified against `hash`, as the content of the file `meta`
-    /// describes (taken from the open file after the read), if the file has settled.
-    pub fn put(&self, key: &str, meta: &std::fs::Metadata, hash: &[u8], bytes: &Bytes) {
-        let identity = Identity::of(meta);
+    /// Keeps `bytes`, just verified against `hash`, as the content of `file` (the handle it
+    /// was read through), if the file has settled.
+    pub fn put(&self, key: &str, file: std::fs::File, hash: &[u8], bytes: &Bytes) {
         let Ok(hash) = <[u8; 32]>::try_from(hash) else {
             return;
         };
+        let Ok(meta) = file.metadata() else { return };
+        let identity = Identity::of(&meta);
         if !self.enabled()
             || bytes.len() as u64 != identity.size
             || bytes.len() > self.max_bytes
@@ -141,7 +159,8 @@ impl SmallFiles {
         }
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
         entries.remove(key);
-        if entries.usage().0 + bytes.len() > self.max_bytes {
+        let (held, count) = entries.usage();
+        if held + bytes.len() > self.max_bytes || count >= self.max_entries {
             // Full: start over rather than track recency on every hit.
             entries.clear();
         }
@@ -149,6 +168,7 @@ impl SmallFiles {
             key.to_string(),
             Entry {
                 identity,
+                file,
                 kept: std::time::Instant::now(),
                 hash,
                 bytes: bytes.clone(),
@@ -169,13 +189,16 @@ impl SmallFiles {
 mod tests {
     use super::*;
 
-    /// A folder holding the file `f` with `body`, the file's path and metadata.
-    fn file_with(body: &[u8]) -> (tempfile::TempDir, std::path::PathBuf, std::fs::Metadata) {
+    /// A folder holding the file `f` with `body`, and the file's path.
+    fn file_with(body: &[u8]) -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         std::fs::write(&path, body).unwrap();
-        let meta = std::fs::metadata(&path).unwrap();
-        (dir, path, meta)
+        (dir, path)
+    }
+
+    fn open(path: &std::path::Path) -> std::fs::File {
+        std::fs::File::open(path).unwrap()
     }
 
     /// Alters the entry of `f` in place.
@@ -188,36 +211,41 @@ mod tests {
 
     /// A cache holding `body` as the copy of `f`, kept at once.
     fn kept(body: &'static [u8]) -> (tempfile::TempDir, std::path::PathBuf, SmallFiles) {
-        let (dir, path, meta) = file_with(body);
+        let (dir, path) = file_with(body);
         let cache = SmallFiles::new(1 << 20, Duration::ZERO);
-        cache.put("f", &meta, &[7; 32], &Bytes::from_static(body));
+        cache.put("f", open(&path), &[7; 32], &Bytes::from_static(body));
         (dir, path, cache)
     }
 
     #[test]
     fn a_copy_is_kept_only_for_the_version_it_was_read_from() {
         let (dir, path, cache) = kept(b"hello");
-        let meta = std::fs::metadata(&path).unwrap();
         let bytes = Bytes::from_static(b"hello");
-        assert_eq!(cache.get("f", &path, &[7; 32]), Some(bytes.clone()));
+        assert_eq!(cache.get("f", &[7; 32]), Some(bytes.clone()));
         assert_eq!(
-            cache.get("f", &path, &[8; 32]),
+            cache.get("f", &[8; 32]),
             None,
             "checked against another hash"
         );
-        assert_eq!(cache.get("g", &path, &[7; 32]), None);
-        // Any write that changes the size, or a replacement by rename, misses.
+        assert_eq!(cache.get("g", &[7; 32]), None);
+        assert_eq!(cache.usage(), (5, 1), "a copy for another hash stays");
+        // A write that changes the size misses, and the stale copy is dropped.
         std::fs::write(&path, b"hello!").unwrap();
-        assert_eq!(cache.get("f", &path, &[7; 32]), None);
-        cache.put("f", &meta, &[7; 32], &bytes);
+        assert_eq!(cache.get("f", &[7; 32]), None);
+        assert_eq!(cache.usage(), (0, 0));
+        // So does a replacement by rename (the kept handle's inode loses its last link) ...
+        std::fs::write(&path, b"hello").unwrap();
+        cache.put("f", open(&path), &[7; 32], &bytes);
+        assert_eq!(cache.get("f", &[7; 32]), Some(bytes.clone()));
         let other = dir.path().join("o");
         std::fs::write(&other, b"HELLO").unwrap();
         std::fs::rename(&other, &path).unwrap();
-        assert_eq!(cache.get("f", &path, &[7; 32]), None, "a new inode");
-        std::fs::remove_file(&path).unwrap();
-        assert_eq!(cache.get("f", &path, &[7; 32]), None, "gone");
+        assert_eq!(cache.get("f", &[7; 32]), None, "a new inode");
+        // ... and a removal.
+        cache.put("f", open(&path), &[7; 32], &Bytes::from_static(b"HELLO"));
         assert_eq!(cache.usage(), (5, 1));
-        cache.forget("f");
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(cache.get("f", &[7; 32]), None, "gone");
         assert_eq!(cache.usage(), (0, 0));
     }
 
@@ -228,58 +256,79 @@ mod tests {
         let mut id = Identity::of(&meta);
         id.ctime.1 = (id.ctime.1 + 1) % 1_000_000_000;
         assert_ne!(id, Identity::of(&meta));
-        assert!(cache.get("f", &path, &[7; 32]).is_some());
+        assert!(cache.get("f", &[7; 32]).is_some());
         change(&cache, |e| e.identity = id);
-        assert_eq!(cache.get("f", &path, &[7; 32]), None);
+        assert_eq!(cache.get("f", &[7; 32]), None);
     }
 
     #[test]
     fn a_copy_expires() {
-        let (_dir, path, cache) = kept(b"hello");
-        assert!(cache.get("f", &path, &[7; 32]).is_some());
+        let (_dir, _path, cache) = kept(b"hello");
+        assert!(cache.get("f", &[7; 32]).is_some());
         let Some(old) = std::time::Instant::now().checked_sub(MAX_AGE) else {
             return; // a monotonic clock younger than MAX_AGE: nothing to age
         };
         change(&cache, |e| e.kept = old);
-        assert_eq!(cache.get("f", &path, &[7; 32]), None);
+        assert_eq!(cache.get("f", &[7; 32]), None);
     }
 
     #[test]
     fn nothing_is_kept_while_the_file_may_still_change_unseen() {
-        let (_dir, path, meta) = file_with(b"fresh");
+        let (_dir, path) = file_with(b"fresh");
         let cache = SmallFiles::new(1 << 20, Duration::from_secs(3600));
-        cache.put("f", &meta, &[7; 32], &Bytes::from_static(b"fresh"));
+        cache.put("f", open(&path), &[7; 32], &Bytes::from_static(b"fresh"));
         assert_eq!(cache.usage(), (0, 0), "changed within the hour: not kept");
         let off = SmallFiles::default();
-        off.put("f", &meta, &[7; 32], &Bytes::from_static(b"fresh"));
+        off.put("f", open(&path), &[7; 32], &Bytes::from_static(b"fresh"));
         assert_eq!(off.usage(), (0, 0), "the default keeps nothing");
-        assert_eq!(off.get("f", &path, &[7; 32]), None);
+        assert_eq!(off.get("f", &[7; 32]), None);
+        let cache = SmallFiles::new(1 << 20, Duration::ZERO);
+        cache.put("f", open(&path), &[7; 32], &Bytes::from_static(b"fresh!"));
+        assert_eq!(
+            cache.usage(),
+            (0, 0),
+            "bytes of another size than the file's"
+        );
+    }
+
+    /// Keeps files of the given bodies under the keys "0", "1", ... in `cache`.
+    fn put_all(cache: &SmallFiles, dir: &std::path::Path, bodies: &[&[u8]]) {
+        for (i, body) in bodies.iter().enumerate() {
+            let path = dir.join(i.to_string());
+            std::fs::write(&path, body).unwrap();
+            let bytes = Bytes::copy_from_slice(body);
+            cache.put(&i.to_string(), open(&path), &[1; 32], &bytes);
+            assert!(cache.usage().0 <= cache.max_bytes, "{:?}", cache.usage());
+            assert!(cache.usage().1 <= cache.max_entries, "{:?}", cache.usage());
+        }
     }
 
     #[test]
     fn the_cache_stays_within_its_size() {
         let dir = tempfile::tempdir().unwrap();
         let cache = SmallFiles::new(10, Duration::ZERO);
-        for (i, body) in [&b"abcd"[..], b"efgh", b"ijkl", b"0123456789a"]
-            .into_iter()
-            .enumerate()
-        {
-            let path = dir.path().join(i.to_string());
-            std::fs::write(&path, body).unwrap();
-            let meta = std::fs::metadata(&path).unwrap();
-            cache.put(
-                &i.to_string(),
-                &meta,
-                &[1; 32],
-                &Bytes::copy_from_slice(body),
-            );
-            assert!(cache.usage().0 <= 10, "{:?}", cache.usage());
-        }
+        put_all(
+            &cache,
+            dir.path(),
+            &[b"abcd", b"efgh", b"ijkl", b"0123456789a"],
+        );
         // The third entry did not fit beside two others: the cache started over with it;
         // the last is larger than the whole cache and was never kept.
         assert_eq!(cache.usage(), (4, 1));
-        let third = dir.path().join("2");
-        assert!(cache.get("2", &third, &[1; 32]).is_some());
+        assert!(cache.get("2", &[1; 32]).is_some());
+    }
+
+    #[test]
+    fn the_cache_holds_at_most_max_entries_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = SmallFiles {
+            max_entries: 2,
+            ..SmallFiles::new(1 << 20, Duration::ZERO)
+        };
+        put_all(&cache, dir.path(), &[b"a", b"b", b"c"]);
+        assert_eq!(cache.usage(), (1, 1), "started over at the third");
+        assert!(cache.get("2", &[1; 32]).is_some());
+        assert!(cache.get("0", &[1; 32]).is_none());
     }
 
     #[test]

@@ -199,9 +199,9 @@ pub const INLINE_MAX: u64 = 64 << 10;
 
 /// Reads a small local object whole and returns the wanted range if its one block verifies;
 /// `None` when the plan does not qualify or anything is off, so that the streaming path
-/// (which reports failures) handles it. A copy kept in `store.small` saves the open, read
-/// and close while the file is unchanged; its bytes are checked against the block hash all
-/// the same, on every request.
+/// (which reports failures) handles it. A copy kept in `store.small`, verified when it was
+/// read, saves the open, read, hash and close while the file is unchanged (see
+/// `storage::small`).
 fn read_small(store: &Store, plan: &Plan) -> Option<Bytes> {
     use std::io::Read;
     let root = store.local_root.as_ref()?;
@@ -210,22 +210,18 @@ fn read_small(store: &Store, plan: &Plan) -> Option<Bytes> {
     }
     let hash: [u8; HASH_LEN] = plan.block_hashes.get(..HASH_LEN)?.try_into().ok()?;
     let size = plan.size as usize;
-    let path = root.join(&plan.key);
     let slice = |b: Bytes| b.slice(plan.range.start as usize..plan.range.end as usize);
     // A scrub (share = false) always reads the disk.
     let cache = plan.share.then_some(&*store.small);
-    if let Some(c) = cache
-        && let Some(bytes) = c.get(&plan.key, &path, &hash)
+    if let Some(bytes) = cache.and_then(|c| c.get(&plan.key, &hash))
+        && bytes.len() == size
     {
-        if bytes.len() == size && Check::Block(hash).passes(&bytes) {
-            return Some(slice(bytes));
-        }
-        c.forget(&plan.key);
+        return Some(slice(bytes));
     }
     // The size is not taken from a stat: up to one byte more than expected is read instead,
     // and a file of any other length (a regular file reads short only at its end) goes the
     // streaming way, which reports it.
-    let mut file = std::fs::File::open(&path).ok()?;
+    let mut file = std::fs::File::open(root.join(&plan.key)).ok()?;
     let mut buf = vec![0u8; size + 1];
     let mut n = 0;
     while n < size {
@@ -239,10 +235,8 @@ fn read_small(store: &Store, plan: &Plan) -> Option<Bytes> {
         return None;
     }
     let bytes = Bytes::from(buf);
-    if let Some(c) = cache.filter(|c| c.enabled())
-        && let Ok(meta) = file.metadata()
-    {
-        c.put(&plan.key, &meta, &hash, &bytes);
+    if let Some(c) = cache.filter(|c| c.enabled()) {
+        c.put(&plan.key, file, &hash, &bytes);
     }
     Some(slice(bytes))
 }
@@ -1169,22 +1163,14 @@ mod tests {
             &data[100..200],
             "ranges too"
         );
-        let meta = std::fs::metadata(dir.path().join("b")).unwrap();
-        let hash: [u8; HASH_LEN] = plan.block_hashes[..HASH_LEN].try_into().unwrap();
-        // A copy is checked again on every use: one that no longer matches its hash is
-        // dropped and the disk is read (and kept) instead.
+        let b = dir.path().join("b");
+        let open = || std::fs::File::open(&b).unwrap();
+        // The copy is what a download uses (its bytes were verified when they were read),
+        // while a scrub reads the disk: with a copy that matches another hash, a plan for
+        // that hash is served the copy, and its scrub finds the disk's bytes wrong.
         let fake = Bytes::from(vec![9u8; 5000]);
-        small.put(&plan.key, &meta, &hash, &fake);
-        assert_eq!(read_small(&store, &plan).unwrap(), &data[100..200]);
-        assert_eq!(
-            small.get(&plan.key, &dir.path().join("b"), &hash).unwrap(),
-            &data[..]
-        );
-        // The copy is what a download uses, while a scrub reads the disk: with a copy that
-        // matches another hash, a plan for that hash is served the copy, and its scrub
-        // finds the disk's bytes wrong.
         let fake_hash = *blake3::hash(&fake).as_bytes();
-        small.put(&plan.key, &meta, &fake_hash, &fake);
+        small.put(&plan.key, open(), &fake_hash, &fake);
         let mut other = plan.clone();
         other.block_hashes = fake_hash.to_vec();
         assert_eq!(read_small(&store, &other).unwrap(), &fake[100..200]);
@@ -1193,20 +1179,21 @@ mod tests {
             ..other.clone()
         };
         assert!(read_small(&store, &scrub).is_none());
-        small.put(&plan.key, &meta, &hash, &Bytes::from(data.clone()));
-        std::fs::remove_file(dir.path().join("b")).unwrap();
+        // A plan for the real hash does not take that copy: it reads the disk, and keeps it.
+        assert_eq!(read_small(&store, &plan).unwrap(), &data[100..200]);
+        let hash: [u8; HASH_LEN] = plan.block_hashes[..HASH_LEN].try_into().unwrap();
+        assert_eq!(small.get(&plan.key, &hash).unwrap(), &data[..]);
+        std::fs::remove_file(&b).unwrap();
         assert!(read_small(&store, &plan).is_none(), "a missing file misses");
         // Damage of the same size is read and caught, not hidden by the copy. (With no
         // settling time, as here, a write in the same timestamp tick could go unseen, so the
         // write's time is made distinct; the server waits for files to settle instead.)
         let mut bad = data.clone();
         bad[7] ^= 1;
-        std::fs::write(dir.path().join("b"), &data).unwrap();
+        std::fs::write(&b, &data).unwrap();
         assert_eq!(read_small(&store, &plan).unwrap(), &data[100..200]);
-        let f = std::fs::File::options()
-            .write(true)
-            .open(dir.path().join("b"))
-            .unwrap();
+        assert_eq!(small.usage(), (5000, 1));
+        let f = std::fs::File::options().write(true).open(&b).unwrap();
         std::io::Write::write_all(&mut &f, &bad).unwrap();
         f.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(60))
             .unwrap();
