@@ -100,27 +100,19 @@ pub fn row_hash(r: &AuditRow) -> String {
     chain_hash(&r.as_new())
 }
 
-/// [`row_hash`] of a row being written (its `hash` is not read). The array is serialised
-/// straight into the hasher, as a tuple: the same bytes as a `json!` array of the values.
+/// [`row_hash`] of a row being written (its `hash` is not read). The array is serialised as
+/// a tuple (the same bytes as a `json!` array of the values) into a buffer, then hashed in
+/// one call: serde_json writes many small pieces, each of which would otherwise be a hasher
+/// update of its own.
 fn chain_hash(r: &NewRow<'_>) -> String {
-    struct Sink(Sha256);
-    impl std::io::Write for Sink {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.update(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut sink = Sink(Sha256::new());
-    sink.0.update(r.prev_hash.as_bytes());
     let canonical = (
         r.seq, r.ts_ms, r.kind, r.outcome, r.actor, r.model_id, r.detail,
     );
-    // Writing into a hasher cannot fail, and these values always serialise.
-    let _ = serde_json::to_writer(&mut sink, &canonical);
-    util::hex_lower(&sink.0.finalize())
+    let mut buf = Vec::with_capacity(r.prev_hash.len() + r.detail.len() + 160);
+    buf.extend_from_slice(r.prev_hash.as_bytes());
+    // Writing into a Vec cannot fail, and these values always serialise.
+    let _ = serde_json::to_writer(&mut buf, &canonical);
+    util::hex_lower(&Sha256::digest(&buf))
 }
 
 /// Appends events at the head of the chain, inside the caller's transaction.
