@@ -712,7 +712,7 @@ fn writer(
             // A panic inside the write (a bug, or one in a library) is retried like an error,
             // rather than ending the writer and with it every later event.
             let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                db.write_blocking(|c| append_events(c, &batch, &known))
+                db.write_chain_blocking(|c| append_events(c, &batch, &known))
             }))
             .unwrap_or_else(|_| Err(crate::error::Error::internal("the audit write panicked")));
             match attempt {

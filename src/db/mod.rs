@@ -188,6 +188,23 @@ impl Db {
     }
 
     pub fn write_blocking<T>(&self, f: impl FnOnce(&mut AnyConnection) -> Result<T>) -> Result<T> {
+        self.write_begun(false, f)
+    }
+
+    /// `write_blocking` for appends to the audit chain: on PostgreSQL the transaction's
+    /// `BEGIN` takes the chain's lock in the same round trip (see `models::audit::lock_chain`).
+    pub fn write_chain_blocking<T>(
+        &self,
+        f: impl FnOnce(&mut AnyConnection) -> Result<T>,
+    ) -> Result<T> {
+        self.write_begun(true, f)
+    }
+
+    fn write_begun<T>(
+        &self,
+        chain: bool,
+        f: impl FnOnce(&mut AnyConnection) -> Result<T>,
+    ) -> Result<T> {
         let _guard = self
             .write_lock
             .as_ref()
@@ -196,7 +213,11 @@ impl Db {
         let conn: &mut AnyConnection = &mut pooled;
         epoch::take_changed();
         let result = match conn {
-            AnyConnection::Sqlite(_) => immediate_transaction(conn, f),
+            AnyConnection::Sqlite(_) => begun_transaction(conn, "BEGIN IMMEDIATE", f),
+            AnyConnection::Postgresql(_) if chain => {
+                let begin = format!("BEGIN; {}", models::audit::CHAIN_LOCK_SQL);
+                models::audit::with_chain_held(|| begun_transaction(conn, &begin, f))
+            }
             AnyConnection::Postgresql(_) => conn.transaction(f),
         };
         if epoch::take_changed() && result.is_ok() {
@@ -206,30 +227,46 @@ impl Db {
     }
 }
 
-/// Runs `f` in a SQLite transaction opened with `BEGIN IMMEDIATE`, which takes the write
-/// lock before anything is read, so that a read-then-write transaction never meets another
-/// process's commit (SQLITE_BUSY_SNAPSHOT); busy_timeout makes it wait for the lock instead.
-/// Transactions that `f` opens itself become savepoints, as with `transaction`.
-fn immediate_transaction<T>(
+/// Runs `f` in a transaction opened with `begin`. On SQLite that is `BEGIN IMMEDIATE`, which
+/// takes the write lock before anything is read, so that a read-then-write transaction never
+/// meets another process's commit (SQLITE_BUSY_SNAPSHOT); busy_timeout makes it wait for the
+/// lock instead. Transactions that `f` opens itself become savepoints, as with `transaction`.
+fn begun_transaction<T>(
     conn: &mut AnyConnection,
+    begin: &str,
     f: impl FnOnce(&mut AnyConnection) -> Result<T>,
 ) -> Result<T> {
-    use diesel::connection::{AnsiTransactionManager, TransactionManager};
-    fn sqlite(conn: &mut AnyConnection) -> Result<&mut diesel::SqliteConnection> {
+    use diesel::connection::{AnsiTransactionManager as Tm, TransactionManager};
+    enum Step<'a> {
+        Begin(&'a str),
+        Commit,
+        Rollback,
+    }
+    fn step(conn: &mut AnyConnection, s: Step<'_>) -> diesel::QueryResult<()> {
+        fn on<C>(c: &mut C, s: Step<'_>) -> diesel::QueryResult<()>
+        where
+            C: diesel::Connection<TransactionManager = Tm>,
+        {
+            match s {
+                Step::Begin(sql) => Tm::begin_transaction_sql(c, sql),
+                Step::Commit => Tm::commit_transaction(c),
+                Step::Rollback => Tm::rollback_transaction(c),
+            }
+        }
         match conn {
-            AnyConnection::Sqlite(s) => Ok(s),
-            AnyConnection::Postgresql(_) => Err(Error::internal("not a SQLite connection")),
+            AnyConnection::Sqlite(c) => on(c, s),
+            AnyConnection::Postgresql(c) => on(c, s),
         }
     }
-    AnsiTransactionManager::begin_transaction_sql(sqlite(conn)?, "BEGIN IMMEDIATE")?;
+    step(conn, Step::Begin(begin))?;
     match f(conn) {
         Ok(v) => {
-            AnsiTransactionManager::commit_transaction(sqlite(conn)?)?;
+            step(conn, Step::Commit)?;
             Ok(v)
         }
         // As diesel's own `transaction`: a failed rollback is reported unless the
         // transaction manager was already broken by the original error.
-        Err(e) => match AnsiTransactionManager::rollback_transaction(sqlite(conn)?) {
+        Err(e) => match step(conn, Step::Rollback) {
             Ok(()) | Err(diesel::result::Error::BrokenTransactionManager) => Err(e),
             Err(rollback) => Err(rollback.into()),
         },
