@@ -22,32 +22,17 @@ if [ "$(stat -c %s "$OUT/big/model.bin" 2>/dev/null || echo 0)" != "$SIZE" ]; th
 fi
 SHA=$(sha256sum "$OUT/big/model.bin" | cut -d' ' -f1)
 PIDS=()
-trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
-cat >"$OUT/nginx/nginx.conf" <<NG
-user root; worker_processes auto; daemon off; pid $OUT/nginx/nginx.pid;
-error_log $OUT/nginx/error.log warn; events { worker_connections 4096; }
-http { client_body_temp_path $OUT/nginx/tb; proxy_temp_path $OUT/nginx/tp; fastcgi_temp_path $OUT/nginx/tf;
-  uwsgi_temp_path $OUT/nginx/tu; scgi_temp_path $OUT/nginx/ts;
-  server { listen 127.0.0.1:$NG_PORT; root $OUT; sendfile on; tcp_nopush on; access_log off; } }
-NG
-nginx -c "$OUT/nginx/nginx.conf" -p "$OUT/nginx/" & PIDS+=($!)
-NGINX_PID=$!
-wait_http "http://127.0.0.1:$NG_PORT/big/model.bin"
+trap ab_cleanup EXIT
+ab_nginx "sendfile on; tcp_nopush on; access_log off;" big/model.bin
 export WEIGHTGATE__DATA_DIR=$WG_DATA WEIGHTGATE__SERVER__BIND=$WG_BIND
-WG=""
-start() { "$1" serve >"$OUT/wg.log" 2>&1 & WG=$!; PIDS+=("$WG"); wait_http "$URL/healthz"; }
-stop() { kill "$WG"; wait "$WG" 2>/dev/null || true; }
-"$A" models add ab/big --from "$OUT/big" >/dev/null
-start "$A"
-TOKEN=$(wg_token ab/big)
-stop
+ab_model ab/big "$OUT/big"
 find "$WG_DATA" -type f -size +1M -exec cat {} + >/dev/null
 WG_URL="$URL/ab/big/resolve/main/model.bin"
 for side in A B; do
     bin=$A; [ "$side" = B ] && bin=$B
-    start "$bin"
+    ab_start "$bin"
     got=$(curl -fsS -H "Authorization: Bearer $TOKEN" "$WG_URL" | sha256sum | cut -d' ' -f1)
-    stop
+    ab_stop
     [ "$got" = "$SHA" ] || { echo "side $side served bytes with the wrong SHA-256" >&2; exit 1; }
 done
 run() { # PIDS_FN URL [curl args] -> "GB/s CPU-s/GB"
@@ -74,9 +59,9 @@ for round in $(seq 1 "$ROUNDS"); do
     line="round $round: nginx $(run ng_pids "http://127.0.0.1:$NG_PORT/big/model.bin")"
     for side in A B; do
         bin=$A; [ "$side" = B ] && bin=$B
-        start "$bin"
+        ab_start "$bin"
         line+=" | $side $(run wg_pid "$WG_URL" -H "Authorization: Bearer $TOKEN")"
-        stop
+        ab_stop
     done
     echo "$line"
 done

@@ -16,25 +16,10 @@ wg() { "$A" "$@"; }
 rm -rf "$OUT" && mkdir -p "$OUT/nginx" "$OUT/small"
 $LIB mkdata-small "$OUT/small" 20
 PIDS=()
-trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
-cat >"$OUT/nginx/nginx.conf" <<NG
-user root; worker_processes auto; daemon off; pid $OUT/nginx/nginx.pid;
-error_log $OUT/nginx/error.log warn; events { worker_connections 4096; }
-http { client_body_temp_path $OUT/nginx/tb; proxy_temp_path $OUT/nginx/tp; fastcgi_temp_path $OUT/nginx/tf;
-  uwsgi_temp_path $OUT/nginx/tu; scgi_temp_path $OUT/nginx/ts; keepalive_requests 1000000;
-  server { listen 127.0.0.1:$NG_PORT; root $OUT; sendfile on; access_log $OUT/nginx/access.log; } }
-NG
-nginx -c "$OUT/nginx/nginx.conf" -p "$OUT/nginx/" & PIDS+=($!)
-wait_http "http://127.0.0.1:$NG_PORT/small/part-000.bin"
+trap ab_cleanup EXIT
+ab_nginx "sendfile on; access_log $OUT/nginx/access.log;" small/part-000.bin
 export WEIGHTGATE__DATA_DIR=$WG_DATA WEIGHTGATE__SERVER__BIND=$WG_BIND
-WG=""
-start() { "$1" serve >"$OUT/wg.log" 2>&1 & WG=$!; PIDS+=("$WG"); wait_http "$URL/healthz"; }
-stop() { kill "$WG"; wait "$WG" 2>/dev/null || true; }
-# one model, one approved token, made through the real API and CLI with binary A
-"$A" models add ab/small --from "$OUT/small" >/dev/null
-start "$A"
-TOKEN=$(wg_token ab/small)
-stop
+ab_model ab/small "$OUT/small"
 rate() { # URL [wrk args] -> "req/s requests"
     local out
     out=$(wrk -t2 -c64 -d"${SECS}s" "$@")
@@ -46,11 +31,11 @@ for round in $(seq 1 "$ROUNDS"); do
     line="round $round: nginx $ng"
     for side in A B; do
         bin=$A; [ "$side" = B ] && bin=$B
-        start "$bin"
+        ab_start "$bin"
         t0=$(cpu_ticks "$WG")
         read -r rps n < <(rate "$URL/ab/small/resolve/main/part-000.bin" -H "Authorization: Bearer $TOKEN")
         t1=$(cpu_ticks "$WG")
-        stop
+        ab_stop
         line+=$(awk -v s="$side" -v r="$rps" -v g="$ng" -v d=$((t1 - t0)) -v n="$n" -v hz="$(getconf CLK_TCK)" \
             'BEGIN { printf " | %s %.0f (%.3f) %.1f us", s, r, r / g, d / hz * 1e6 / n }')
     done
