@@ -258,7 +258,14 @@ fn begun_transaction<T>(
             AnyConnection::Postgresql(c) => on(c, s),
         }
     }
-    step(conn, Step::Begin(begin))?;
+    if let Err(e) = step(conn, Step::Begin(begin)) {
+        // A `begin` of several statements may have opened the transaction before a later one
+        // failed (the chain's lock timing out, say), and diesel does not know it is open: end
+        // it, so the connection goes back to the pool clean. With none open, this is a no-op
+        // on PostgreSQL and an error on SQLite, both ignored.
+        let _ = diesel::connection::SimpleConnection::batch_execute(conn, "ROLLBACK");
+        return Err(e.into());
+    }
     match f(conn) {
         Ok(v) => {
             step(conn, Step::Commit)?;

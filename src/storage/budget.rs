@@ -63,6 +63,17 @@ impl<K: Hash + Eq, V: Weighed> Budgeted<K, V> {
         self.held = 0;
     }
 
+    /// Removes the entries whose value matches `stale` and returns their values.
+    pub fn take_where(&mut self, mut stale: impl FnMut(&V) -> bool) -> Vec<V> {
+        let taken: Vec<V> = self
+            .map
+            .extract_if(|_, v| stale(v))
+            .map(|(_, v)| v)
+            .collect();
+        self.held -= taken.iter().map(Weighed::weight).sum::<usize>();
+        taken
+    }
+
     /// Bytes held, and entries.
     pub fn usage(&self) -> (usize, usize) {
         (self.held, self.map.len())
@@ -84,6 +95,22 @@ impl<K: Hash + Eq + Clone, V: Weighed> Budgeted<K, V> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn take_where_removes_and_uncounts_what_matches() {
+        let mut m: Budgeted<String, Bytes> = Budgeted::default();
+        for (k, v) in [("a", &b"1"[..]), ("b", b"22"), ("c", b"333")] {
+            m.insert(k.into(), Bytes::from_static(v));
+        }
+        let mut taken = m.take_where(|v| v.len() >= 2);
+        taken.sort();
+        assert_eq!(
+            taken,
+            [Bytes::from_static(b"22"), Bytes::from_static(b"333")]
+        );
+        assert_eq!(m.usage(), (1, 1));
+        assert!(m.get("a").is_some());
+    }
 
     #[test]
     fn the_count_follows_inserts_replacements_and_removals() {

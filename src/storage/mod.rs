@@ -28,8 +28,8 @@ pub struct Store {
     pub local_root: Option<std::path::PathBuf>,
     /// Verified blocks currently held by streams, shared with concurrent streams.
     pub blocks: Arc<shared::Blocks>,
-    /// Copies of small local files, used while the file on disk is unchanged (and hashed
-    /// again every time they are sent); keeps nothing for stores without a local folder.
+    /// Copies of small local files, verified when read and used while the file on disk is
+    /// unchanged; keeps nothing for stores without a local folder.
     pub small: Arc<small::SmallFiles>,
 }
 

@@ -7,16 +7,21 @@
 //! lookup): the copy is used only while the file's metadata (device, inode, size, mtime,
 //! ctime) is what it was when the copy was read, the file still has a name (a delete, or a
 //! rename over it, leaves the old inode with no links), and for at most `MAX_AGE`. So any
-//! write, truncation, replacement or removal sends the next request to the disk, where the
-//! damage is found and reported. What the copy cannot see is a change on disk that leaves
-//! the metadata alone (bit rot below the filesystem, a write to the block device): that is
-//! caught when the copy expires and the disk is read again, within `MAX_AGE`, instead of at
-//! the next read that misses the page cache.
+//! write, truncation, replacement or removal of the file sends the next request to the disk,
+//! where the damage is found and reported. What the copy cannot see, until it expires and the
+//! disk is read again (within `MAX_AGE`), is a change that leaves the file itself alone: bit
+//! rot below the filesystem or a write to the block device (a plain read misses that too,
+//! while the page cache holds the file), or a change of the path above the file (a folder
+//! renamed or swapped, a symbolic link pointed elsewhere, a mount over the folder). Either
+//! way the copy's bytes are still those the manifest names.
 //!
 //! File timestamps advance in ticks, so a write in the same tick as the last one could keep
 //! the same times. A copy is therefore only kept once the file has been unchanged for
 //! `settle` (its ctime that far in the past), the way git treats "racily clean" entries.
-//! At most `MAX_ENTRIES` copies are kept, which bounds the file handles held open.
+//! At most `MAX_ENTRIES` copies are kept, and no more than a quarter of the process's limit
+//! on open files, which bounds the handles held open; copies past `MAX_AGE` are dropped
+//! whenever another is kept, so a removed file's handle (and its disk space) is not held for
+//! long.
 
 use std::sync::RwLock;
 use std::time::{Duration, SystemTime};
@@ -75,7 +80,7 @@ impl Identity {
 struct Entry {
     identity: Identity,
     /// The file the copy was read from, held open for the `fstat` of each use.
-    file: std::fs::File,
+    file: std::sync::Arc<std::fs::File>,
     kept: std::time::Instant,
     /// The BLAKE3 hash the bytes were verified against.
     hash: [u8; 32],
@@ -85,6 +90,21 @@ struct Entry {
 impl Weighed for Entry {
     fn weight(&self) -> usize {
         self.bytes.len()
+    }
+}
+
+/// The process's limit on open files (its soft limit), or 1024 when it cannot be read.
+fn open_files_limit() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct it is given and reads nothing else.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
+    if ok {
+        usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
+    } else {
+        1024
     }
 }
 
@@ -103,7 +123,7 @@ impl SmallFiles {
         SmallFiles {
             entries: Default::default(),
             max_bytes,
-            max_entries: MAX_ENTRIES,
+            max_entries: MAX_ENTRIES.min(open_files_limit() / 4),
             settle,
         }
     }
@@ -119,27 +139,34 @@ impl SmallFiles {
         if !self.enabled() {
             return None;
         }
-        let fresh = {
+        let (file, identity, bytes) = {
             let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
             let e = entries.get(key)?;
             if e.hash[..] != *hash {
                 return None; // kept for another version of the manifest
             }
-            use std::os::unix::fs::MetadataExt;
-            let unchanged = |m: std::fs::Metadata| m.nlink() > 0 && Identity::of(&m) == e.identity;
-            (e.kept.elapsed() < MAX_AGE && e.file.metadata().is_ok_and(unchanged))
-                .then(|| e.bytes.clone())
+            let fresh = e.kept.elapsed() < MAX_AGE;
+            (fresh.then(|| e.file.clone()), e.identity, e.bytes.clone())
         };
-        if fresh.is_none() {
-            self.forget(key);
+        // The `fstat` runs with no lock held, so a slow filesystem holds up only this request.
+        use std::os::unix::fs::MetadataExt;
+        let unchanged = |m: std::fs::Metadata| m.nlink() > 0 && Identity::of(&m) == identity;
+        match file {
+            Some(f) if f.metadata().is_ok_and(unchanged) => Some(bytes),
+            _ => {
+                self.forget(key);
+                None
+            }
         }
-        fresh
     }
 
     /// Drops the copy of `key`.
     pub fn forget(&self, key: &str) {
-        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
-        entries.remove(key);
+        let gone = {
+            let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+            entries.remove(key)
+        };
+        drop(gone); // its file is closed here, after the lock
     }
 
     /// Keeps `bytes`, just verified against `hash`, as the content of `file` (the handle it
@@ -157,23 +184,27 @@ impl SmallFiles {
         {
             return;
         }
-        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
-        entries.remove(key);
-        let (held, count) = entries.usage();
-        if held + bytes.len() > self.max_bytes || count >= self.max_entries {
+        let entry = Entry {
+            identity,
+            file: std::sync::Arc::new(file),
+            kept: std::time::Instant::now(),
+            hash,
+            bytes: bytes.clone(),
+        };
+        // What leaves the cache is dropped after the lock is released: closing files is a
+        // system call each.
+        let (replaced, expired, cleared) = {
+            let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+            let replaced = entries.remove(key);
+            let expired = entries.take_where(|e| e.kept.elapsed() >= MAX_AGE);
+            let (held, count) = entries.usage();
             // Full: start over rather than track recency on every hit.
-            entries.clear();
-        }
-        entries.insert(
-            key.to_string(),
-            Entry {
-                identity,
-                file,
-                kept: std::time::Instant::now(),
-                hash,
-                bytes: bytes.clone(),
-            },
-        );
+            let cleared = (held + bytes.len() > self.max_bytes || count >= self.max_entries)
+                .then(|| std::mem::take(&mut *entries));
+            entries.insert(key.to_string(), entry);
+            (replaced, expired, cleared)
+        };
+        drop((replaced, expired, cleared));
     }
 
     /// Bytes held, and entries.
@@ -247,6 +278,31 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         assert_eq!(cache.get("f", &[7; 32]), None, "gone");
         assert_eq!(cache.usage(), (0, 0));
+    }
+
+    #[test]
+    fn a_file_with_no_name_left_misses() {
+        let (_dir, path, cache) = kept(b"hello");
+        std::fs::remove_file(&path).unwrap();
+        // Make the kept metadata that of the unlinked file, so that only its link count
+        // tells it apart.
+        change(&cache, |e| {
+            e.identity = Identity::of(&e.file.metadata().unwrap())
+        });
+        assert_eq!(cache.get("f", &[7; 32]), None);
+    }
+
+    #[test]
+    fn expired_copies_are_dropped_when_another_is_kept() {
+        let (dir, _path, cache) = kept(b"hello");
+        let Some(old) = std::time::Instant::now().checked_sub(MAX_AGE) else {
+            return; // a monotonic clock younger than MAX_AGE: nothing to age
+        };
+        change(&cache, |e| e.kept = old);
+        let other = dir.path().join("g");
+        std::fs::write(&other, b"hi").unwrap();
+        cache.put("g", open(&other), &[7; 32], &Bytes::from_static(b"hi"));
+        assert_eq!(cache.usage(), (2, 1), "only the new copy is held");
     }
 
     #[test]

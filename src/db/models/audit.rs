@@ -75,14 +75,13 @@ thread_local! {
 
 /// Runs `f`, a transaction whose `BEGIN` takes the chain's lock, with `lock_chain` a no-op.
 pub(crate) fn with_chain_held<T>(f: impl FnOnce() -> T) -> T {
-    struct Reset;
-    impl Drop for Reset {
+    struct Restore(bool);
+    impl Drop for Restore {
         fn drop(&mut self) {
-            CHAIN_HELD.with(|h| h.set(false));
+            CHAIN_HELD.with(|h| h.set(self.0));
         }
     }
-    CHAIN_HELD.with(|h| h.set(true));
-    let _reset = Reset;
+    let _restore = Restore(CHAIN_HELD.with(|h| h.replace(true)));
     f()
 }
 
