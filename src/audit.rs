@@ -115,13 +115,24 @@ fn chain_hash(r: &NewRow<'_>) -> String {
     util::hex_lower(&Sha256::digest(&buf))
 }
 
-/// Appends events at the head of the chain, inside the caller's transaction.
+/// Appends events at the head of the chain, inside the caller's transaction (taking the
+/// chain's lock first).
 pub fn append(conn: &mut AnyConnection, events: &[Event]) -> Result<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    rows::lock_chain(conn)?;
+    append_locked(conn, events)
+}
+
+/// [`append`] inside a transaction that already holds the chain's lock (one opened by
+/// `Db::write_chain_blocking`).
+pub fn append_locked(conn: &mut AnyConnection, events: &[Event]) -> Result<()> {
     append_events(conn, events, &KnownCompleted::default()).map(|_| ())
 }
 
-/// [`append`], skipping the delivery records of files in `known`; returns the (jti, sha256)
-/// pairs found or made complete, for the caller to add to `known` once this commits.
+/// [`append_locked`], skipping the delivery records of files in `known`; returns the (jti,
+/// sha256) pairs found or made complete, for the caller to add to `known` once this commits.
 fn append_events(
     conn: &mut AnyConnection,
     events: &[Event],
@@ -171,7 +182,6 @@ fn append_rows(
     events: &[Event],
     record: &mut impl FnMut(&mut AnyConnection, &Event) -> Result<()>,
 ) -> Result<()> {
-    rows::lock_chain(conn)?;
     let (head_seq, head) = rows::head(conn)?.unwrap_or((0, GENESIS.to_string()));
     let logged: Vec<&Event> = events.iter().filter(|e| !e.unlogged).collect();
     // Row i is number head_seq + 1 + i; its prev_hash is row i - 1's hash (or the head's).

@@ -499,26 +499,9 @@ fn tune_malloc() {
     }
 }
 
-/// Raises the soft limit on open files to the hard limit, as servers commonly do: each
-/// connection, stream and small-file copy (`storage::small`) holds a file descriptor, and
-/// the soft limit is often 1024.
-fn raise_open_files_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit read or write only the struct they are given.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
-
 fn main() -> ExitCode {
     tune_malloc();
-    raise_open_files_limit();
+    weightgate::util::raise_open_files_limit();
     let cli = Cli::parse();
     if let Some(code) = client_command(&cli.command) {
         return code;

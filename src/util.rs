@@ -7,6 +7,34 @@ use rand::RngExt;
 use sha2::{Digest, Sha256};
 
 /// Seconds since the Unix epoch.
+/// The process's limit on open files: (soft, hard), or `None` when it cannot be read.
+fn open_files() -> Option<libc::rlimit> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct it is given and reads nothing else.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some(lim)
+}
+
+/// The soft limit on open files, or 1024 when it cannot be read.
+pub fn open_files_limit() -> usize {
+    open_files().map_or(1024, |l| usize::try_from(l.rlim_cur).unwrap_or(usize::MAX))
+}
+
+/// Raises the soft limit on open files to the hard limit, as servers commonly do: each
+/// connection, stream and small-file copy (`storage::small`) holds a file descriptor, and
+/// the soft limit is often 1024.
+pub fn raise_open_files_limit() {
+    if let Some(mut lim) = open_files().filter(|l| l.rlim_cur < l.rlim_max) {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit reads only the struct it is given.
+        unsafe {
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 pub fn now() -> i64 {
     now_ms() / 1000
 }

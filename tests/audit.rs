@@ -233,7 +233,7 @@ async fn concurrent_writers_keep_one_chain(backend: Backend) {
                     // The audit writer's way: on PostgreSQL the chain's lock comes with BEGIN.
                     let db = db.clone();
                     tokio::task::spawn_blocking(move || {
-                        db.write_chain_blocking(|c| audit::append(c, &[e]))
+                        db.write_chain_blocking(|c| audit::append_locked(c, &[e]))
                     })
                     .await
                     .unwrap()

@@ -191,8 +191,9 @@ impl Db {
         self.write_begun(false, f)
     }
 
-    /// `write_blocking` for appends to the audit chain: on PostgreSQL the transaction's
-    /// `BEGIN` takes the chain's lock in the same round trip (see `models::audit::lock_chain`).
+    /// `write_blocking` for appends to the audit chain, with the chain's lock held from the
+    /// start: on PostgreSQL the transaction's `BEGIN` takes it in the same round trip (see
+    /// `models::audit::lock_chain`); SQLite's write lock serialises appenders already.
     pub fn write_chain_blocking<T>(
         &self,
         f: impl FnOnce(&mut AnyConnection) -> Result<T>,
@@ -212,14 +213,14 @@ impl Db {
         let mut pooled = self.pool.get()?;
         let conn: &mut AnyConnection = &mut pooled;
         epoch::take_changed();
-        let result = match conn {
-            AnyConnection::Sqlite(_) => begun_transaction(conn, "BEGIN IMMEDIATE", f),
+        let begin: std::borrow::Cow<str> = match conn {
+            AnyConnection::Sqlite(_) => "BEGIN IMMEDIATE".into(),
             AnyConnection::Postgresql(_) if chain => {
-                let begin = format!("BEGIN; {}", models::audit::CHAIN_LOCK_SQL);
-                models::audit::with_chain_held(|| begun_transaction(conn, &begin, f))
+                format!("BEGIN; {}", models::audit::CHAIN_LOCK_SQL).into()
             }
-            AnyConnection::Postgresql(_) => conn.transaction(f),
+            AnyConnection::Postgresql(_) => "BEGIN".into(),
         };
+        let result = begun_transaction(conn, &begin, f);
         if epoch::take_changed() && result.is_ok() {
             self.epoch.bump();
         }
@@ -227,10 +228,11 @@ impl Db {
     }
 }
 
-/// Runs `f` in a transaction opened with `begin`. On SQLite that is `BEGIN IMMEDIATE`, which
-/// takes the write lock before anything is read, so that a read-then-write transaction never
-/// meets another process's commit (SQLITE_BUSY_SNAPSHOT); busy_timeout makes it wait for the
-/// lock instead. Transactions that `f` opens itself become savepoints, as with `transaction`.
+/// Runs `f` in a transaction opened with `begin`, as diesel's `transaction` does with `BEGIN`.
+/// On SQLite that is `BEGIN IMMEDIATE`, which takes the write lock before anything is read,
+/// so that a read-then-write transaction never meets another process's commit
+/// (SQLITE_BUSY_SNAPSHOT); busy_timeout makes it wait for the lock instead. Transactions that
+/// `f` opens itself become savepoints, as with `transaction`.
 fn begun_transaction<T>(
     conn: &mut AnyConnection,
     begin: &str,

@@ -58,11 +58,6 @@ impl<K: Hash + Eq, V: Weighed> Budgeted<K, V> {
         Some(old)
     }
 
-    pub fn clear(&mut self) {
-        self.map.clear();
-        self.held = 0;
-    }
-
     /// Removes the entries whose value matches `stale` and returns their values.
     pub fn take_where(&mut self, mut stale: impl FnMut(&V) -> bool) -> Vec<V> {
         let taken: Vec<V> = self
@@ -132,9 +127,5 @@ mod tests {
             (0, 0),
             "everything goes when even that is not enough"
         );
-        m.insert("d".into(), Bytes::from_static(b"x"));
-        m.clear();
-        assert_eq!(m.usage(), (0, 0));
-        assert!(m.get("d").is_none());
     }
 }

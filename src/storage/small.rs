@@ -93,21 +93,6 @@ impl Weighed for Entry {
     }
 }
 
-/// The process's limit on open files (its soft limit), or 1024 when it cannot be read.
-fn open_files_limit() -> usize {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct it is given and reads nothing else.
-    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
-    if ok {
-        usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
-    } else {
-        1024
-    }
-}
-
 /// The cache; `Default` keeps nothing.
 #[derive(Default)]
 pub struct SmallFiles {
@@ -123,7 +108,7 @@ impl SmallFiles {
         SmallFiles {
             entries: Default::default(),
             max_bytes,
-            max_entries: MAX_ENTRIES.min(open_files_limit() / 4),
+            max_entries: MAX_ENTRIES.min(crate::util::open_files_limit() / 4),
             settle,
         }
     }
@@ -175,10 +160,12 @@ impl SmallFiles {
         let Ok(hash) = <[u8; 32]>::try_from(hash) else {
             return;
         };
+        if !self.enabled() {
+            return;
+        }
         let Ok(meta) = file.metadata() else { return };
         let identity = Identity::of(&meta);
-        if !self.enabled()
-            || bytes.len() as u64 != identity.size
+        if bytes.len() as u64 != identity.size
             || bytes.len() > self.max_bytes
             || !identity.settled(self.settle)
         {

@@ -57,9 +57,7 @@ impl AuditRow {
 /// Serialises appenders across processes and replicas: PostgreSQL takes a transaction-scoped
 /// advisory lock; SQLite already holds its single write lock inside `Db::write`.
 pub fn lock_chain(conn: &mut AnyConnection) -> Result<()> {
-    if let AnyConnection::Postgresql(c) = conn
-        && !CHAIN_HELD.with(std::cell::Cell::get)
-    {
+    if let AnyConnection::Postgresql(c) = conn {
         diesel::sql_query(CHAIN_LOCK_SQL).execute(c)?;
     }
     Ok(())
@@ -67,23 +65,6 @@ pub fn lock_chain(conn: &mut AnyConnection) -> Result<()> {
 
 /// The statement that takes the chain's lock until the transaction ends (PostgreSQL).
 pub const CHAIN_LOCK_SQL: &str = "SELECT pg_advisory_xact_lock(7745321)";
-
-thread_local! {
-    /// Whether this thread's transaction took the chain's lock with its `BEGIN`.
-    static CHAIN_HELD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Runs `f`, a transaction whose `BEGIN` takes the chain's lock, with `lock_chain` a no-op.
-pub(crate) fn with_chain_held<T>(f: impl FnOnce() -> T) -> T {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            CHAIN_HELD.with(|h| h.set(self.0));
-        }
-    }
-    let _restore = Restore(CHAIN_HELD.with(|h| h.replace(true)));
-    f()
-}
 
 /// Where the log continues after rows were archived (kept in `kv`).
 const ARCHIVE_BASE: &str = "audit_archived_through";
