@@ -6,6 +6,7 @@
 //! Download events go through [`AuditSink`], a batching writer that commits many events
 //! in one transaction off the request path.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -610,6 +611,11 @@ pub struct AuditSink {
     downloads: bool,
     /// Files tokens have completed, as committed by the writer.
     known: std::sync::Arc<KnownCompleted>,
+    /// Holds `audit_queued`: events sent and not yet committed (the writer subtracts each
+    /// batch it commits).
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    /// `audit.queue_max`.
+    queue_max: u64,
 }
 
 impl AuditSink {
@@ -618,28 +624,46 @@ impl AuditSink {
     pub fn start(
         db: Db,
         batch_max: usize,
+        queue_max: usize,
         downloads: bool,
         metrics: std::sync::Arc<crate::metrics::Metrics>,
     ) -> std::io::Result<(AuditSink, std::thread::JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel();
         let known = std::sync::Arc::new(KnownCompleted::default());
         let k = known.clone();
+        let m = metrics.clone();
         let task = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || writer(db, rx, batch_max, metrics, k))?;
+            .spawn(move || writer(db, rx, batch_max, m, k))?;
         Ok((
             AuditSink {
                 tx,
                 downloads,
                 known,
+                metrics,
+                queue_max: queue_max.max(1) as u64,
             },
             task,
         ))
     }
 
-    /// Queues an event; it is committed with the next batch.
+    /// Queues an event; it is committed with the next batch. Only for places that cannot
+    /// wait (a stream's first chunk, a body being dropped), which add at most two events
+    /// per download; request handlers use [`AuditSink::log`].
     pub fn record(&self, event: Event) {
         self.send(event, None);
+    }
+
+    /// Queues an event and returns at once, unless `audit.queue_max` events are already
+    /// waiting: then it waits for this one's commit. So a flood of requests that are logged
+    /// without waiting (denied ones need no token) is slowed down to the writer's pace
+    /// instead of growing the queue without bound.
+    pub async fn log(&self, event: Event) {
+        if self.metrics.audit_queued.load(Relaxed) >= self.queue_max {
+            let _ = self.commit(event).await;
+        } else {
+            self.record(event);
+        }
     }
 
     /// Queues an event, with `waiter` to be answered once it commits (at once when the
@@ -665,7 +689,10 @@ impl AuditSink {
             Some(w) => Msg::Commit(event, w),
             None => Msg::Event(event),
         };
+        // Counted before it is sent, so that the writer never subtracts it first.
+        self.metrics.audit_queued.fetch_add(1, Relaxed);
         if self.tx.send(msg).is_err() {
+            self.metrics.audit_queued.fetch_sub(1, Relaxed);
             tracing::error!("audit writer has stopped; an event could not be queued");
         }
     }
@@ -728,12 +755,12 @@ fn writer(
             match attempt {
                 Ok(done) => {
                     known.add(done.pairs());
-                    use std::sync::atomic::Ordering::Relaxed;
                     metrics.audit_batches.fetch_add(1, Relaxed);
                     metrics.audit_events.fetch_add(batch.len() as u64, Relaxed);
                     metrics
                         .audit_write_micros
                         .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
+                    metrics.audit_queued.fetch_sub(batch.len() as u64, Relaxed);
                     batch.clear();
                 }
                 Err(e) => {

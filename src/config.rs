@@ -227,6 +227,10 @@ impl IntegritySettings {
 pub struct AuditSettings {
     /// Most download events committed in one transaction by the batching writer.
     pub batch_max: usize,
+    /// Most events waiting for the writer before requests that log without waiting (HEADs,
+    /// denials, 304s, manifest reads) wait for their own commit instead, so a flood of
+    /// them slows down rather than filling memory.
+    pub queue_max: usize,
     /// How often `serve` records the chain's head as a checkpoint, e.g. "1h"; "off" disables.
     pub checkpoint_interval: String,
     /// File that checkpoints are appended to (one JSON line each); empty for none.
@@ -331,6 +335,7 @@ impl Default for AuditSettings {
     fn default() -> Self {
         AuditSettings {
             batch_max: 512,
+            queue_max: 65536,
             checkpoint_interval: "1h".into(),
             checkpoint_file: String::new(),
             checkpoint_url: String::new(),
@@ -517,6 +522,9 @@ impl Settings {
             .map_err(|e| bad("admin.session_ttl", e))?;
         if self.audit.batch_max == 0 {
             return Err(bad("audit.batch_max", "must be at least 1"));
+        }
+        if self.audit.queue_max == 0 {
+            return Err(bad("audit.queue_max", "must be at least 1"));
         }
         Ok(())
     }

@@ -244,6 +244,7 @@ pub async fn run(
     let (audit, audit_task) = AuditSink::start(
         core.db.clone(),
         settings.audit.batch_max,
+        settings.audit.queue_max,
         settings.audit.downloads,
         metrics.clone(),
     )?;

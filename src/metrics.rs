@@ -30,6 +30,8 @@ pub struct Metrics {
     pub audit_batches: AtomicU64,
     pub audit_events: AtomicU64,
     pub audit_write_micros: AtomicU64,
+    /// Events sent to the audit writer and not yet committed.
+    pub audit_queued: AtomicU64,
 }
 
 impl Metrics {
@@ -89,6 +91,12 @@ impl Metrics {
                 "Token checks that verified the signature and read the database.",
                 "counter",
                 g(&self.token_cache_misses),
+            ),
+            (
+                "weightgate_audit_queued",
+                "Events waiting for the audit writer.",
+                "gauge",
+                g(&self.audit_queued),
             ),
             (
                 "weightgate_audit_batches_total",

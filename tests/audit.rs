@@ -477,7 +477,88 @@ async fn download_auditing_can_be_turned_off(backend: Backend) {
     assert_eq!(verify(&s, &[]).0, 0, "the chain is intact");
 }
 
+/// The value of `weightgate_audit_queued` on /metrics.
+async fn queued(s: &TestServer) -> u64 {
+    let text = s
+        .http
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("weightgate_audit_queued "))
+        .unwrap_or_else(|| panic!("no weightgate_audit_queued in:\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+/// Requests that are logged without waiting (here denied downloads, which need no token)
+/// wait for their own commit once `audit.queue_max` events are queued, so a flood of them
+/// cannot grow the writer's queue without bound; nothing is lost when the writer resumes.
+async fn a_full_audit_queue_slows_requests_down(backend: Backend) {
+    let s = common::server_with_model_and(
+        backend,
+        "acme/tiny",
+        &[("WEIGHTGATE__AUDIT__QUEUE_MAX", "2")],
+    )
+    .await;
+    let before = s.audit().len();
+    // Stall the writer: hold SQLite's write lock, or PostgreSQL's chain lock.
+    let hold: Box<dyn SimpleConnection + Send> = match backend {
+        Backend::Sqlite => {
+            let mut c = common::sqlite(&s.db.url);
+            c.batch_execute("BEGIN IMMEDIATE").unwrap();
+            Box::new(c)
+        }
+        Backend::Postgres => {
+            let mut c = PgConnection::establish(&s.db.url).unwrap();
+            c.batch_execute("SELECT pg_advisory_lock(7745321)").unwrap();
+            Box::new(c)
+        }
+    };
+    let url = s.url("/acme/tiny/resolve/main/config.json");
+    // Two denials fill the queue and are answered at once.
+    for _ in 0..2 {
+        let r = s.http.get(&url).send().await.unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    assert_eq!(queued(&s).await, 2);
+    // The third waits for the writer.
+    let third = tokio::spawn({
+        let (http, url) = (s.http.clone(), url.clone());
+        async move { http.get(&url).send().await.unwrap().status() }
+    });
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while queued(&s).await < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the third event was never queued"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await; // poll interval for the gauge
+    }
+    // A bounded wait for something that must not happen: the answer going out anyway.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !third.is_finished(),
+        "a request was answered while the audit queue was full"
+    );
+    drop(hold); // rolls back / unlocks: the writer goes on
+    assert_eq!(third.await.unwrap(), 401);
+    let events = s.audit();
+    let denied = events[before..]
+        .iter()
+        .filter(|e| e["kind"] == "file_download" && e["outcome"] == "denied")
+        .count();
+    assert_eq!(denied, 3, "every denial is in the log");
+    assert_eq!(queued(&s).await, 0);
+    assert_eq!(verify(&s, &[]).0, 0, "the chain is intact");
+}
+
 on_both_backends!(
+    a_full_audit_queue_slows_requests_down,
     download_auditing_can_be_turned_off,
     swapped_and_forged_rows_are_detected,
     checkpoints_catch_a_cut_tail_and_archives_stay_verifiable,

@@ -25,6 +25,7 @@ fn bad_configuration_stops_start_up_with_one_line_naming_the_key() {
         ("WEIGHTGATE__SERVER__BIND", "everywhere", "server.bind"),
         ("WEIGHTGATE__DATABASE__URL", "oracle://db", "database.url"),
         ("WEIGHTGATE__STORAGE__BLOCK_SIZE", "-5", "block_size"),
+        ("WEIGHTGATE__AUDIT__QUEUE_MAX", "0", "audit.queue_max"),
         ("WEIGHTGATE__NOT__A_KEY", "1", "not"),
     ] {
         let out = weightgate()

@@ -145,7 +145,8 @@ pub async fn resolve(req: HttpRequest, state: web::Data<State>) -> Result<HttpRe
             };
             state
                 .audit
-                .record(log.event(outcome, 0, started, Some(e.code)));
+                .log(log.event(outcome, 0, started, Some(e.code)))
+                .await;
             Err(e)
         }
     }
@@ -245,7 +246,8 @@ async fn serve(
         log.status = 304;
         state
             .audit
-            .record(log.event("not_modified", 0, started, None));
+            .log(log.event("not_modified", 0, started, None))
+            .await;
         return Ok(resp.status(StatusCode::NOT_MODIFIED).finish());
     }
 
@@ -265,7 +267,7 @@ async fn serve(
     log.expected = len;
 
     if req.method() == Method::HEAD {
-        state.audit.record(log.event("ok", 0, started, None));
+        state.audit.log(log.event("ok", 0, started, None)).await;
         // An empty body whose declared size is the file's, so Content-Length is exact.
         return Ok(resp
             .no_chunking(len)

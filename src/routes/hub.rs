@@ -242,14 +242,17 @@ pub async fn tree(
         ));
         resp.insert_header((header::LINK, format!("<{next}>; rel=\"next\"")));
     }
-    state.audit.record(
-        crate::audit::Event::new("tree_read", "ok")
-            .model(&model)
-            .detail(json!({
-                "revision": rev, "commit": commit, "path": dir, "recursive": recursive,
-                "cursor": offset, "client": req.peer_addr().map(|a| a.ip().to_string()),
-            })),
-    );
+    state
+        .audit
+        .log(
+            crate::audit::Event::new("tree_read", "ok")
+                .model(&model)
+                .detail(json!({
+                    "revision": rev, "commit": commit, "path": dir, "recursive": recursive,
+                    "cursor": offset, "client": req.peer_addr().map(|a| a.ip().to_string()),
+                })),
+        )
+        .await;
     Ok(resp.json(body))
 }
 

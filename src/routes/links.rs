@@ -82,12 +82,17 @@ pub async fn mint(
         body.model,
         paths::encode_path(&body.path)
     );
-    state.audit.record(
-        crate::audit::Event::new("link_minted", "ok")
-            .actor(format!("user:{}", principal.user_id))
-            .model(&body.model)
-            .detail(json!({"jti": principal.jti, "path": body.path, "commit": commit, "exp": exp})),
-    );
+    state
+        .audit
+        .log(
+            crate::audit::Event::new("link_minted", "ok")
+                .actor(format!("user:{}", principal.user_id))
+                .model(&body.model)
+                .detail(
+                    json!({"jti": principal.jti, "path": body.path, "commit": commit, "exp": exp}),
+                ),
+        )
+        .await;
     Ok(HttpResponse::Created()
         .insert_header(("Cache-Control", "no-store"))
         .json(json!({"url": url, "expires_at": exp})))

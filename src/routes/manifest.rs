@@ -69,10 +69,11 @@ pub async fn manifest(
     let q = q.into_inner();
     let revision = q.revision.unwrap_or_else(|| "main".into());
     let body = build(&state, &model, &revision).await?;
-    state.audit.record(crate::audit::Event::new("manifest_read", "ok").model(&model).detail(json!({
+    let read = crate::audit::Event::new("manifest_read", "ok").model(&model).detail(json!({
         "revision": revision, "commit": body["commit"], "format": q.format.as_deref().unwrap_or("json"),
         "client": req.peer_addr().map(|a| a.ip().to_string()),
-    })));
+    }));
+    state.audit.log(read).await;
     match q.format.as_deref() {
         None | Some("json") => Ok(HttpResponse::Ok().json(body)),
         Some("jws") => {
