@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::sync::mpsc;
-use tokio::sync::oneshot;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::db::models::audit::{self as rows, AuditRow, NewRow};
 use crate::db::models::tokens::{Completed, KnownCompleted};
@@ -597,7 +597,8 @@ pub fn export_value(r: &AuditRow) -> Value {
 }
 
 enum Msg {
-    Event(Box<Event>),
+    /// An event, with the room it holds in the queue (events from [`AuditSink::log`]).
+    Event(Box<Event>, Option<OwnedSemaphorePermit>),
     Flush(oneshot::Sender<()>),
     /// An event and its waiter in one message.
     Commit(Box<Event>, oneshot::Sender<()>),
@@ -614,8 +615,9 @@ pub struct AuditSink {
     /// Holds `audit_queued`: events sent and not yet committed (the writer subtracts each
     /// batch it commits).
     metrics: std::sync::Arc<crate::metrics::Metrics>,
-    /// `audit.queue_max`.
-    queue_max: u64,
+    /// Room in the queue for events from [`AuditSink::log`]: `audit.queue_max` permits, each
+    /// taken before its event is queued and given back once the event is committed.
+    room: std::sync::Arc<Semaphore>,
 }
 
 impl AuditSink {
@@ -641,7 +643,9 @@ impl AuditSink {
                 downloads,
                 known,
                 metrics,
-                queue_max: queue_max.max(1) as u64,
+                room: std::sync::Arc::new(Semaphore::new(
+                    queue_max.clamp(1, Semaphore::MAX_PERMITS),
+                )),
             },
             task,
         ))
@@ -651,26 +655,38 @@ impl AuditSink {
     /// wait (a stream's first chunk, a body being dropped), which add at most two events
     /// per download; request handlers use [`AuditSink::log`].
     pub fn record(&self, event: Event) {
-        self.send(event, None);
+        self.send(event, None, None);
     }
 
-    /// Queues an event and returns at once, unless `audit.queue_max` events are already
-    /// waiting: then it waits for this one's commit. So a flood of requests that are logged
-    /// without waiting (denied ones need no token) is slowed down to the writer's pace
-    /// instead of growing the queue without bound.
+    /// Queues an event once there is room for it: at most `audit.queue_max` events from
+    /// this method wait for the writer at a time. A flood of requests that are logged
+    /// without holding their response (denied ones need no token) is slowed down to the
+    /// writer's pace instead of growing the queue, and a request dropped while it waits
+    /// for room (its client gone) queues nothing.
     pub async fn log(&self, event: Event) {
-        if self.metrics.audit_queued.load(Relaxed) >= self.queue_max {
-            let _ = self.commit(event).await;
-        } else {
-            self.record(event);
-        }
+        let permit = match self.room.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                crate::metrics::Metrics::add(&self.metrics.audit_queue_full, 1);
+                match self.room.clone().acquire_owned().await {
+                    Ok(p) => p,
+                    Err(_) => return, // never closed
+                }
+            }
+        };
+        self.send(event, None, Some(permit));
     }
 
     /// Queues an event, with `waiter` to be answered once it commits (at once when the
     /// event has nothing to write; a writer that is gone is logged, and drops it). With
     /// `audit.downloads` off, a download event is kept only for its delivery record, and
     /// not even for that once the token has completed the file.
-    fn send(&self, mut event: Event, waiter: Option<oneshot::Sender<()>>) {
+    fn send(
+        &self,
+        mut event: Event,
+        waiter: Option<oneshot::Sender<()>>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) {
         if !self.downloads && matches!(event.kind, "file_download" | "file_head") {
             match &event.delivered {
                 Some(d) if !self.known.contains(&d.jti, &d.sha256) => {}
@@ -687,7 +703,7 @@ impl AuditSink {
         let event = Box::new(event);
         let msg = match waiter {
             Some(w) => Msg::Commit(event, w),
-            None => Msg::Event(event),
+            None => Msg::Event(event, permit),
         };
         // Counted before it is sent, so that the writer never subtracts it first.
         self.metrics.audit_queued.fetch_add(1, Relaxed);
@@ -701,7 +717,7 @@ impl AuditSink {
     /// when there was nothing to write).
     pub fn commit(&self, event: Event) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
-        self.send(event, Some(tx));
+        self.send(event, Some(tx), None);
         rx
     }
 
@@ -726,11 +742,16 @@ fn writer(
 ) {
     let mut batch: Vec<Event> = Vec::new();
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
+    // The queue room held by the batch's events, given back once they are committed.
+    let mut room: Vec<OwnedSemaphorePermit> = Vec::new();
     while let Ok(first) = rx.recv() {
         let mut next = Some(first);
         while let Some(msg) = next.take() {
             match msg {
-                Msg::Event(e) => batch.push(*e),
+                Msg::Event(e, permit) => {
+                    batch.push(*e);
+                    room.extend(permit);
+                }
                 Msg::Flush(w) => waiters.push(w),
                 Msg::Commit(e, w) => {
                     batch.push(*e);
@@ -762,6 +783,7 @@ fn writer(
                         .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
                     metrics.audit_queued.fetch_sub(batch.len() as u64, Relaxed);
                     batch.clear();
+                    room.clear();
                 }
                 Err(e) => {
                     tracing::error!(error = %e, pending = batch.len(), "audit batch not committed; retrying");

@@ -227,9 +227,10 @@ impl IntegritySettings {
 pub struct AuditSettings {
     /// Most download events committed in one transaction by the batching writer.
     pub batch_max: usize,
-    /// Most events waiting for the writer before requests that log without waiting (HEADs,
-    /// denials, 304s, manifest reads) wait for their own commit instead, so a flood of
-    /// them slows down rather than filling memory.
+    /// Most events from requests that are logged without holding their response (HEADs,
+    /// denials, 304s, tree and manifest reads, minted links) waiting for the writer at a
+    /// time; further such requests wait for room, so a flood of them slows down rather than
+    /// filling memory.
     pub queue_max: usize,
     /// How often `serve` records the chain's head as a checkpoint, e.g. "1h"; "off" disables.
     pub checkpoint_interval: String,

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub audit_write_micros: AtomicU64,
     /// Events sent to the audit writer and not yet committed.
     pub audit_queued: AtomicU64,
+    /// Requests that found the audit queue full and waited for room.
+    pub audit_queue_full: AtomicU64,
 }
 
 impl Metrics {
@@ -97,6 +99,12 @@ impl Metrics {
                 "Events waiting for the audit writer.",
                 "gauge",
                 g(&self.audit_queued),
+            ),
+            (
+                "weightgate_audit_queue_full_total",
+                "Requests that found the audit queue full and waited for room in it.",
+                "counter",
+                g(&self.audit_queue_full),
             ),
             (
                 "weightgate_audit_batches_total",

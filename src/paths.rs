@@ -84,6 +84,21 @@ pub fn decode(raw: &str, what: &str) -> Result<String> {
         })
 }
 
+/// Longest revision (branch, tag or commit) a request may name.
+pub const MAX_REVISION: usize = 255;
+
+/// A revision as a request names it: 1 to [`MAX_REVISION`] bytes, no control characters.
+/// (Checked before it is looked up or written to the audit log.)
+pub fn validate_revision(rev: &str) -> Result<()> {
+    if rev.is_empty() || rev.len() > MAX_REVISION || rev.chars().any(char::is_control) {
+        return Err(Error::bad_request(
+            "bad_revision",
+            format!("a revision must have 1 to {MAX_REVISION} bytes and no control characters"),
+        ));
+    }
+    Ok(())
+}
+
 /// Splits the raw (still encoded) tail after `/resolve/` into the revision (one segment,
 /// where `%2F` may stand for `/`) and the decoded file path.
 pub fn split_resolve_tail(raw_tail: &str) -> Result<(String, String)> {
@@ -91,6 +106,7 @@ pub fn split_resolve_tail(raw_tail: &str) -> Result<(String, String)> {
         .split_once('/')
         .ok_or_else(|| Error::bad_request("bad_path", "expected /resolve/{revision}/{path}"))?;
     let rev = decode(rev, "revision")?;
+    validate_revision(&rev)?;
     let path = decode(path, "path")?;
     validate_file_path(&path)?;
     Ok((rev, path))
@@ -148,5 +164,11 @@ mod tests {
         assert!(split_resolve_tail("main/..%2Fsecret").is_err());
         assert!(split_resolve_tail("main").is_err());
         assert!(split_resolve_tail("main/%FF").is_err());
+        // Revisions: not empty, at most MAX_REVISION bytes, no control characters.
+        assert!(split_resolve_tail("/c.bin").is_err());
+        assert!(split_resolve_tail("ma%0Ain/c.bin").is_err());
+        let longest = "r".repeat(MAX_REVISION);
+        assert!(split_resolve_tail(&format!("{longest}/c.bin")).is_ok());
+        assert!(split_resolve_tail(&format!("{longest}r/c.bin")).is_err());
     }
 }

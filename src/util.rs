@@ -35,6 +35,15 @@ pub fn raise_open_files_limit() {
     }
 }
 
+/// The first `max` bytes of `s` at most, cut at a character boundary.
+pub fn clip(s: &str, max: usize) -> &str {
+    let mut end = max.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 pub fn now() -> i64 {
     now_ms() / 1000
 }
@@ -100,6 +109,15 @@ pub fn rfc3339(secs: i64) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn clip_cuts_at_a_character_boundary() {
+        assert_eq!(super::clip("abcdef", 4), "abcd");
+        assert_eq!(super::clip("abc", 10), "abc");
+        // "é" is two bytes: a cut inside it falls back before it.
+        assert_eq!(super::clip("aé", 2), "a");
+        assert_eq!(super::clip("", 3), "");
+    }
+
     use super::*;
 
     #[test]

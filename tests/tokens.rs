@@ -801,6 +801,31 @@ async fn hostile_and_forged_requests_are_refused_without_leaking_the_token() {
         );
     }
 
+    // A revision that is too long or holds control characters is refused by name, before it
+    // is looked up or logged; a long Range list is served (its first range) and logged short.
+    let long_rev = format!("/acme/tiny/resolve/{}/config.json", "r".repeat(4000));
+    for path in [long_rev.as_str(), "/acme/tiny/resolve/ma%01in/config.json"] {
+        let (status, text) = raw_request(&srv.base, path, &[("Authorization", &auth)]).await;
+        assert_eq!(status, 400, "{}: {text}", &path[..60.min(path.len())]);
+        assert!(text.contains("bad_revision"), "{text}");
+    }
+    let ranges = format!("bytes=0-1{}", ",3-4".repeat(2000));
+    let (status, text) = raw_request(
+        &srv.base,
+        "/acme/tiny/resolve/main/config.json",
+        &[("Authorization", &auth), ("Range", &ranges)],
+    )
+    .await;
+    assert_eq!(status, 206, "{text}");
+    let logged = s
+        .wait_audit("the ranged download", |e| {
+            e["detail"]["range"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("bytes=0-1,3-4"))
+        })
+        .await;
+    assert_eq!(logged["detail"]["range"].as_str().unwrap().len(), 128);
+
     // Oversized headers are refused before they reach a handler.
     let huge = "x".repeat(64 * 1024);
     let (status, _) = raw_request(

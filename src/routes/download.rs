@@ -39,6 +39,9 @@ struct FetchLog {
     expected: u64,
 }
 
+/// Most bytes of a request's Range header written to its audit event.
+const MAX_LOGGED_RANGE: usize = 128;
+
 /// The detail of a download event: a struct rather than a `json!` map (this is built for
 /// every request), its fields in sorted order so that the text is the same as the map's.
 #[derive(serde::Serialize)]
@@ -112,7 +115,11 @@ impl FetchLog {
             first_block: stream.blocks.map(|b| b.0),
             jti: self.jti.as_deref(),
             path: self.path.as_deref(),
-            range: self.range.as_deref(),
+            // A Range header may list many ranges (only the first is served): keep its start.
+            range: self
+                .range
+                .as_deref()
+                .map(|r| crate::util::clip(r, MAX_LOGGED_RANGE)),
             reason,
             revision: self.revision.as_deref(),
             status: self.status,
