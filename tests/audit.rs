@@ -541,38 +541,30 @@ async fn a_full_audit_queue_slows_requests_down(backend: Backend) {
         assert_eq!(r.status(), 401);
     }
     assert_eq!(metric(&s, "weightgate_audit_queued").await, 2);
-    // The next ones wait for room: one patient client, and three that give up.
-    let patient = tokio::spawn({
+    // The next ones wait for room: one patient client, and three that will give up.
+    let send = || {
         let (http, url) = (s.http.clone(), url.clone());
-        async move { http.get(&url).send().await.unwrap().status() }
-    });
-    let impatient: Vec<_> = (0..3)
-        .map(|_| {
-            let (http, url) = (s.http.clone(), url.clone());
-            tokio::spawn(async move {
-                http.get(&url)
-                    .timeout(Duration::from_millis(400))
-                    .send()
-                    .await
-            })
-        })
-        .collect();
+        tokio::spawn(async move { http.get(&url).send().await.unwrap().status() })
+    };
+    let patient = send();
+    let impatient: Vec<_> = (0..3).map(|_| send()).collect();
     metric_until(&s, "weightgate_audit_queue_full_total", |n| n >= 4).await;
-    for r in impatient {
-        let r = r.await.unwrap();
+    // A bounded wait for something that must not happen: an answer going out anyway.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for r in impatient.iter().chain([&patient]) {
         assert!(
-            r.as_ref().is_err_and(|e| e.is_timeout()),
-            "answered while the queue was full: {r:?}"
+            !r.is_finished(),
+            "a request was answered while the audit queue was full"
         );
     }
-    assert!(
-        !patient.is_finished(),
-        "a request was answered while the audit queue was full"
-    );
+    for r in &impatient {
+        r.abort(); // the client leaves
+    }
     // Waiting for room queued nothing.
     assert_eq!(metric(&s, "weightgate_audit_queued").await, 2);
     drop(hold); // rolls back / unlocks: the writer goes on
-    assert_eq!(patient.await.unwrap(), 401);
+    let answered = tokio::time::timeout(Duration::from_secs(15), patient).await;
+    assert_eq!(answered.expect("still waiting for room").unwrap(), 401);
     metric_until(&s, "weightgate_audit_queued", |n| n == 0).await;
     let events = s.audit();
     let denied = events[before..]

@@ -480,6 +480,55 @@ async fn published_manifests_and_sha256sums() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
+    // A refused format (or revision) is refused before anything is logged: the log holds
+    // only the reads that were served, with one of the two formats.
+    let long = "x".repeat(20_000);
+    for query in [format!("format={long}"), format!("revision={long}")] {
+        let r = s
+            .http
+            .get(s.url(&format!("/api/v1/models/acme/tiny/manifest?{query}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400);
+        assert!(r.text().await.unwrap().len() < 1000);
+    }
+    // A read by commit, queued after those requests: once it is in the log, so is anything
+    // they queued (the writer keeps the queue's order).
+    let commit = s
+        .http
+        .get(s.url("/api/v1/models/acme/tiny/manifest"))
+        .send()
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap()["commit"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = s
+        .http
+        .get(s.url(&format!(
+            "/api/v1/models/acme/tiny/manifest?revision={commit}"
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    s.wait_audit("the read by commit", |e| {
+        e["kind"] == "manifest_read" && e["detail"]["revision"] == commit.as_str()
+    })
+    .await;
+    let reads: Vec<_> = s
+        .audit()
+        .into_iter()
+        .filter(|e| e["kind"] == "manifest_read")
+        .collect();
+    for e in &reads {
+        let f = &e["detail"]["format"];
+        assert!(f == "json" || f == "jws", "{e}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -137,6 +137,7 @@ pub async fn revision_info(
         raw_tail(&req, "revision")?.trim_end_matches('/'),
         "revision",
     )?;
+    paths::validate_revision(&rev)?;
     info(&state, &model, &rev, flag(q.blobs.as_deref())).await
 }
 
@@ -158,6 +159,7 @@ pub async fn tree(
     let tail = raw_tail(&req, "tree")?;
     let (rev_raw, dir_raw) = tail.split_once('/').unwrap_or((tail, ""));
     let rev = paths::decode(rev_raw, "revision")?;
+    paths::validate_revision(&rev)?;
     let dir = paths::decode(dir_raw, "path")?
         .trim_matches('/')
         .to_string();

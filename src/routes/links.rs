@@ -47,6 +47,7 @@ pub async fn mint(
         body.path.clone(),
         body.revision.clone().unwrap_or_else(|| "main".into()),
     );
+    paths::validate_revision(&rev)?;
     let commit = state
         .db
         .read(move |c| {

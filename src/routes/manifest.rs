@@ -68,15 +68,29 @@ pub async fn manifest(
     paths::validate_repo_id(&model)?;
     let q = q.into_inner();
     let revision = q.revision.unwrap_or_else(|| "main".into());
+    paths::validate_revision(&revision)?;
+    // Checked before anything is logged, so the event holds one of two fixed words.
+    let format = match q.format.as_deref() {
+        None | Some("json") => "json",
+        Some("jws") => "jws",
+        Some(other) => {
+            return Err(Error::invalid_field(
+                "format",
+                format!("{:?}: use json or jws", util::clip(other, 64)),
+            ));
+        }
+    };
     let body = build(&state, &model, &revision).await?;
-    let read = crate::audit::Event::new("manifest_read", "ok").model(&model).detail(json!({
-        "revision": revision, "commit": body["commit"], "format": q.format.as_deref().unwrap_or("json"),
-        "client": req.peer_addr().map(|a| a.ip().to_string()),
-    }));
+    let read = crate::audit::Event::new("manifest_read", "ok")
+        .model(&model)
+        .detail(json!({
+            "revision": revision, "commit": body["commit"], "format": format,
+            "client": req.peer_addr().map(|a| a.ip().to_string()),
+        }));
     state.audit.log(read).await;
-    match q.format.as_deref() {
-        None | Some("json") => Ok(HttpResponse::Ok().json(body)),
-        Some("jws") => {
+    match format {
+        "json" => Ok(HttpResponse::Ok().json(body)),
+        _ => {
             let (kid, key) = state
                 .keys
                 .signing()
@@ -93,9 +107,5 @@ pub async fn manifest(
                 .content_type("application/jose")
                 .body(jws))
         }
-        Some(other) => Err(Error::invalid_field(
-            "format",
-            format!("{other:?}: use json or jws"),
-        )),
     }
 }
