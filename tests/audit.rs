@@ -479,15 +479,7 @@ async fn download_auditing_can_be_turned_off(backend: Backend) {
 
 /// The value of a metric on /metrics.
 async fn metric(s: &TestServer, name: &str) -> u64 {
-    let text = s
-        .http
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.metrics().await;
     let prefix = format!("{name} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&prefix))

@@ -178,15 +178,7 @@ async fn operations_endpoints() {
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     let text = loop {
-        let t = s
-            .http
-            .get(s.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let t = s.metrics().await;
         if t.contains("weightgate_bytes_served_total 600000") || Instant::now() > deadline {
             break t;
         }
@@ -275,8 +267,7 @@ async fn shutdown_drains_then_lets_downloads_finish() {
         assert_eq!(r.status(), status);
         assert!(r.headers().contains_key("x-request-id"));
     }
-    let metrics = s.http.get(s.url("/metrics")).send().await.unwrap();
-    let metrics = metrics.text().await.unwrap();
+    let metrics = s.metrics().await;
     for (method, status) in [("GET", 200), ("HEAD", 200), ("POST", 405)] {
         let line = format!(
             "weightgate_http_requests_total{{route=\"/{{org}}/{{name}}/resolve/{{tail:.*}}\",method=\"{method}\",status=\"{status}\"}} 1"

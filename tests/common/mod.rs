@@ -325,6 +325,12 @@ impl TestServer {
         m.link(&prefix).expect("a confirmation link")
     }
 
+    /// The text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        let r = self.http.get(self.url("/metrics")).send().await;
+        r.expect("GET /metrics").text().await.expect("metrics text")
+    }
+
     /// Every audit event, via `weightgate audit export`.
     pub fn audit(&self) -> Vec<serde_json::Value> {
         self.cli_ok(&["audit", "export", "--format", "jsonl"])
