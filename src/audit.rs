@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::sync::mpsc;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{Semaphore, oneshot};
 
 use crate::db::models::audit::{self as rows, AuditRow, NewRow};
 use crate::db::models::tokens::{Completed, KnownCompleted};
@@ -597,11 +597,25 @@ pub fn export_value(r: &AuditRow) -> Value {
 }
 
 enum Msg {
-    /// An event, with the room it holds in the queue (events from [`AuditSink::log`]).
-    Event(Box<Event>, Option<OwnedSemaphorePermit>),
+    /// An event, and whether it holds a unit of the queue's room (events from
+    /// [`AuditSink::log`]).
+    Event(Box<Event>, bool),
     Flush(oneshot::Sender<()>),
     /// An event and its waiter in one message.
     Commit(Box<Event>, oneshot::Sender<()>),
+}
+
+/// What every sink handle and the writer share (one allocation, so a clone of the sink,
+/// made for each download, touches one reference count besides the channel's).
+struct Shared {
+    /// Files tokens have completed, as committed by the writer.
+    known: KnownCompleted,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    /// Room in the queue for events from [`AuditSink::log`]: `audit.queue_max` permits. One
+    /// is taken (and forgotten) before such an event is queued; the writer adds them back
+    /// once a batch is committed, or `send` does when the event is not queued after all.
+    room: Semaphore,
+    queue_max: usize,
 }
 
 /// A handle to the batching writer. Cheap to clone.
@@ -610,14 +624,7 @@ pub struct AuditSink {
     tx: mpsc::Sender<Msg>,
     /// `audit.downloads`: whether download and HEAD events go into the chain.
     downloads: bool,
-    /// Files tokens have completed, as committed by the writer.
-    known: std::sync::Arc<KnownCompleted>,
-    /// Holds `audit_queued`: events sent and not yet committed (the writer subtracts each
-    /// batch it commits).
-    metrics: std::sync::Arc<crate::metrics::Metrics>,
-    /// Room in the queue for events from [`AuditSink::log`]: `audit.queue_max` permits, each
-    /// taken before its event is queued and given back once the event is committed.
-    room: std::sync::Arc<Semaphore>,
+    shared: std::sync::Arc<Shared>,
 }
 
 impl AuditSink {
@@ -631,21 +638,22 @@ impl AuditSink {
         metrics: std::sync::Arc<crate::metrics::Metrics>,
     ) -> std::io::Result<(AuditSink, std::thread::JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel();
-        let known = std::sync::Arc::new(KnownCompleted::default());
-        let k = known.clone();
-        let m = metrics.clone();
+        let queue_max = queue_max.clamp(1, Semaphore::MAX_PERMITS);
+        let shared = std::sync::Arc::new(Shared {
+            known: KnownCompleted::default(),
+            metrics,
+            room: Semaphore::new(queue_max),
+            queue_max,
+        });
+        let s = shared.clone();
         let task = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || writer(db, rx, batch_max, m, k))?;
+            .spawn(move || writer(db, rx, batch_max, s))?;
         Ok((
             AuditSink {
                 tx,
                 downloads,
-                known,
-                metrics,
-                room: std::sync::Arc::new(Semaphore::new(
-                    queue_max.clamp(1, Semaphore::MAX_PERMITS),
-                )),
+                shared,
             },
             task,
         ))
@@ -655,7 +663,7 @@ impl AuditSink {
     /// wait (a stream's first chunk, a body being dropped), which add at most two events
     /// per download; request handlers use [`AuditSink::log`].
     pub fn record(&self, event: Event) {
-        self.send(event, None, None);
+        self.send(event, None, false);
     }
 
     /// Queues an event once there is room for it: at most `audit.queue_max` events from
@@ -664,33 +672,42 @@ impl AuditSink {
     /// writer's pace instead of growing the queue, and a request dropped while it waits
     /// for room (its client gone) queues nothing.
     pub async fn log(&self, event: Event) {
-        let permit = match self.room.clone().try_acquire_owned() {
-            Ok(p) => p,
+        let room = &self.shared.room;
+        match room.try_acquire() {
+            Ok(permit) => permit.forget(),
             Err(_) => {
-                crate::metrics::Metrics::add(&self.metrics.audit_queue_full, 1);
-                match self.room.clone().acquire_owned().await {
-                    Ok(p) => p,
+                crate::metrics::Metrics::add(&self.shared.metrics.audit_queue_full, 1);
+                match room.acquire().await {
+                    Ok(permit) => permit.forget(),
                     Err(_) => return, // never closed
                 }
             }
-        };
-        self.send(event, None, Some(permit));
+        }
+        // No await from here on: the room taken is always queued or given back.
+        self.send(event, None, true);
+    }
+
+    /// Events from [`AuditSink::log`] waiting for the writer.
+    pub fn queued(&self) -> usize {
+        self.shared.queue_max - self.shared.room.available_permits()
     }
 
     /// Queues an event, with `waiter` to be answered once it commits (at once when the
-    /// event has nothing to write; a writer that is gone is logged, and drops it). With
-    /// `audit.downloads` off, a download event is kept only for its delivery record, and
-    /// not even for that once the token has completed the file.
-    fn send(
-        &self,
-        mut event: Event,
-        waiter: Option<oneshot::Sender<()>>,
-        permit: Option<OwnedSemaphorePermit>,
-    ) {
+    /// event has nothing to write; a writer that is gone is logged, and drops it). `room`:
+    /// the event holds a unit of the queue's room, given back here if it is not queued.
+    /// With `audit.downloads` off, a download event is kept only for its delivery record,
+    /// and not even for that once the token has completed the file.
+    fn send(&self, mut event: Event, waiter: Option<oneshot::Sender<()>>, room: bool) {
+        let give_back = || {
+            if room {
+                self.shared.room.add_permits(1);
+            }
+        };
         if !self.downloads && matches!(event.kind, "file_download" | "file_head") {
             match &event.delivered {
-                Some(d) if !self.known.contains(&d.jti, &d.sha256) => {}
+                Some(d) if !self.shared.known.contains(&d.jti, &d.sha256) => {}
                 _ => {
+                    give_back();
                     if let Some(w) = waiter {
                         let _ = w.send(());
                     }
@@ -703,12 +720,10 @@ impl AuditSink {
         let event = Box::new(event);
         let msg = match waiter {
             Some(w) => Msg::Commit(event, w),
-            None => Msg::Event(event, permit),
+            None => Msg::Event(event, room),
         };
-        // Counted before it is sent, so that the writer never subtracts it first.
-        self.metrics.audit_queued.fetch_add(1, Relaxed);
         if self.tx.send(msg).is_err() {
-            self.metrics.audit_queued.fetch_sub(1, Relaxed);
+            give_back();
             tracing::error!("audit writer has stopped; an event could not be queued");
         }
     }
@@ -717,7 +732,7 @@ impl AuditSink {
     /// when there was nothing to write).
     pub fn commit(&self, event: Event) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
-        self.send(event, Some(tx), None);
+        self.send(event, Some(tx), false);
         rx
     }
 
@@ -733,24 +748,19 @@ impl AuditSink {
 /// The writer: one thread of its own, with the database work done in place (no hop to the
 /// blocking pool and back for each batch). It takes whatever has queued up, up to
 /// `batch_max` events, commits it as one transaction, then answers the waiters.
-fn writer(
-    db: Db,
-    rx: mpsc::Receiver<Msg>,
-    batch_max: usize,
-    metrics: std::sync::Arc<crate::metrics::Metrics>,
-    known: std::sync::Arc<KnownCompleted>,
-) {
+fn writer(db: Db, rx: mpsc::Receiver<Msg>, batch_max: usize, shared: std::sync::Arc<Shared>) {
+    let (metrics, known) = (&shared.metrics, &shared.known);
     let mut batch: Vec<Event> = Vec::new();
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
-    // The queue room held by the batch's events, given back once they are committed.
-    let mut room: Vec<OwnedSemaphorePermit> = Vec::new();
+    // The units of the queue's room held by the batch's events, given back once committed.
+    let mut room = 0;
     while let Ok(first) = rx.recv() {
         let mut next = Some(first);
         while let Some(msg) = next.take() {
             match msg {
-                Msg::Event(e, permit) => {
+                Msg::Event(e, holds_room) => {
                     batch.push(*e);
-                    room.extend(permit);
+                    room += usize::from(holds_room);
                 }
                 Msg::Flush(w) => waiters.push(w),
                 Msg::Commit(e, w) => {
@@ -770,7 +780,7 @@ fn writer(
             // A panic inside the write (a bug, or one in a library) is retried like an error,
             // rather than ending the writer and with it every later event.
             let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                db.write_chain_blocking(|c| append_events(c, &batch, &known))
+                db.write_chain_blocking(|c| append_events(c, &batch, known))
             }))
             .unwrap_or_else(|_| Err(crate::error::Error::internal("the audit write panicked")));
             match attempt {
@@ -781,9 +791,8 @@ fn writer(
                     metrics
                         .audit_write_micros
                         .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
-                    metrics.audit_queued.fetch_sub(batch.len() as u64, Relaxed);
                     batch.clear();
-                    room.clear();
+                    shared.room.add_permits(std::mem::take(&mut room));
                 }
                 Err(e) => {
                     tracing::error!(error = %e, pending = batch.len(), "audit batch not committed; retrying");

@@ -30,8 +30,6 @@ pub struct Metrics {
     pub audit_batches: AtomicU64,
     pub audit_events: AtomicU64,
     pub audit_write_micros: AtomicU64,
-    /// Events sent to the audit writer and not yet committed.
-    pub audit_queued: AtomicU64,
     /// Requests that found the audit queue full and waited for room.
     pub audit_queue_full: AtomicU64,
 }
@@ -48,8 +46,9 @@ impl Metrics {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// The text exposition, with the outbox backlog read by the caller.
-    pub fn render(&self, mail_backlog: i64, webhook_backlog: i64) -> String {
+    /// The text exposition, with the outbox backlogs and the audit queue's depth read by the
+    /// caller.
+    pub fn render(&self, mail_backlog: i64, webhook_backlog: i64, audit_queued: usize) -> String {
         let mut out = String::new();
         out.push_str("# HELP weightgate_http_requests_total HTTP requests by route pattern, method and status.\n# TYPE weightgate_http_requests_total counter\n");
         let requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
@@ -96,9 +95,9 @@ impl Metrics {
             ),
             (
                 "weightgate_audit_queued",
-                "Events waiting for the audit writer.",
+                "Events of requests logged without holding their response (HEADs, denials, 304s, reads) waiting for the audit writer.",
                 "gauge",
-                g(&self.audit_queued),
+                audit_queued as u64,
             ),
             (
                 "weightgate_audit_queue_full_total",

@@ -64,7 +64,7 @@ pub async fn metrics(state: web::Data<State>) -> Result<HttpResponse> {
         .await?;
     Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
-        .body(state.metrics.render(mail, hooks)))
+        .body(state.metrics.render(mail, hooks, state.audit.queued())))
 }
 
 /// The JSON API's description (OpenAPI 3.1).
