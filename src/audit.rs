@@ -673,16 +673,17 @@ impl AuditSink {
     /// for room (its client gone) queues nothing.
     pub async fn log(&self, event: Event) {
         let room = &self.shared.room;
-        match room.try_acquire() {
-            Ok(permit) => permit.forget(),
+        let permit = match room.try_acquire() {
+            Ok(permit) => permit,
             Err(_) => {
                 crate::metrics::Metrics::add(&self.shared.metrics.audit_queue_full, 1);
-                match room.acquire().await {
-                    Ok(permit) => permit.forget(),
-                    Err(_) => return, // never closed
-                }
+                let Ok(permit) = room.acquire().await else {
+                    return; // never closed
+                };
+                permit
             }
-        }
+        };
+        permit.forget();
         // No await from here on: the room taken is always queued or given back.
         self.send(event, None, true);
     }

@@ -99,14 +99,20 @@ pub fn validate_revision(rev: &str) -> Result<()> {
     Ok(())
 }
 
+/// Percent-decodes a revision taken from a URL path segment and checks it.
+pub fn decode_revision(raw: &str) -> Result<String> {
+    let rev = decode(raw, "revision")?;
+    validate_revision(&rev)?;
+    Ok(rev)
+}
+
 /// Splits the raw (still encoded) tail after `/resolve/` into the revision (one segment,
 /// where `%2F` may stand for `/`) and the decoded file path.
 pub fn split_resolve_tail(raw_tail: &str) -> Result<(String, String)> {
     let (rev, path) = raw_tail
         .split_once('/')
         .ok_or_else(|| Error::bad_request("bad_path", "expected /resolve/{revision}/{path}"))?;
-    let rev = decode(rev, "revision")?;
-    validate_revision(&rev)?;
+    let rev = decode_revision(rev)?;
     let path = decode(path, "path")?;
     validate_file_path(&path)?;
     Ok((rev, path))

@@ -133,11 +133,7 @@ pub async fn revision_info(
     q: web::Query<InfoQuery>,
 ) -> Result<HttpResponse> {
     let model = repo_of(&req)?;
-    let rev = paths::decode(
-        raw_tail(&req, "revision")?.trim_end_matches('/'),
-        "revision",
-    )?;
-    paths::validate_revision(&rev)?;
+    let rev = paths::decode_revision(raw_tail(&req, "revision")?.trim_end_matches('/'))?;
     info(&state, &model, &rev, flag(q.blobs.as_deref())).await
 }
 
@@ -158,8 +154,7 @@ pub async fn tree(
     let model = repo_of(&req)?;
     let tail = raw_tail(&req, "tree")?;
     let (rev_raw, dir_raw) = tail.split_once('/').unwrap_or((tail, ""));
-    let rev = paths::decode(rev_raw, "revision")?;
-    paths::validate_revision(&rev)?;
+    let rev = paths::decode_revision(rev_raw)?;
     let dir = paths::decode(dir_raw, "path")?
         .trim_matches('/')
         .to_string();
