@@ -17,6 +17,16 @@ fn entry<'m, V: Default>(map: &'m mut BTreeMap<String, V>, key: &str) -> Option<
     map.get_mut(key)
 }
 
+/// Figures kept elsewhere, read by the caller when `/metrics` is asked for.
+pub struct Elsewhere {
+    pub mail_backlog: i64,
+    pub webhook_backlog: i64,
+    pub audit_queued: usize,
+    /// Bytes streams read and verified themselves, and bytes they took from another stream's
+    /// verified read (`storage::shared`).
+    pub stream_bytes: (u64, u64),
+}
+
 #[derive(Default)]
 pub struct Metrics {
     /// route pattern → method → status → count (nested so that counting a request that was
@@ -46,9 +56,14 @@ impl Metrics {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// The text exposition, with the outbox backlogs and the audit queue's depth read by the
-    /// caller.
-    pub fn render(&self, mail_backlog: i64, webhook_backlog: i64, audit_queued: usize) -> String {
+    /// The text exposition, with the figures kept elsewhere.
+    pub fn render(&self, elsewhere: &Elsewhere) -> String {
+        let Elsewhere {
+            mail_backlog,
+            webhook_backlog,
+            audit_queued,
+            stream_bytes: (read, shared),
+        } = *elsewhere;
         let mut out = String::new();
         out.push_str("# HELP weightgate_http_requests_total HTTP requests by route pattern, method and status.\n# TYPE weightgate_http_requests_total counter\n");
         let requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
@@ -134,6 +149,7 @@ impl Metrics {
                 out.push_str(&format!("{name} {v}\n"));
             }
         }
+        out.push_str(&format!("# HELP weightgate_stream_bytes_total Verified bytes streams read from storage themselves (source=read) or took from a concurrent stream of the same blob (source=shared).\n# TYPE weightgate_stream_bytes_total counter\nweightgate_stream_bytes_total{{source=\"read\"}} {read}\nweightgate_stream_bytes_total{{source=\"shared\"}} {shared}\n"));
         out.push_str(&format!("# HELP weightgate_outbox_backlog Messages waiting to be delivered.\n# TYPE weightgate_outbox_backlog gauge\nweightgate_outbox_backlog{{kind=\"mail\"}} {mail_backlog}\nweightgate_outbox_backlog{{kind=\"webhook\"}} {webhook_backlog}\n"));
         out
     }

@@ -200,6 +200,12 @@ async fn operations_endpoints() {
         text.contains("weightgate_blocks_verified_total 10"),
         "{text}"
     );
+    // One download after the other: each read and verified its own bytes.
+    assert!(
+        text.contains("weightgate_stream_bytes_total{source=\"read\"} 600000\n")
+            && text.contains("weightgate_stream_bytes_total{source=\"shared\"} 0\n"),
+        "{text}"
+    );
     assert!(!text.contains(&token));
     let api: Value = s
         .http

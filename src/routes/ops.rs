@@ -64,7 +64,12 @@ pub async fn metrics(state: web::Data<State>) -> Result<HttpResponse> {
         .await?;
     Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
-        .body(state.metrics.render(mail, hooks, state.audit.queued())))
+        .body(state.metrics.render(&crate::metrics::Elsewhere {
+            mail_backlog: mail,
+            webhook_backlog: hooks,
+            audit_queued: state.audit.queued(),
+            stream_bytes: state.store.blocks.counts(),
+        })))
 }
 
 /// The JSON API's description (OpenAPI 3.1).

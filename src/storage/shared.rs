@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
@@ -44,6 +45,10 @@ impl AsRef<[u8]> for Held {
 #[derive(Default)]
 pub struct Blocks {
     slots: Mutex<HashMap<Key, Slot>>,
+    /// Bytes a stream read and verified itself.
+    read: AtomicU64,
+    /// Bytes a stream took from another stream's verified read.
+    shared: AtomicU64,
 }
 
 enum Next {
@@ -108,7 +113,10 @@ impl Blocks {
                 })
             };
             match next {
-                Next::Hit(bytes) => return Ok(Bytes::from_owner(Held(bytes))),
+                Next::Hit(bytes) => {
+                    self.shared.fetch_add(end - start, Ordering::Relaxed);
+                    return Ok(Bytes::from_owner(Held(bytes)));
+                }
                 // Woken by a result or by the filler giving up; either way, look again.
                 Next::Wait(mut rx) => {
                     let _ = rx.changed().await;
@@ -122,6 +130,7 @@ impl Blocks {
             done: false,
         };
         let bytes = Arc::new(fill.await?);
+        self.read.fetch_add(end - start, Ordering::Relaxed);
         {
             let mut slots = self.lock();
             if slots.len() >= SWEEP_AT {
@@ -135,6 +144,14 @@ impl Blocks {
         claim.done = true;
         let _ = tx.send(());
         Ok(Bytes::from_owner(Held(bytes)))
+    }
+
+    /// Bytes read and verified by streams themselves, and bytes they shared, so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.read.load(Ordering::Relaxed),
+            self.shared.load(Ordering::Relaxed),
+        )
     }
 
     /// How many blocks are held by some stream right now.
@@ -180,6 +197,8 @@ mod tests {
         }
         assert_eq!(reads.load(Ordering::SeqCst), 1);
         assert_eq!(blocks.live(), 1);
+        // One stream read the five bytes; the other fifteen shared them.
+        assert_eq!(blocks.counts(), (5, 15 * 5));
         // A slice alone keeps the block shared.
         let piece = held[3].slice(1..3);
         drop(held);
