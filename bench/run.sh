@@ -331,23 +331,42 @@ meta "the 304 path is audited too: file_download lines written during the 304 ru
 wrk_rate wg_health "$WG_URL/healthz"
 meta "weightgate GET /healthz (no auth, no file, no audit): $W_RPS req/s"
 
-# the same GETs with download auditing off (audit.downloads = false), from a second server on
-# the same data dir while the first one idles: what the audit log costs per request
+# the same GETs from a second server on the same data dir, with other audit settings, while
+# the first one idles
+side_rate() { # NAME ENV... -> sets W_RPS W_REQS (wrk against the second server)
+    local name=$1 main_pid=$WG_PID main_bind=$WG_BIND keep p
+    shift
+    WG_BIND=127.0.0.1:$WG_NOAUDIT_PORT
+    # the same public URL as the first server: tokens name it as their issuer and audience
+    WG_EXTRA=("$@" WEIGHTGATE__SERVER__PUBLIC_URL=http://$main_bind)
+    wg_start "$OUT/wg-$name.log"
+    wrk_rate "$name" "http://$WG_BIND/bench/small/resolve/main/$TINY" -H "$AUTH_SMALL"
+    kill -TERM "$WG_PID"; wait "$WG_PID" 2>/dev/null || true
+    keep=(); for p in "${SERVER_PIDS[@]}"; do [ "$p" = "$WG_PID" ] || keep+=("$p"); done; SERVER_PIDS=("${keep[@]}")
+    WG_PID=$main_pid WG_BIND=$main_bind WG_EXTRA=()
+}
+
+# download auditing off (audit.downloads = false): what the audit log costs per request
 log "wrk: tiny-file GET with download auditing off"
 A0=$(audit_downloads)
-MAIN_PID=$WG_PID MAIN_BIND=$WG_BIND
-# the same public URL as the first server: tokens name it as their issuer and audience
-WG_BIND=127.0.0.1:$WG_NOAUDIT_PORT
-WG_EXTRA=(WEIGHTGATE__AUDIT__DOWNLOADS=false WEIGHTGATE__SERVER__PUBLIC_URL=http://$MAIN_BIND)
-wg_start "$OUT/wg-noaudit.log"
-wrk_rate wg_get_noaudit "http://$WG_BIND/bench/small/resolve/main/$TINY" -H "$AUTH_SMALL"
+side_rate wg_get_noaudit WEIGHTGATE__AUDIT__DOWNLOADS=false
 WG_GET_NOAUDIT=$W_RPS
-kill -TERM "$WG_PID"; wait "$WG_PID" 2>/dev/null || true
-keep=(); for p in "${SERVER_PIDS[@]}"; do [ "$p" = "$WG_PID" ] || keep+=("$p"); done; SERVER_PIDS=("${keep[@]}")
-WG_PID=$MAIN_PID WG_BIND=$MAIN_BIND WG_EXTRA=()
 A1=$(audit_downloads)
 [ "$A1" = "$A0" ] || fail "audit.downloads = false still wrote $((A1 - A0)) file_download lines"
 row "tiny-file GET req/s, download auditing on vs off (both weightgate; target >= 0.9)" "$WG_GET" "$WG_GET_NOAUDIT" higher
+
+# audit.acknowledge = "queue": the last bytes leave once the final event is queued, not
+# committed (what the wait for the commit costs); every event must still be in the log once
+# the server has stopped
+log "wrk: tiny-file GET with audit.acknowledge = queue"
+A0=$(audit_downloads)
+side_rate wg_get_queue WEIGHTGATE__AUDIT__ACKNOWLEDGE=queue
+WG_GET_QUEUE=$W_RPS
+WG_DOWNLOADS=$((WG_DOWNLOADS + W_REQS))
+A1=$(audit_downloads)
+[ $((A1 - A0)) -ge "$W_REQS" ] || fail "audit.acknowledge = queue logged $((A1 - A0)) downloads for $W_REQS requests"
+row "tiny-file GET req/s, audit.acknowledge = queue (nginx access_log on)" "$WG_GET_QUEUE" "$NG_GET" higher
+row "tiny-file GET req/s, audit.acknowledge = queue vs auditing off (both weightgate)" "$WG_GET_QUEUE" "$WG_GET_NOAUDIT" higher
 
 # HEAD: wrk 4.1 hangs on HEAD responses, so oha (built once with cargo into bench/out/tools)
 OHA=${OHA_BIN:-$OUT/tools/bin/oha}

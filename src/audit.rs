@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 use std::sync::mpsc;
 use tokio::sync::{Semaphore, oneshot};
 
+use crate::config::Acknowledge;
 use crate::db::models::audit::{self as rows, AuditRow, NewRow};
 use crate::db::models::tokens::{Completed, KnownCompleted};
 use crate::db::{AnyConnection, Db};
@@ -624,7 +625,33 @@ pub struct AuditSink {
     tx: mpsc::Sender<Msg>,
     /// `audit.downloads`: whether download and HEAD events go into the chain.
     downloads: bool,
+    /// `audit.acknowledge`: what a download's last chunk waits for.
+    acknowledge: Acknowledge,
     shared: std::sync::Arc<Shared>,
+}
+
+/// What a download's last chunk waits for before it leaves (see [`AuditSink::finish`]).
+pub enum Ack {
+    /// The commit of the final event, queued already.
+    Commit(oneshot::Receiver<()>),
+    /// Room in the queue for the final event, which is queued once there is room; dropped
+    /// before then, it has queued nothing.
+    Queue(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>),
+}
+
+impl std::future::Future for Ack {
+    type Output = ();
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        match self.get_mut() {
+            // A writer that is gone has logged why; the chunk is not held forever.
+            Ack::Commit(rx) => std::pin::Pin::new(rx).poll(cx).map(|_| ()),
+            Ack::Queue(queued) => queued.as_mut().poll(cx),
+        }
+    }
 }
 
 impl AuditSink {
@@ -634,6 +661,7 @@ impl AuditSink {
         db: Db,
         batch_max: usize,
         queue_max: usize,
+        acknowledge: Acknowledge,
         downloads: bool,
         metrics: std::sync::Arc<crate::metrics::Metrics>,
     ) -> std::io::Result<(AuditSink, std::thread::JoinHandle<()>)> {
@@ -653,6 +681,7 @@ impl AuditSink {
             AuditSink {
                 tx,
                 downloads,
+                acknowledge,
                 shared,
             },
             task,
@@ -731,10 +760,24 @@ impl AuditSink {
 
     /// Queues an event and returns a receiver that resolves once it is committed (at once
     /// when there was nothing to write).
-    pub fn commit(&self, event: Event) -> oneshot::Receiver<()> {
+    fn commit(&self, event: Event) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
         self.send(event, Some(tx), false);
         rx
+    }
+
+    /// Hands on a download's final event; the returned [`Ack`] resolves when its last chunk
+    /// may leave: once the event is committed (`audit.acknowledge = "commit"`), or once it
+    /// is queued (`"queue"`; it then waits for room like [`AuditSink::log`], so downloads
+    /// too slow down to the writer's pace instead of growing the queue).
+    pub fn finish(&self, event: Event) -> Ack {
+        match self.acknowledge {
+            Acknowledge::Commit => Ack::Commit(self.commit(event)),
+            Acknowledge::Queue => {
+                let sink = self.clone();
+                Ack::Queue(Box::pin(async move { sink.log(event).await }))
+            }
+        }
     }
 
     /// Waits until everything queued before this call is committed.

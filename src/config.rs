@@ -51,6 +51,19 @@ pub enum LogFormat {
     Json,
 }
 
+/// When a download's last bytes may leave (`audit.acknowledge`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Acknowledge {
+    /// Once its final event is committed: no completed download is missing from the log
+    /// after a crash.
+    Commit,
+    /// Once its final event is queued for the writer, as HEADs and denials are: a crash can
+    /// lose the final events of the downloads completed in the last batch (milliseconds),
+    /// for a higher request rate.
+    Queue,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSettings {
@@ -232,6 +245,9 @@ pub struct AuditSettings {
     /// time; further such requests wait for room, so a flood of them slows down rather than
     /// filling memory.
     pub queue_max: usize,
+    /// When a download's last bytes may leave: once its final event is committed
+    /// ("commit"), or once it is queued ("queue").
+    pub acknowledge: Acknowledge,
     /// How often `serve` records the chain's head as a checkpoint, e.g. "1h"; "off" disables.
     pub checkpoint_interval: String,
     /// File that checkpoints are appended to (one JSON line each); empty for none.
@@ -337,6 +353,7 @@ impl Default for AuditSettings {
         AuditSettings {
             batch_max: 512,
             queue_max: 65536,
+            acknowledge: Acknowledge::Commit,
             checkpoint_interval: "1h".into(),
             checkpoint_file: String::new(),
             checkpoint_url: String::new(),
@@ -693,6 +710,7 @@ mod tests {
                 "tokens.default_ttl",
             ),
             ("WEIGHTGATE__SERVER__COLOUR", "blue", "colour"),
+            ("WEIGHTGATE__AUDIT__ACKNOWLEDGE", "later", "acknowledge"),
         ] {
             let err = Settings::load_from(None, env(&[(k, v)]))
                 .expect_err(k)

@@ -245,6 +245,7 @@ pub async fn run(
         core.db.clone(),
         settings.audit.batch_max,
         settings.audit.queue_max,
+        settings.audit.acknowledge,
         settings.audit.downloads,
         metrics.clone(),
     )?;

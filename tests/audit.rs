@@ -501,6 +501,94 @@ async fn metric_until(s: &TestServer, name: &str, ok: impl Fn(u64) -> bool) -> u
     }
 }
 
+/// Stalls the audit writer until the returned connection is dropped: it holds SQLite's write
+/// lock, or PostgreSQL's chain lock.
+fn stall_writer(s: &TestServer, backend: Backend) -> Box<dyn SimpleConnection + Send> {
+    match backend {
+        Backend::Sqlite => {
+            let mut c = common::sqlite(&s.db.url);
+            c.batch_execute("BEGIN IMMEDIATE").unwrap();
+            Box::new(c)
+        }
+        Backend::Postgres => {
+            let mut c = PgConnection::establish(&s.db.url).unwrap();
+            c.batch_execute("SELECT pg_advisory_lock(7745321)").unwrap();
+            Box::new(c)
+        }
+    }
+}
+
+/// With `audit.acknowledge = "queue"`, a download ends once its final event is queued, not
+/// committed: downloads complete while the writer is stalled, until the queue is full; then
+/// they wait for room like any logged request, one whose client leaves queues nothing of
+/// its own ending, and every event reaches the chain once the writer resumes.
+async fn queued_acknowledgements_end_downloads_before_the_commit(backend: Backend) {
+    let s = common::server_with_model_and(
+        backend,
+        "acme/tiny",
+        &[
+            ("WEIGHTGATE__AUDIT__ACKNOWLEDGE", "queue"),
+            ("WEIGHTGATE__AUDIT__QUEUE_MAX", "2"),
+        ],
+    )
+    .await;
+    let token = approved_token(&s, "acme/tiny", "ada@example.org").await;
+    let before = s.audit().len();
+    let hold = stall_writer(&s, backend);
+    let url = s.url("/acme/tiny/resolve/main/config.json");
+    let want = &common::sample_files()[1].1;
+    let get = || {
+        let (http, url, token) = (s.http.clone(), url.clone(), token.clone());
+        tokio::spawn(async move {
+            let r = http.get(&url).bearer_auth(&token).send().await.unwrap();
+            (r.status().as_u16(), r.bytes().await.unwrap())
+        })
+    };
+    // Two downloads complete, whole, while nothing can be committed.
+    for _ in 0..2 {
+        let (status, body) = tokio::time::timeout(Duration::from_secs(15), get())
+            .await
+            .expect("a download waited for the stalled writer")
+            .unwrap();
+        assert_eq!((status, &body[..]), (200, &want[..]));
+    }
+    assert_eq!(metric(&s, "weightgate_audit_queued").await, 2);
+    // The queue is full: the next downloads wait for room, headers and all.
+    let patient = get();
+    let leaving = get();
+    metric_until(&s, "weightgate_audit_queue_full_total", |n| n >= 2).await;
+    assert!(!patient.is_finished() && !leaving.is_finished());
+    leaving.abort();
+    assert_eq!(metric(&s, "weightgate_audit_queued").await, 2);
+    drop(hold);
+    let (status, body) = tokio::time::timeout(Duration::from_secs(15), patient)
+        .await
+        .expect("still waiting for room")
+        .unwrap();
+    assert_eq!((status, &body[..]), (200, &want[..]));
+    metric_until(&s, "weightgate_audit_queued", |n| n == 0).await;
+    let downloads: Vec<Value> = s.audit()[before..]
+        .iter()
+        .filter(|e| e["kind"] == "file_download")
+        .cloned()
+        .collect();
+    let complete = downloads
+        .iter()
+        .filter(|e| e["outcome"] == "complete")
+        .count();
+    // The client that left has one ending: aborted if the server noticed while its event
+    // waited for room, complete if the server had finished it by then.
+    let gone = downloads
+        .iter()
+        .filter(|e| e["outcome"] == "aborted_by_client")
+        .count();
+    assert!(
+        matches!((complete, gone), (4, 0) | (3, 1)) && downloads.len() == 4,
+        "{downloads:?}"
+    );
+    assert_eq!(verify(&s, &[]).0, 0, "the chain is intact");
+}
+
 /// Requests that are logged without holding their response (here denied downloads, which
 /// need no token) wait for room once `audit.queue_max` of their events are queued, so a flood
 /// of them cannot grow the writer's queue; a request waiting for room has queued nothing,
@@ -513,19 +601,7 @@ async fn a_full_audit_queue_slows_requests_down(backend: Backend) {
     )
     .await;
     let before = s.audit().len();
-    // Stall the writer: hold SQLite's write lock, or PostgreSQL's chain lock.
-    let hold: Box<dyn SimpleConnection + Send> = match backend {
-        Backend::Sqlite => {
-            let mut c = common::sqlite(&s.db.url);
-            c.batch_execute("BEGIN IMMEDIATE").unwrap();
-            Box::new(c)
-        }
-        Backend::Postgres => {
-            let mut c = PgConnection::establish(&s.db.url).unwrap();
-            c.batch_execute("SELECT pg_advisory_lock(7745321)").unwrap();
-            Box::new(c)
-        }
-    };
+    let hold = stall_writer(&s, backend);
     let url = s.url("/acme/tiny/resolve/main/config.json");
     // Two denials fill the queue and are answered at once.
     for _ in 0..2 {
@@ -570,6 +646,7 @@ async fn a_full_audit_queue_slows_requests_down(backend: Backend) {
 
 on_both_backends!(
     a_full_audit_queue_slows_requests_down,
+    queued_acknowledgements_end_downloads_before_the_commit,
     download_auditing_can_be_turned_off,
     swapped_and_forged_rows_are_detected,
     checkpoints_catch_a_cut_tail_and_archives_stay_verifiable,

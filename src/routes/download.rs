@@ -14,7 +14,7 @@ use bytes::Bytes;
 use futures_util::Stream;
 
 use crate::State;
-use crate::audit::{AuditSink, Event, Track};
+use crate::audit::{Ack, AuditSink, Event, Track};
 use crate::auth::access::Principal;
 use crate::db::models::catalog::{self, BLOB_QUARANTINED, Blob, FileRow};
 use crate::db::models::tokens::Delivered;
@@ -701,7 +701,8 @@ struct Delivery {
 
 /// The response body: verified chunks, counted. When the last chunk is ready, the final
 /// event is committed *before* that chunk is released, so a client never sees a complete
-/// download the log does not hold. A download longer than one chunk also queues a `started`
+/// download the log does not hold (with `audit.acknowledge = "queue"`, the chunk waits only
+/// until the event is queued). A download longer than one chunk also queues a `started`
 /// event (which opens it in `open_downloads`, so a crash leaves it recorded as aborted) as
 /// its first chunk leaves; a one-chunk download needs none, since none of its bytes leave
 /// before its final event is committed. A body dropped early records `aborted_by_client`
@@ -719,9 +720,9 @@ struct AuditedBody {
     failed: bool,
     /// Whether the failure proved the bytes wrong (rather than unreadable).
     corrupt: bool,
-    /// The last chunk, held until its final event is committed (the receiver is gone once
-    /// it has been awaited).
-    held: Option<(Bytes, Option<tokio::sync::oneshot::Receiver<()>>)>,
+    /// The last chunk, held until its final event is committed or queued (the wait is gone
+    /// once it has ended).
+    held: Option<(Bytes, Option<Ack>)>,
     finished: bool,
     /// Whether the `started` event was queued.
     opened: bool,
@@ -808,7 +809,7 @@ impl AuditedBody {
         self.sent + b.len() as u64 >= self.log.expected && !self.finished
     }
 
-    /// Holds the last chunk and commits the final event, which counts it as sent.
+    /// Holds the last chunk and hands on the final event, which counts it as sent.
     fn hold_last(&mut self, b: Bytes) {
         self.finished = true;
         let outcome = if self.log.status == 206 {
@@ -819,7 +820,7 @@ impl AuditedBody {
         self.sent += b.len() as u64;
         let mut e = self.final_event(outcome, None);
         e.delivered = self.delivered(self.sent);
-        let ack = self.sink.commit(e);
+        let ack = self.sink.finish(e);
         self.sent -= b.len() as u64;
         self.held = Some((b, Some(ack)));
     }
@@ -831,9 +832,11 @@ impl AuditedBody {
             Some(b) if self.is_last(&b) => {
                 self.hold_last(b);
                 if let Some((_, ack)) = self.held.as_mut()
-                    && let Some(rx) = ack.take()
+                    && let Some(wait) = ack.as_mut()
                 {
-                    let _ = rx.await;
+                    // Awaited in place: a body dropped meanwhile still knows what it waited for.
+                    wait.await;
+                    *ack = None;
                 }
             }
             other => self.first = other,
@@ -855,13 +858,13 @@ impl AuditedBody {
         let Some((_, ack)) = self.held.as_mut() else {
             return Poll::Ready(None);
         };
-        let committed = match ack.as_mut() {
-            None => Poll::Ready(Ok(())),
-            Some(rx) => Pin::new(rx).poll(cx),
+        let done = match ack.as_mut() {
+            None => Poll::Ready(()),
+            Some(wait) => Pin::new(wait).poll(cx),
         };
-        match committed {
+        match done {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(_) => {
+            Poll::Ready(()) => {
                 let held = self.held.take().map(|(b, _)| b);
                 self.sent += held.as_ref().map_or(0, |b| b.len() as u64);
                 Poll::Ready(held.map(Ok))
@@ -911,7 +914,9 @@ impl Drop for AuditedBody {
         if self.corrupt {
             crate::metrics::Metrics::add(&m.integrity_failures, 1);
         }
-        if !self.finished {
+        // A final event still waiting for room in the queue was never queued.
+        let unqueued = matches!(&self.held, Some((_, Some(Ack::Queue(_)))));
+        if !self.finished || unqueued {
             let outcome = match (self.failed, self.corrupt) {
                 (true, true) => "integrity_failure",
                 (true, false) => "storage_error",
