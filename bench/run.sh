@@ -364,7 +364,9 @@ side_rate wg_get_queue WEIGHTGATE__AUDIT__ACKNOWLEDGE=queue
 WG_GET_QUEUE=$W_RPS
 WG_DOWNLOADS=$((WG_DOWNLOADS + W_REQS))
 A1=$(audit_downloads)
-[ $((A1 - A0)) -ge "$W_REQS" ] || fail "audit.acknowledge = queue logged $((A1 - A0)) downloads for $W_REQS requests"
+# (wrk does not count the requests its 64 connections had in flight when it stopped)
+[ $((A1 - A0)) -ge "$W_REQS" ] && [ $((A1 - A0)) -le $((W_REQS + 64)) ] \
+    || fail "audit.acknowledge = queue logged $((A1 - A0)) downloads for $W_REQS requests"
 row "tiny-file GET req/s, audit.acknowledge = queue (nginx access_log on)" "$WG_GET_QUEUE" "$NG_GET" higher
 row "tiny-file GET req/s, audit.acknowledge = queue vs auditing off (both weightgate)" "$WG_GET_QUEUE" "$WG_GET_NOAUDIT" higher
 

@@ -6,7 +6,10 @@
 //! Download events go through [`AuditSink`], a batching writer that commits many events
 //! in one transaction off the request path.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -612,9 +615,10 @@ struct Shared {
     /// Files tokens have completed, as committed by the writer.
     known: KnownCompleted,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
-    /// Room in the queue for events from [`AuditSink::log`]: `audit.queue_max` permits. One
-    /// is taken (and forgotten) before such an event is queued; the writer adds them back
-    /// once a batch is committed, or `send` does when the event is not queued after all.
+    /// Room in the queue for events from [`AuditSink::log`] (and, with `audit.acknowledge =
+    /// "queue"`, downloads' final events): `audit.queue_max` permits. One is taken (and
+    /// forgotten) before such an event is queued; the writer adds them back once a batch is
+    /// committed, or `send` does when the event is not queued after all.
     room: Semaphore,
     queue_max: usize,
 }
@@ -634,22 +638,22 @@ pub struct AuditSink {
 pub enum Ack {
     /// The commit of the final event, queued already.
     Commit(oneshot::Receiver<()>),
+    /// Nothing: the final event is queued.
+    Queued,
     /// Room in the queue for the final event, which is queued once there is room; dropped
     /// before then, it has queued nothing.
-    Queue(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>),
+    Room(Pin<Box<dyn Future<Output = ()> + Send>>),
 }
 
-impl std::future::Future for Ack {
+impl Future for Ack {
     type Output = ();
 
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<()> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         match self.get_mut() {
             // A writer that is gone has logged why; the chunk is not held forever.
-            Ack::Commit(rx) => std::pin::Pin::new(rx).poll(cx).map(|_| ()),
-            Ack::Queue(queued) => queued.as_mut().poll(cx),
+            Ack::Commit(rx) => Pin::new(rx).poll(cx).map(|_| ()),
+            Ack::Queued => Poll::Ready(()),
+            Ack::Room(queued) => queued.as_mut().poll(cx),
         }
     }
 }
@@ -701,20 +705,27 @@ impl AuditSink {
     /// writer's pace instead of growing the queue, and a request dropped while it waits
     /// for room (its client gone) queues nothing.
     pub async fn log(&self, event: Event) {
-        let room = &self.shared.room;
-        let permit = match room.try_acquire() {
-            Ok(permit) => permit,
-            Err(_) => {
-                crate::metrics::Metrics::add(&self.shared.metrics.audit_queue_full, 1);
-                let Ok(permit) = room.acquire().await else {
-                    return; // never closed
-                };
-                permit
-            }
+        let Some(event) = self.queue_if_room(event) else {
+            return;
+        };
+        crate::metrics::Metrics::add(&self.shared.metrics.audit_queue_full, 1);
+        let Ok(permit) = self.shared.room.acquire().await else {
+            return; // never closed
         };
         permit.forget();
         // No await from here on: the room taken is always queued or given back.
         self.send(event, None, true);
+    }
+
+    /// Queues an event as [`AuditSink::log`] does when there is room now; hands it back
+    /// when there is none.
+    fn queue_if_room(&self, event: Event) -> Option<Event> {
+        let Ok(permit) = self.shared.room.try_acquire() else {
+            return Some(event);
+        };
+        permit.forget();
+        self.send(event, None, true);
+        None
     }
 
     /// Events from [`AuditSink::log`] waiting for the writer.
@@ -768,15 +779,18 @@ impl AuditSink {
 
     /// Hands on a download's final event; the returned [`Ack`] resolves when its last chunk
     /// may leave: once the event is committed (`audit.acknowledge = "commit"`), or once it
-    /// is queued (`"queue"`; it then waits for room like [`AuditSink::log`], so downloads
-    /// too slow down to the writer's pace instead of growing the queue).
+    /// is queued (`"queue"`; it then takes room like [`AuditSink::log`], so downloads too
+    /// slow down to the writer's pace instead of growing the queue).
     pub fn finish(&self, event: Event) -> Ack {
         match self.acknowledge {
             Acknowledge::Commit => Ack::Commit(self.commit(event)),
-            Acknowledge::Queue => {
-                let sink = self.clone();
-                Ack::Queue(Box::pin(async move { sink.log(event).await }))
-            }
+            Acknowledge::Queue => match self.queue_if_room(event) {
+                None => Ack::Queued,
+                Some(event) => {
+                    let sink = self.clone();
+                    Ack::Room(Box::pin(async move { sink.log(event).await }))
+                }
+            },
         }
     }
 

@@ -58,9 +58,9 @@ pub enum Acknowledge {
     /// Once its final event is committed: no completed download is missing from the log
     /// after a crash.
     Commit,
-    /// Once its final event is queued for the writer, as HEADs and denials are: a crash can
-    /// lose the final events of the downloads completed in the last batch (milliseconds),
-    /// for a higher request rate.
+    /// Once its final event is queued for the writer, as HEADs and denials are (taking room
+    /// in `audit.queue_max`), for a higher request rate: a crash can lose the final events
+    /// not yet committed, normally the last batch (milliseconds), at most `queue_max`.
     Queue,
 }
 
@@ -241,9 +241,9 @@ pub struct AuditSettings {
     /// Most download events committed in one transaction by the batching writer.
     pub batch_max: usize,
     /// Most events from requests that are logged without holding their response (HEADs,
-    /// denials, 304s, tree and manifest reads, minted links) waiting for the writer at a
-    /// time; further such requests wait for room, so a flood of them slows down rather than
-    /// filling memory.
+    /// denials, 304s, tree and manifest reads, minted links; with `acknowledge = "queue"`,
+    /// downloads too) waiting for the writer at a time; further such requests wait for room,
+    /// so a flood of them slows down rather than filling memory.
     pub queue_max: usize,
     /// When a download's last bytes may leave: once its final event is committed
     /// ("commit"), or once it is queued ("queue").

@@ -19,8 +19,11 @@ fn entry<'m, V: Default>(map: &'m mut BTreeMap<String, V>, key: &str) -> Option<
 
 /// Figures kept elsewhere, read by the caller when `/metrics` is asked for.
 pub struct Elsewhere {
+    /// Emails in the outbox, not yet delivered.
     pub mail_backlog: i64,
+    /// Webhook deliveries not yet made.
     pub webhook_backlog: i64,
+    /// Events waiting for the audit writer that hold room in its queue.
     pub audit_queued: usize,
     /// Bytes streams read and verified themselves, and bytes they took from another stream's
     /// verified read (`storage::shared`).

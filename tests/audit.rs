@@ -15,6 +15,7 @@ use common::{
 use diesel::connection::SimpleConnection;
 use diesel::{Connection, PgConnection};
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weightgate::audit::{self, Event};
 
 fn exec(s: &TestServer, backend: Backend, sql: &str) {
@@ -518,10 +519,26 @@ fn stall_writer(s: &TestServer, backend: Backend) -> Box<dyn SimpleConnection + 
     }
 }
 
+/// Rows in `open_downloads` (downloads with a `started` event and no end yet).
+fn open_downloads(s: &TestServer, backend: Backend) -> i64 {
+    use diesel::RunQueryDsl;
+    let q = diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
+        "(SELECT COUNT(*) FROM open_downloads)",
+    ));
+    match backend {
+        Backend::Sqlite => q.get_result(&mut common::sqlite(&s.db.url)).unwrap(),
+        Backend::Postgres => q
+            .get_result(&mut PgConnection::establish(&s.db.url).unwrap())
+            .unwrap(),
+    }
+}
+
 /// With `audit.acknowledge = "queue"`, a download ends once its final event is queued, not
 /// committed: downloads complete while the writer is stalled, until the queue is full; then
-/// they wait for room like any logged request, one whose client leaves queues nothing of
-/// its own ending, and every event reaches the chain once the writer resumes.
+/// they wait for room like any logged request. One whose client resets the connection
+/// meanwhile has queued nothing of its own ending, so its body records it, closing the
+/// download its `started` event opened; every event reaches the chain once the writer
+/// resumes.
 async fn queued_acknowledgements_end_downloads_before_the_commit(backend: Backend) {
     let s = common::server_with_model_and(
         backend,
@@ -529,6 +546,9 @@ async fn queued_acknowledgements_end_downloads_before_the_commit(backend: Backen
         &[
             ("WEIGHTGATE__AUDIT__ACKNOWLEDGE", "queue"),
             ("WEIGHTGATE__AUDIT__QUEUE_MAX", "2"),
+            // model.safetensors (300 kB) goes out in many chunks, the last one held.
+            common::SMALL_BLOCKS[0],
+            common::SMALL_BLOCKS[1],
         ],
     )
     .await;
@@ -553,39 +573,67 @@ async fn queued_acknowledgements_end_downloads_before_the_commit(backend: Backen
         assert_eq!((status, &body[..]), (200, &want[..]));
     }
     assert_eq!(metric(&s, "weightgate_audit_queued").await, 2);
-    // The queue is full: the next downloads wait for room, headers and all.
+    // The queue is full: the next downloads wait for room. A one-chunk download waits
+    // before its headers; a long one sends all but its last chunk, then waits, and its
+    // client resets the connection.
     let patient = get();
-    let leaving = get();
+    let host = url["http://".len()..]
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let mut leaving = tokio::net::TcpStream::connect(&host).await.unwrap();
+    let request = format!(
+        "GET /acme/tiny/resolve/main/model.safetensors HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\r\n"
+    );
+    leaving.write_all(request.as_bytes()).await.unwrap();
+    let (mut got, mut buf) = (0, vec![0u8; 65536]);
+    while got < 300_000 - 16384 {
+        let n = leaving.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the long download ended early");
+        got += n;
+    }
     metric_until(&s, "weightgate_audit_queue_full_total", |n| n >= 2).await;
-    assert!(!patient.is_finished() && !leaving.is_finished());
-    leaving.abort();
-    assert_eq!(metric(&s, "weightgate_audit_queued").await, 2);
+    assert!(!patient.is_finished());
+    // The finished bodies counted their block as they were dropped (one each); the leaving
+    // one counts its blocks once the server has seen the reset and dropped it.
+    metric_until(&s, "weightgate_blocks_verified_total", |n| n == 2).await;
+    leaving.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(leaving);
+    metric_until(&s, "weightgate_blocks_verified_total", |n| n > 2).await;
     drop(hold);
     let (status, body) = tokio::time::timeout(Duration::from_secs(15), patient)
         .await
         .expect("still waiting for room")
         .unwrap();
     assert_eq!((status, &body[..]), (200, &want[..]));
-    metric_until(&s, "weightgate_audit_queued", |n| n == 0).await;
-    let downloads: Vec<Value> = s.audit()[before..]
+    // Three complete downloads, and the one that left: started, then aborted.
+    s.wait_audit("the reset download", |e| {
+        e["kind"] == "file_download" && e["outcome"] == "aborted_by_client"
+    })
+    .await;
+    let outcomes: Vec<(String, Value)> = s.audit()[before..]
         .iter()
         .filter(|e| e["kind"] == "file_download")
-        .cloned()
+        .map(|e| {
+            (
+                e["outcome"].as_str().unwrap_or("").to_string(),
+                e["detail"]["reason"].clone(),
+            )
+        })
         .collect();
-    let complete = downloads
-        .iter()
-        .filter(|e| e["outcome"] == "complete")
-        .count();
-    // The client that left has one ending: aborted if the server noticed while its event
-    // waited for room, complete if the server had finished it by then.
-    let gone = downloads
-        .iter()
-        .filter(|e| e["outcome"] == "aborted_by_client")
-        .count();
+    let complete = outcomes.iter().filter(|(o, _)| o == "complete").count();
+    assert_eq!(complete, 3, "{outcomes:?}");
+    assert_eq!(outcomes.len(), 5, "{outcomes:?}");
+    assert!(outcomes.iter().any(|(o, _)| o == "started"), "{outcomes:?}");
     assert!(
-        matches!((complete, gone), (4, 0) | (3, 1)) && downloads.len() == 4,
-        "{downloads:?}"
+        outcomes.contains(&(
+            "aborted_by_client".into(),
+            json!("closed before the last chunk was delivered")
+        )),
+        "{outcomes:?}"
     );
+    assert_eq!(open_downloads(&s, backend), 0, "no download is left open");
     assert_eq!(verify(&s, &[]).0, 0, "the chain is intact");
 }
 

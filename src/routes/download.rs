@@ -705,8 +705,8 @@ struct Delivery {
 /// until the event is queued). A download longer than one chunk also queues a `started`
 /// event (which opens it in `open_downloads`, so a crash leaves it recorded as aborted) as
 /// its first chunk leaves; a one-chunk download needs none, since none of its bytes leave
-/// before its final event is committed. A body dropped early records `aborted_by_client`
-/// or `integrity_failure`.
+/// before its final event is committed (or queued). A body dropped early records
+/// `aborted_by_client` or `integrity_failure`.
 struct AuditedBody {
     id: String,
     delivery: Delivery,
@@ -843,7 +843,8 @@ impl AuditedBody {
         }
     }
 
-    /// Counts a chunk; when it is the last one, holds it until the final event commits.
+    /// Counts a chunk; when it is the last one, holds it until the final event is committed
+    /// (or queued).
     fn pass(&mut self, b: Bytes, cx: &mut TaskContext<'_>) -> Poll<Option<std::io::Result<Bytes>>> {
         if self.is_last(&b) {
             self.hold_last(b);
@@ -901,6 +902,9 @@ impl Stream for AuditedBody {
     }
 }
 
+/// The reason logged for a client that left while the last chunk waited for the log.
+const CLOSED_BEFORE_LAST: &str = "closed before the last chunk was delivered";
+
 impl Drop for AuditedBody {
     fn drop(&mut self) {
         let m = &self.delivery.state.metrics;
@@ -915,19 +919,20 @@ impl Drop for AuditedBody {
             crate::metrics::Metrics::add(&m.integrity_failures, 1);
         }
         // A final event still waiting for room in the queue was never queued.
-        let unqueued = matches!(&self.held, Some((_, Some(Ack::Queue(_)))));
+        let unqueued = matches!(&self.held, Some((_, Some(Ack::Room(_)))));
         if !self.finished || unqueued {
             let outcome = match (self.failed, self.corrupt) {
                 (true, true) => "integrity_failure",
                 (true, false) => "storage_error",
                 _ => "aborted_by_client",
             };
-            let mut e = self.final_event(outcome, None);
+            let reason = unqueued.then_some(CLOSED_BEFORE_LAST);
+            let mut e = self.final_event(outcome, reason);
             e.delivered = self.delivered(self.sent);
             self.sink.record(e);
         } else if self.held.is_some() {
             // The client left while the last chunk waited for the log: correct the record.
-            let reason = Some("closed before the last chunk was delivered");
+            let reason = Some(CLOSED_BEFORE_LAST);
             let mut e = self.final_event("aborted_by_client", reason);
             e.track = None;
             self.sink.record(e);
