@@ -598,7 +598,7 @@ async fn queued_acknowledgements_end_downloads_before_the_commit(backend: Backen
     // The finished bodies counted their block as they were dropped (one each); the leaving
     // one counts its blocks once the server has seen the reset and dropped it.
     metric_until(&s, "weightgate_blocks_verified_total", |n| n == 2).await;
-    leaving.set_linger(Some(Duration::ZERO)).unwrap();
+    leaving.set_zero_linger().unwrap(); // closing sends a reset
     drop(leaving);
     metric_until(&s, "weightgate_blocks_verified_total", |n| n > 2).await;
     drop(hold);
