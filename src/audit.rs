@@ -709,23 +709,29 @@ impl AuditSink {
             return;
         };
         crate::metrics::Metrics::add(&self.shared.metrics.audit_queue_full, 1);
-        let Ok(permit) = self.shared.room.acquire().await else {
-            return; // never closed
-        };
-        permit.forget();
-        // No await from here on: the room taken is always queued or given back.
-        self.send(event, None, true);
+        // The semaphore is never closed, so the wait ends with room.
+        if let Ok(permit) = self.shared.room.acquire().await {
+            self.queue_in(permit, event);
+        }
     }
 
     /// Queues an event as [`AuditSink::log`] does when there is room now; hands it back
     /// when there is none.
     fn queue_if_room(&self, event: Event) -> Option<Event> {
-        let Ok(permit) = self.shared.room.try_acquire() else {
-            return Some(event);
-        };
+        match self.shared.room.try_acquire() {
+            Ok(permit) => {
+                self.queue_in(permit, event);
+                None
+            }
+            Err(_) => Some(event),
+        }
+    }
+
+    /// Queues an event in the room `permit` holds, which the writer gives back once the
+    /// event is committed (`send` does, if it is not queued after all).
+    fn queue_in(&self, permit: tokio::sync::SemaphorePermit<'_>, event: Event) {
         permit.forget();
         self.send(event, None, true);
-        None
     }
 
     /// Events from [`AuditSink::log`] waiting for the writer.

@@ -113,7 +113,7 @@ impl Metrics {
             ),
             (
                 "weightgate_audit_queued",
-                "Events of requests logged without holding their response (HEADs, denials, 304s, reads) waiting for the audit writer.",
+                "Events waiting for the audit writer that hold room in its queue: those of requests logged without holding their response (HEADs, denials, 304s, reads), and downloads' final events with audit.acknowledge = queue.",
                 "gauge",
                 audit_queued as u64,
             ),

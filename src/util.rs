@@ -109,16 +109,16 @@ pub fn rfc3339(secs: i64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn clip_cuts_at_a_character_boundary() {
-        assert_eq!(super::clip("abcdef", 4), "abcd");
-        assert_eq!(super::clip("abc", 10), "abc");
+        assert_eq!(clip("abcdef", 4), "abcd");
+        assert_eq!(clip("abc", 10), "abc");
         // "é" is two bytes: a cut inside it falls back before it.
-        assert_eq!(super::clip("aé", 2), "a");
-        assert_eq!(super::clip("", 3), "");
+        assert_eq!(clip("aé", 2), "a");
+        assert_eq!(clip("", 3), "");
     }
-
-    use super::*;
 
     #[test]
     fn durations() {
