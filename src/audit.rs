@@ -13,7 +13,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use std::sync::mpsc;
 use tokio::sync::{Semaphore, oneshot};
 
@@ -117,7 +116,7 @@ fn chain_hash(r: &NewRow<'_>) -> String {
     buf.extend_from_slice(r.prev_hash.as_bytes());
     // Writing into a Vec cannot fail, and these values always serialise.
     let _ = serde_json::to_writer(&mut buf, &canonical);
-    util::hex_lower(&Sha256::digest(&buf))
+    util::hex_lower(&util::sha256(&buf))
 }
 
 /// Appends events at the head of the chain, inside the caller's transaction (taking the
@@ -898,6 +897,7 @@ pub async fn close_abandoned_downloads(db: &Db, instance: &str) -> Result<usize>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
 
     /// The hash as first defined: SHA-256 of prev_hash, then a `json!` array of the columns.
     fn hash_as_defined(r: &AuditRow) -> String {

@@ -3,7 +3,6 @@
 //! schedule, quarantining what fails and lifting the quarantine of what verifies again.
 
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
 use crate::audit::{self, Event};
 use crate::db::models::catalog::{self, BLOB_OK, BLOB_QUARANTINED, Blob};
@@ -58,7 +57,7 @@ pub async fn check_blob(store: &Store, blob: &Blob, chunk_size: usize) -> Result
         let _ = tx.send(f);
         std::future::ready(())
     });
-    let mut sha = Sha256::new();
+    let mut sha = util::Sha256::new();
     while let Some(piece) = chunks.rx.recv().await {
         match piece {
             Ok(b) => sha.update(&b),
@@ -68,7 +67,7 @@ pub async fn check_blob(store: &Store, blob: &Blob, chunk_size: usize) -> Result
     if let Ok(failure) = rx.await {
         return Err(failure);
     }
-    if hex::encode(sha.finalize()) != blob.sha256 {
+    if hex::encode(sha.finish()) != blob.sha256 {
         return Err(Failure::Mismatch { block: u64::MAX });
     }
     Ok(())

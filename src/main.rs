@@ -1122,17 +1122,17 @@ fn verify_dir(dir: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
         let problem = match std::fs::File::open(dir.join(path)) {
             Err(e) => Some(format!("cannot read: {e}")),
             Ok(mut f) => {
-                let mut sha = <sha2::Sha256 as sha2::Digest>::new();
+                let mut sha = weightgate::util::Sha256::new();
                 let mut buf = vec![0u8; 1 << 20];
                 loop {
                     let n = f.read(&mut buf)?;
                     if n == 0 {
                         break;
                     }
-                    sha2::Digest::update(&mut sha, &buf[..n]);
+                    sha.update(&buf[..n]);
                     bar.inc(n as u64);
                 }
-                let actual = hex::encode(sha2::Digest::finalize(sha));
+                let actual = hex::encode(sha.finish());
                 (actual != *expected).then(|| format!("SHA-256 is {actual}, expected {expected}"))
             }
         };

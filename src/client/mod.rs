@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
+use crate::util::Sha256;
 
 use crate::paths;
 
@@ -323,7 +323,7 @@ fn sha256_file(path: &Path) -> std::io::Result<String> {
         }
         h.update(&buf[..n]);
     }
-    Ok(hex::encode(h.finalize()))
+    Ok(hex::encode(h.finish()))
 }
 
 struct Job {

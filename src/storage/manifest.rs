@@ -3,7 +3,7 @@
 //! fetch is verified against.
 
 use sha1::{Digest as _, Sha1};
-use sha2::Sha256;
+use crate::util::Sha256;
 
 /// The algorithm named in every block manifest.
 pub const BLOCK_ALGO: &str = "blake3";
@@ -177,7 +177,7 @@ impl Hasher {
         }
         Digest {
             size: self.size,
-            sha256: hex::encode(self.sha256.finalize()),
+            sha256: hex::encode(self.sha256.finish()),
             block_size: self.block_size,
             block_hashes: self.blocks,
             piece_hashes: self.pieces.unwrap_or_default(),
@@ -247,7 +247,7 @@ mod tests {
             &a.block_hashes[64..],
             blake3::hash(&data[8192..]).as_bytes()
         );
-        assert_eq!(a.sha256, hex::encode(Sha256::digest(&data)));
+        assert_eq!(a.sha256, hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data)));
     }
 
     #[test]
