@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use serde::Deserialize;
-use crate::util::Sha256;
 
 use crate::paths;
+use crate::util::Sha256;
 
 /// Exit codes, documented in `weightgate download --help`.
 pub mod exit {

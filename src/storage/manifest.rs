@@ -3,6 +3,7 @@
 //! fetch is verified against.
 
 use sha1::{Digest as _, Sha1};
+
 use crate::util::Sha256;
 
 /// The algorithm named in every block manifest.
@@ -247,7 +248,10 @@ mod tests {
             &a.block_hashes[64..],
             blake3::hash(&data[8192..]).as_bytes()
         );
-        assert_eq!(a.sha256, hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data)));
+        assert_eq!(
+            a.sha256,
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data))
+        );
     }
 
     #[test]
