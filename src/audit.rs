@@ -132,19 +132,25 @@ pub fn append(conn: &mut AnyConnection, events: &[Event]) -> Result<()> {
 /// [`append`] inside a transaction that already holds the chain's lock (one opened by
 /// `Db::write_chain_blocking`).
 pub fn append_locked(conn: &mut AnyConnection, events: &[Event]) -> Result<()> {
-    append_events(conn, events, &KnownCompleted::default()).map(|_| ())
+    append_events(conn, events, &KnownCompleted::default(), None).map(|_| ())
 }
 
+/// The chain's head: the last row's sequence number and hash.
+type Head = (i64, String);
+
 /// [`append_locked`], skipping the delivery records of files in `known`; returns the (jti,
-/// sha256) pairs found or made complete, for the caller to add to `known` once this commits.
+/// sha256) pairs found or made complete, for the caller to add to `known` once this commits,
+/// and the head the events leave (if any was logged). `guess` is where the caller believes
+/// the head is (see [`append_rows`]).
 fn append_events(
     conn: &mut AnyConnection,
     events: &[Event],
     known: &KnownCompleted,
-) -> Result<Completed> {
+    guess: Option<&Head>,
+) -> Result<(Completed, Option<Head>)> {
     use crate::db::models::tokens;
     if events.is_empty() {
-        return Ok(Completed::default());
+        return Ok((Completed::default(), None));
     }
     let pending = |d: &&tokens::Delivered| -> bool { !known.contains(&d.jti, &d.sha256) };
     // Files a token had completed before this batch need no delivery record (a later event
@@ -171,34 +177,74 @@ fn append_events(
     for e in events.iter().filter(|e| e.unlogged) {
         record(conn, e)?;
     }
+    let mut head = None;
     if !events.iter().all(|e| e.unlogged) {
-        append_rows(conn, events, &mut record)?;
+        head = Some(append_rows(conn, events, &mut record, guess)?);
     }
     for (jti, sha256) in made {
         done.insert(jti, sha256);
     }
-    Ok(done)
+    Ok((done, head))
 }
 
-/// The chained rows of the logged events (and their delivery records, through `record`).
+/// The hashes of `logged` chained after `head`: row i is number `head.0 + 1 + i`, and its
+/// prev_hash is row i - 1's hash (or the head's).
+fn chain_after(logged: &[&Event], head: &Head) -> Vec<String> {
+    let mut hashes: Vec<String> = Vec::with_capacity(logged.len());
+    for (i, e) in logged.iter().enumerate() {
+        let prev = hashes.last().unwrap_or(&head.1);
+        hashes.push(chain_hash(&new_row(e, head.0 + 1 + i as i64, prev, "")));
+    }
+    hashes
+}
+
+/// The rows of `logged` chained after `head`, given their hashes from [`chain_after`].
+fn rows_after<'a>(logged: &[&'a Event], head: &'a Head, hashes: &'a [String]) -> Vec<NewRow<'a>> {
+    let prevs = std::iter::once(&head.1).chain(hashes);
+    logged
+        .iter()
+        .zip(prevs)
+        .zip(hashes)
+        .enumerate()
+        .map(|(i, ((e, prev), hash))| new_row(e, head.0 + 1 + i as i64, prev, hash))
+        .collect()
+}
+
+/// The chained rows of the logged events (and their delivery records, through `record`);
+/// returns the new head.
+///
+/// On PostgreSQL every statement is a round trip, and reading the head is one of the four a
+/// batch takes. So when the caller passes a `guess` (the head its own last batch left), the
+/// rows are chained after it and inserted by a statement that adds them only if the newest
+/// row is still the guessed one; the head is read only when another transaction or process
+/// appended in between (or rows were archived). SQLite reads the head in place, which costs
+/// no round trip.
 fn append_rows(
     conn: &mut AnyConnection,
     events: &[Event],
     record: &mut impl FnMut(&mut AnyConnection, &Event) -> Result<()>,
-) -> Result<()> {
-    let (head_seq, head) = rows::head(conn)?.unwrap_or((0, GENESIS.to_string()));
+    guess: Option<&Head>,
+) -> Result<Head> {
     let logged: Vec<&Event> = events.iter().filter(|e| !e.unlogged).collect();
-    // Row i is number head_seq + 1 + i; its prev_hash is row i - 1's hash (or the head's).
-    let seq_of = |i: usize| head_seq + 1 + i as i64;
-    let mut hashes: Vec<String> = Vec::with_capacity(logged.len());
+    let guessed = match (guess, &*conn) {
+        (Some(head), AnyConnection::Postgresql(_)) => {
+            let hashes = chain_after(&logged, head);
+            rows::insert_if_head(conn, &rows_after(&logged, head, &hashes), head.0)?
+                .then(|| (head.clone(), hashes))
+        }
+        _ => None,
+    };
+    let (head, hashes) = match guessed {
+        Some(placed) => placed,
+        None => {
+            let head = rows::head(conn)?.unwrap_or((0, GENESIS.to_string()));
+            let hashes = chain_after(&logged, &head);
+            rows::insert(conn, &rows_after(&logged, &head, &hashes))?;
+            (head, hashes)
+        }
+    };
     for (i, e) in logged.iter().enumerate() {
-        let prev = hashes.last().unwrap_or(&head);
-        hashes.push(chain_hash(&new_row(e, seq_of(i), prev, "")));
-    }
-    let prevs = std::iter::once(&head).chain(&hashes);
-    let mut out = Vec::with_capacity(logged.len());
-    for (i, ((e, prev), hash)) in logged.iter().zip(prevs).zip(&hashes).enumerate() {
-        let seq = seq_of(i);
+        let seq = head.0 + 1 + i as i64;
         crate::webhooks::enqueue(conn, e, seq)?;
         record(conn, e)?;
         match &e.track {
@@ -213,9 +259,9 @@ fn append_rows(
             Some(Track::End(id)) => rows::close_download(conn, id)?,
             None => {}
         }
-        out.push(new_row(e, seq, prev, hash));
     }
-    rows::insert(conn, &out)
+    let last = hashes.last().cloned().unwrap_or(head.1);
+    Ok((head.0 + logged.len() as i64, last))
 }
 
 fn new_row<'a>(e: &'a Event, seq: i64, prev_hash: &'a str, hash: &'a str) -> NewRow<'a> {
@@ -817,6 +863,8 @@ fn writer(db: Db, rx: mpsc::Receiver<Msg>, batch_max: usize, shared: std::sync::
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
     // The units of the queue's room held by the batch's events, given back once committed.
     let mut room = 0;
+    // The head the last committed batch left: where the next one guesses the chain goes on.
+    let mut head: Option<Head> = None;
     while let Ok(first) = rx.recv() {
         let mut next = Some(first);
         while let Some(msg) = next.take() {
@@ -843,11 +891,14 @@ fn writer(db: Db, rx: mpsc::Receiver<Msg>, batch_max: usize, shared: std::sync::
             // A panic inside the write (a bug, or one in a library) is retried like an error,
             // rather than ending the writer and with it every later event.
             let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                db.write_chain_blocking(|c| append_events(c, &batch, known))
+                db.write_chain_blocking(|c| append_events(c, &batch, known, head.as_ref()))
             }))
             .unwrap_or_else(|_| Err(crate::error::Error::internal("the audit write panicked")));
             match attempt {
-                Ok(done) => {
+                Ok((done, left)) => {
+                    if left.is_some() {
+                        head = left;
+                    }
                     known.add(done.pairs());
                     metrics.audit_batches.fetch_add(1, Relaxed);
                     metrics.audit_events.fetch_add(batch.len() as u64, Relaxed);
@@ -858,6 +909,7 @@ fn writer(db: Db, rx: mpsc::Receiver<Msg>, batch_max: usize, shared: std::sync::
                     shared.room.add_permits(std::mem::take(&mut room));
                 }
                 Err(e) => {
+                    head = None;
                     tracing::error!(error = %e, pending = batch.len(), "audit batch not committed; retrying");
                     std::thread::sleep(delay);
                     delay = (delay * 2).min(Duration::from_secs(5));

@@ -146,6 +146,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sha256_matches_the_standard_and_is_incremental() {
+        // FIPS 180-2's two-block example, whole and cut across the block boundary.
+        let msg = b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq";
+        let expected = "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1";
+        assert_eq!(sha256_hex(msg), expected);
+        for cut in [0, 1, 55, 56, msg.len()] {
+            let mut h = Sha256::new();
+            h.update(&msg[..cut]);
+            h.update(&msg[cut..]);
+            assert_eq!(hex_lower(&h.finish()), expected, "cut at {cut}");
+        }
+        assert_eq!(
+            sha256_hex(b""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+
+    #[test]
     fn clip_cuts_at_a_character_boundary() {
         assert_eq!(clip("abcdef", 4), "abcd");
         assert_eq!(clip("abc", 10), "abc");

@@ -251,6 +251,85 @@ async fn concurrent_writers_keep_one_chain(backend: Backend) {
     assert_eq!(v["rows"].as_i64().unwrap(), before + 200);
 }
 
+/// The download writer chains each batch after the head its last batch left, without reading
+/// it again on PostgreSQL. Rows appended in between by other transactions, by another pool
+/// (a replica), and an archive that took every row must still leave one valid chain.
+async fn the_writer_follows_appends_and_archives_between_its_batches(backend: Backend) {
+    let s = server_with_model(backend, "acme/tiny").await;
+    let other = weightgate::db::Db::open(&s.settings).unwrap();
+    let (sink, _writer) = audit::AuditSink::start(
+        weightgate::db::Db::open(&s.settings).unwrap(),
+        64,
+        1024,
+        weightgate::config::Acknowledge::Commit,
+        true,
+        Default::default(),
+    )
+    .unwrap();
+    let mine = |i: i64| Event::new("test_event", "ok").detail(json!({"writer": i}));
+    let theirs = |i: i64| Event::new("test_event", "ok").detail(json!({"other": i}));
+    let append_other = |i: i64| {
+        let e = theirs(i);
+        other.write(move |c| audit::append(c, &[e]))
+    };
+    let before = verify(&s, &[]).1["rows"].as_i64().unwrap();
+    // Batches in a row, then one after another pool's append.
+    for i in 0..3 {
+        sink.log(mine(i)).await;
+        sink.flush().await;
+    }
+    append_other(0).await.unwrap();
+    sink.log(mine(3)).await;
+    sink.flush().await;
+    // Both at once.
+    let ((), ()) = tokio::join!(
+        async {
+            for i in 4..40 {
+                sink.log(mine(i)).await;
+            }
+            sink.flush().await;
+        },
+        async {
+            for i in 1..21 {
+                append_other(i).await.unwrap();
+            }
+        }
+    );
+    let (code, v) = verify(&s, &[]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["rows"].as_i64().unwrap(), before + 40 + 21);
+
+    // The writer's last batch, then another append, then an archive of every row: the head
+    // the writer remembers is gone from the table (and is no longer the head), so the next
+    // batch must continue from the archive's last row.
+    sink.log(mine(40)).await;
+    sink.flush().await;
+    append_other(21).await.unwrap();
+    let archive = s.dir.path().join("archive.jsonl");
+    let before_ts = weightgate::util::rfc3339(weightgate::util::now() + 2);
+    s.cli_ok(&[
+        "audit",
+        "archive",
+        "--before",
+        &before_ts,
+        "--out",
+        archive.to_str().unwrap(),
+    ]);
+    let archived = std::fs::read_to_string(&archive).unwrap().lines().count() as i64;
+    assert_eq!(archived, before + 40 + 21 + 2);
+    for i in 41..44 {
+        sink.log(mine(i)).await;
+        sink.flush().await;
+    }
+    let (code, v) = verify(&s, &[]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["starts_after"][0].as_i64(), Some(archived), "{v}");
+    // The archive's own `audit_archived` event, then the writer's three.
+    assert_eq!(v["rows"].as_i64(), Some(4), "{v}");
+    let (code, v) = verify(&s, &["--archive", archive.to_str().unwrap()]);
+    assert_eq!(code, 0, "{v}");
+}
+
 /// Text that JSON has to escape (quotes, backslashes, control characters, NUL, characters
 /// outside the BMP) is stored exactly as given, and the chain over it verifies.
 async fn hostile_text_is_stored_exactly(backend: Backend) {
@@ -699,6 +778,7 @@ on_both_backends!(
     swapped_and_forged_rows_are_detected,
     checkpoints_catch_a_cut_tail_and_archives_stay_verifiable,
     concurrent_writers_keep_one_chain,
+    the_writer_follows_appends_and_archives_between_its_batches,
     hostile_text_is_stored_exactly,
     events_cover_reads_withdrawals_and_filters,
 );

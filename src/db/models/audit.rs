@@ -128,12 +128,56 @@ pub fn insert(conn: &mut AnyConnection, rows: &[NewRow<'_>]) -> Result<()> {
     Ok(())
 }
 
+/// PostgreSQL: inserts rows chained after the row `head_seq` if that is still the newest row,
+/// in the same statement that checks it (under READ COMMITTED the statement sees every
+/// transaction committed before it began, and the caller holds the chain's lock); returns
+/// whether they were inserted. Nothing is inserted when the newest row is another one, or
+/// when there is none (after an archive took every row). SQLite: always `false`.
+pub fn insert_if_head(
+    conn: &mut AnyConnection,
+    rows: &[NewRow<'_>],
+    head_seq: i64,
+) -> Result<bool> {
+    let AnyConnection::Postgresql(c) = conn else {
+        return Ok(false);
+    };
+    let (first, rest) = rows.split_at(rows.len().min(ROWS_PER_INSERT));
+    if first.is_empty() {
+        return Ok(false);
+    }
+    let mut sql = insert_sql_from(
+        "INSERT INTO audit_events (seq, ts_ms, kind, outcome, actor, model_id, detail, prev_hash, hash) SELECT * FROM (VALUES ",
+        first.len(),
+    );
+    use std::fmt::Write;
+    let _ = write!(
+        sql,
+        ") AS v WHERE (SELECT max(seq) FROM audit_events) = ${}",
+        first.len() * 9 + 1
+    );
+    let q = bind_rows(diesel::sql_query(sql).into_boxed(), first)
+        .bind::<diesel::sql_types::BigInt, _>(head_seq);
+    if q.execute(c)? != first.len() {
+        return Ok(false);
+    }
+    for part in rest.chunks(ROWS_PER_INSERT) {
+        bind_rows(diesel::sql_query(insert_sql(part.len())).into_boxed(), part).execute(c)?;
+    }
+    Ok(true)
+}
+
 /// `INSERT INTO audit_events (…) VALUES ($1, …), (…)` for `n` rows.
 fn insert_sql(n: usize) -> String {
-    use std::fmt::Write;
-    let mut sql = String::from(
+    insert_sql_from(
         "INSERT INTO audit_events (seq, ts_ms, kind, outcome, actor, model_id, detail, prev_hash, hash) VALUES ",
-    );
+        n,
+    )
+}
+
+/// `start` followed by `n` rows of placeholders: `($1, …, $9), ($10, …)`.
+fn insert_sql_from(start: &str, n: usize) -> String {
+    use std::fmt::Write;
+    let mut sql = String::from(start);
     for r in 0..n {
         sql.push_str(if r > 0 { ", (" } else { "(" });
         for c in 0..9 {
