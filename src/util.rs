@@ -90,9 +90,9 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
 }
 
 /// An incremental SHA-256, computed by aws-lc: its assembly uses the CPU's SHA instructions
-/// where there are some, and AVX2 where there are not. (The `sha2` crate falls back to
-/// portable code without SHA instructions: 2.2 times slower on such a Xeon, where it was the
-/// largest single cost of an import and of the audit writer.)
+/// where there are some, and vector (AVX) code where there are not. (The `sha2` crate falls
+/// back to portable code without SHA instructions: 2.2 times slower on such a Xeon, where it
+/// was the largest single cost of an import and of the audit writer.)
 pub struct Sha256(aws_lc_rs::digest::Context);
 
 impl Sha256 {

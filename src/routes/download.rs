@@ -141,7 +141,9 @@ pub async fn resolve(req: HttpRequest, state: web::Data<State>) -> Result<HttpRe
         client: req.peer_addr().map(|a| a.ip().to_string()),
         ..Default::default()
     };
-    match serve(&req, &state, &mut log, started).await {
+    // Boxed: `serve`'s future is several KiB, and actix moves the handler's future more
+    // than once before polling it; this keeps what it moves small.
+    match Box::pin(serve(&req, &state, &mut log, started)).await {
         Ok(resp) => Ok(resp),
         Err(e) => {
             log.status = e.status.as_u16();
@@ -942,6 +944,7 @@ impl Drop for AuditedBody {
 
 #[cfg(test)]
 mod tests {
+
     use super::{FetchLog, StreamDetail, parse_range};
     use serde_json::json;
 
