@@ -180,17 +180,7 @@ async fn checkpoints_catch_a_cut_tail_and_archives_stay_verifiable(backend: Back
 
     // Archive everything older than a moment from now: the archive verifies on its own, the
     // rest of the log links to it, and a wrong archive is refused.
-    let archive = s.dir.path().join("audit-archive.jsonl");
-    let before = weightgate::util::rfc3339(weightgate::util::now() + 2);
-    s.cli_ok(&[
-        "audit",
-        "archive",
-        "--before",
-        &before,
-        "--out",
-        archive.to_str().unwrap(),
-    ]);
-    let lines = std::fs::read_to_string(&archive).unwrap().lines().count() as i64;
+    let (archive, before, lines) = archive_everything(&s, "audit-archive.jsonl");
     assert!(lines >= head - 2, "archived {lines}");
     let (code, v) = verify(&s, &[]);
     assert_eq!(code, 0, "{v}");
@@ -212,6 +202,23 @@ async fn checkpoints_catch_a_cut_tail_and_archives_stay_verifiable(backend: Back
         archive.to_str().unwrap(),
     ]);
     assert!(!out.status.success(), "an archive is never overwritten");
+}
+
+/// `audit archive` of every row older than a moment from now into the test's folder: the
+/// archive's path, the `--before` given, and how many rows it took.
+fn archive_everything(s: &TestServer, name: &str) -> (std::path::PathBuf, String, i64) {
+    let archive = s.dir.path().join(name);
+    let before = weightgate::util::rfc3339(weightgate::util::now() + 2);
+    s.cli_ok(&[
+        "audit",
+        "archive",
+        "--before",
+        &before,
+        "--out",
+        archive.to_str().unwrap(),
+    ]);
+    let lines = std::fs::read_to_string(&archive).unwrap().lines().count() as i64;
+    (archive, before, lines)
 }
 
 async fn concurrent_writers_keep_one_chain(backend: Backend) {
@@ -305,17 +312,7 @@ async fn the_writer_follows_appends_and_archives_between_its_batches(backend: Ba
     sink.log(mine(40)).await;
     sink.flush().await;
     append_other(21).await.unwrap();
-    let archive = s.dir.path().join("archive.jsonl");
-    let before_ts = weightgate::util::rfc3339(weightgate::util::now() + 2);
-    s.cli_ok(&[
-        "audit",
-        "archive",
-        "--before",
-        &before_ts,
-        "--out",
-        archive.to_str().unwrap(),
-    ]);
-    let archived = std::fs::read_to_string(&archive).unwrap().lines().count() as i64;
+    let (archive, _, archived) = archive_everything(&s, "archive.jsonl");
     assert_eq!(archived, before + 40 + 21 + 2);
     for i in 41..44 {
         sink.log(mine(i)).await;
