@@ -213,12 +213,14 @@ fn rows_after<'a>(logged: &[&'a Event], head: &'a Head, hashes: &'a [String]) ->
 /// The chained rows of the logged events (and their delivery records, through `record`);
 /// returns the new head.
 ///
-/// On PostgreSQL every statement is a round trip, and reading the head is one of the four a
-/// batch takes. So when the caller passes a `guess` (the head its own last batch left), the
-/// rows are chained after it and inserted by a statement that adds them only if the newest
-/// row is still the guessed one; the head is read only when another transaction or process
-/// appended in between (or rows were archived). SQLite reads the head in place, which costs
-/// no round trip.
+/// On PostgreSQL every statement is a round trip: a batch of downloads took four (`BEGIN`
+/// with the chain's lock, the head, the INSERT, `COMMIT`). So when the caller passes a
+/// `guess` (the head its own last batch left), the rows are chained after it and inserted by
+/// a statement that adds them only if the newest row is still the guessed one (number and
+/// hash), and that returns the newest row either way: three round trips when the guess
+/// holds, and four, as before, when another transaction or replica appended in between (the
+/// rows are then chained again after the head it returned). SQLite reads the head in place,
+/// which costs no round trip.
 fn append_rows(
     conn: &mut AnyConnection,
     events: &[Event],
@@ -226,18 +228,29 @@ fn append_rows(
     guess: Option<&Head>,
 ) -> Result<Head> {
     let logged: Vec<&Event> = events.iter().filter(|e| !e.unlogged).collect();
+    // The head as the guarded INSERT saw it, when the guess was wrong.
+    let mut seen = None;
     let guessed = match (guess, &*conn) {
         (Some(head), AnyConnection::Postgresql(_)) => {
             let hashes = chain_after(&logged, head);
-            rows::insert_if_head(conn, &rows_after(&logged, head, &hashes), head.0)?
-                .then(|| (head.clone(), hashes))
+            let rows = rows_after(&logged, head, &hashes);
+            match rows::insert_if_head(conn, &rows, (head.0, &head.1))? {
+                rows::Placed::Inserted => Some((head.clone(), hashes)),
+                rows::Placed::Moved { head } => {
+                    seen = head;
+                    None
+                }
+            }
         }
         _ => None,
     };
     let (head, hashes) = match guessed {
         Some(placed) => placed,
         None => {
-            let head = rows::head(conn)?.unwrap_or((0, GENESIS.to_string()));
+            let head = match seen {
+                Some(head) => head,
+                None => rows::head(conn)?.unwrap_or((0, GENESIS.to_string())),
+            };
             let hashes = chain_after(&logged, &head);
             rows::insert(conn, &rows_after(&logged, &head, &hashes))?;
             (head, hashes)

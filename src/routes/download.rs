@@ -141,8 +141,8 @@ pub async fn resolve(req: HttpRequest, state: web::Data<State>) -> Result<HttpRe
         client: req.peer_addr().map(|a| a.ip().to_string()),
         ..Default::default()
     };
-    // Boxed: `serve`'s future is several KiB, and actix moves the handler's future more
-    // than once before polling it; this keeps what it moves small.
+    // Boxed: `serve`'s future is several KiB, and a profile showed the handler's future
+    // being copied in actix's request dispatch; boxed, what is copied is small.
     match Box::pin(serve(&req, &state, &mut log, started)).await {
         Ok(resp) => Ok(resp),
         Err(e) => {
@@ -944,7 +944,6 @@ impl Drop for AuditedBody {
 
 #[cfg(test)]
 mod tests {
-
     use super::{FetchLog, StreamDetail, parse_range};
     use serde_json::json;
 
