@@ -132,25 +132,19 @@ pub fn append(conn: &mut AnyConnection, events: &[Event]) -> Result<()> {
 /// [`append`] inside a transaction that already holds the chain's lock (one opened by
 /// `Db::write_chain_blocking`).
 pub fn append_locked(conn: &mut AnyConnection, events: &[Event]) -> Result<()> {
-    append_events(conn, events, &KnownCompleted::default(), None).map(|_| ())
+    append_events(conn, events, &KnownCompleted::default()).map(|_| ())
 }
 
-/// The chain's head: the last row's sequence number and hash.
-type Head = (i64, String);
-
 /// [`append_locked`], skipping the delivery records of files in `known`; returns the (jti,
-/// sha256) pairs found or made complete, for the caller to add to `known` once this commits,
-/// and the head the events leave (if any was logged). `guess` is where the caller believes
-/// the head is (see [`append_rows`]).
+/// sha256) pairs found or made complete, for the caller to add to `known` once this commits.
 fn append_events(
     conn: &mut AnyConnection,
     events: &[Event],
     known: &KnownCompleted,
-    guess: Option<&Head>,
-) -> Result<(Completed, Option<Head>)> {
+) -> Result<Completed> {
     use crate::db::models::tokens;
     if events.is_empty() {
-        return Ok((Completed::default(), None));
+        return Ok(Completed::default());
     }
     let pending = |d: &&tokens::Delivered| -> bool { !known.contains(&d.jti, &d.sha256) };
     // Files a token had completed before this batch need no delivery record (a later event
@@ -177,87 +171,34 @@ fn append_events(
     for e in events.iter().filter(|e| e.unlogged) {
         record(conn, e)?;
     }
-    let mut head = None;
     if !events.iter().all(|e| e.unlogged) {
-        head = Some(append_rows(conn, events, &mut record, guess)?);
+        append_rows(conn, events, &mut record)?;
     }
     for (jti, sha256) in made {
         done.insert(jti, sha256);
     }
-    Ok((done, head))
+    Ok(done)
 }
 
-/// The hashes of `logged` chained after `head`: row i is number `head.0 + 1 + i`, and its
-/// prev_hash is row i - 1's hash (or the head's).
-fn chain_after(logged: &[&Event], head: &Head) -> Vec<String> {
-    let mut hashes: Vec<String> = Vec::with_capacity(logged.len());
-    for (i, e) in logged.iter().enumerate() {
-        let prev = hashes.last().unwrap_or(&head.1);
-        hashes.push(chain_hash(&new_row(e, head.0 + 1 + i as i64, prev, "")));
-    }
-    hashes
-}
-
-/// The rows of `logged` chained after `head`, given their hashes from [`chain_after`].
-fn rows_after<'a>(logged: &[&'a Event], head: &'a Head, hashes: &'a [String]) -> Vec<NewRow<'a>> {
-    let prevs = std::iter::once(&head.1).chain(hashes);
-    logged
-        .iter()
-        .zip(prevs)
-        .zip(hashes)
-        .enumerate()
-        .map(|(i, ((e, prev), hash))| new_row(e, head.0 + 1 + i as i64, prev, hash))
-        .collect()
-}
-
-/// The chained rows of the logged events (and their delivery records, through `record`);
-/// returns the new head.
-///
-/// On PostgreSQL every statement is a round trip: a batch of downloads took four (`BEGIN`
-/// with the chain's lock, the head, the INSERT, `COMMIT`). So when the caller passes a
-/// `guess` (the head its own last batch left), the rows are chained after it and inserted by
-/// a statement that adds them only if the newest row is still the guessed one (number and
-/// hash), and that returns the newest row either way: three round trips when the guess
-/// holds, and four, as before, when another transaction or replica appended in between (the
-/// rows are then chained again after the head it returned). SQLite reads the head in place,
-/// which costs no round trip.
+/// The chained rows of the logged events (and their delivery records, through `record`).
 fn append_rows(
     conn: &mut AnyConnection,
     events: &[Event],
     record: &mut impl FnMut(&mut AnyConnection, &Event) -> Result<()>,
-    guess: Option<&Head>,
-) -> Result<Head> {
+) -> Result<()> {
+    let (head_seq, head) = rows::head(conn)?.unwrap_or((0, GENESIS.to_string()));
     let logged: Vec<&Event> = events.iter().filter(|e| !e.unlogged).collect();
-    // The head as the guarded INSERT saw it, when the guess was wrong.
-    let mut seen = None;
-    let guessed = match (guess, &*conn) {
-        (Some(head), AnyConnection::Postgresql(_)) => {
-            let hashes = chain_after(&logged, head);
-            let rows = rows_after(&logged, head, &hashes);
-            match rows::insert_if_head(conn, &rows, (head.0, &head.1))? {
-                rows::Placed::Inserted => Some((head.clone(), hashes)),
-                rows::Placed::Moved { head } => {
-                    seen = head;
-                    None
-                }
-            }
-        }
-        _ => None,
-    };
-    let (head, hashes) = match guessed {
-        Some(placed) => placed,
-        None => {
-            let head = match seen {
-                Some(head) => head,
-                None => rows::head(conn)?.unwrap_or((0, GENESIS.to_string())),
-            };
-            let hashes = chain_after(&logged, &head);
-            rows::insert(conn, &rows_after(&logged, &head, &hashes))?;
-            (head, hashes)
-        }
-    };
+    // Row i is number head_seq + 1 + i; its prev_hash is row i - 1's hash (or the head's).
+    let seq_of = |i: usize| head_seq + 1 + i as i64;
+    let mut hashes: Vec<String> = Vec::with_capacity(logged.len());
     for (i, e) in logged.iter().enumerate() {
-        let seq = head.0 + 1 + i as i64;
+        let prev = hashes.last().unwrap_or(&head);
+        hashes.push(chain_hash(&new_row(e, seq_of(i), prev, "")));
+    }
+    let prevs = std::iter::once(&head).chain(&hashes);
+    let mut out = Vec::with_capacity(logged.len());
+    for (i, ((e, prev), hash)) in logged.iter().zip(prevs).zip(&hashes).enumerate() {
+        let seq = seq_of(i);
         crate::webhooks::enqueue(conn, e, seq)?;
         record(conn, e)?;
         match &e.track {
@@ -272,9 +213,9 @@ fn append_rows(
             Some(Track::End(id)) => rows::close_download(conn, id)?,
             None => {}
         }
+        out.push(new_row(e, seq, prev, hash));
     }
-    let last = hashes.last().cloned().unwrap_or(head.1);
-    Ok((head.0 + logged.len() as i64, last))
+    rows::insert(conn, &out)
 }
 
 fn new_row<'a>(e: &'a Event, seq: i64, prev_hash: &'a str, hash: &'a str) -> NewRow<'a> {
@@ -876,8 +817,6 @@ fn writer(db: Db, rx: mpsc::Receiver<Msg>, batch_max: usize, shared: std::sync::
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
     // The units of the queue's room held by the batch's events, given back once committed.
     let mut room = 0;
-    // The head the last committed batch left: where the next one guesses the chain goes on.
-    let mut head: Option<Head> = None;
     while let Ok(first) = rx.recv() {
         let mut next = Some(first);
         while let Some(msg) = next.take() {
@@ -904,14 +843,11 @@ fn writer(db: Db, rx: mpsc::Receiver<Msg>, batch_max: usize, shared: std::sync::
             // A panic inside the write (a bug, or one in a library) is retried like an error,
             // rather than ending the writer and with it every later event.
             let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                db.write_chain_blocking(|c| append_events(c, &batch, known, head.as_ref()))
+                db.write_chain_blocking(|c| append_events(c, &batch, known))
             }))
             .unwrap_or_else(|_| Err(crate::error::Error::internal("the audit write panicked")));
             match attempt {
-                Ok((done, left)) => {
-                    if left.is_some() {
-                        head = left;
-                    }
+                Ok(done) => {
                     known.add(done.pairs());
                     metrics.audit_batches.fetch_add(1, Relaxed);
                     metrics.audit_events.fetch_add(batch.len() as u64, Relaxed);
@@ -922,7 +858,6 @@ fn writer(db: Db, rx: mpsc::Receiver<Msg>, batch_max: usize, shared: std::sync::
                     shared.room.add_permits(std::mem::take(&mut room));
                 }
                 Err(e) => {
-                    head = None;
                     tracing::error!(error = %e, pending = batch.len(), "audit batch not committed; retrying");
                     std::thread::sleep(delay);
                     delay = (delay * 2).min(Duration::from_secs(5));

@@ -128,89 +128,12 @@ pub fn insert(conn: &mut AnyConnection, rows: &[NewRow<'_>]) -> Result<()> {
     Ok(())
 }
 
-/// What [`insert_if_head`] did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Placed {
-    /// The rows were inserted after the guessed head.
-    Inserted,
-    /// Nothing was inserted: the newest row is not the guessed one. `head` is the newest row
-    /// (sequence number and hash) as the statement saw it, when the table has one.
-    Moved { head: Option<(i64, String)> },
-}
-
-#[derive(QueryableByName)]
-struct Guarded {
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    seq: i64,
-    #[diesel(sql_type = diesel::sql_types::Text)]
-    hash: String,
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    inserted: i64,
-}
-
-/// PostgreSQL: inserts rows chained after `head` (sequence number and hash) if that is still
-/// the newest row, checked in the same statement, which also returns the newest row it saw.
-/// Under READ COMMITTED a statement sees every transaction committed before it began, and
-/// the caller holds the chain's lock, so that row is the head. Nothing is inserted when the
-/// newest row has another number or hash (another transaction or replica appended; an
-/// archive replaced the tail with its own event), or when the table is empty. SQLite: never
-/// inserts, and returns no head.
-pub fn insert_if_head(
-    conn: &mut AnyConnection,
-    rows: &[NewRow<'_>],
-    head: (i64, &str),
-) -> Result<Placed> {
-    let AnyConnection::Postgresql(c) = conn else {
-        return Ok(Placed::Moved { head: None });
-    };
-    let (first, rest) = rows.split_at(rows.len().min(ROWS_PER_INSERT));
-    if first.is_empty() {
-        return Ok(Placed::Moved { head: None });
-    }
-    let mut sql = insert_sql_from(
-        "WITH head AS (SELECT seq, hash FROM audit_events WHERE seq = (SELECT max(seq) FROM audit_events)), \
-         ins AS (INSERT INTO audit_events (seq, ts_ms, kind, outcome, actor, model_id, detail, prev_hash, hash) SELECT * FROM (VALUES ",
-        first.len(),
-    );
-    use std::fmt::Write;
-    let n = first.len() * 9;
-    let _ = write!(
-        sql,
-        ") AS v WHERE EXISTS (SELECT 1 FROM head WHERE seq = ${} AND hash = ${}) RETURNING 1) \
-         SELECT seq, hash, (SELECT count(*) FROM ins) AS inserted FROM head",
-        n + 1,
-        n + 2
-    );
-    let seen: Vec<Guarded> = bind_rows(diesel::sql_query(sql).into_boxed(), first)
-        .bind::<diesel::sql_types::BigInt, _>(head.0)
-        .bind::<diesel::sql_types::Text, _>(head.1)
-        .load(c)?;
-    let Some(seen) = seen.into_iter().next() else {
-        return Ok(Placed::Moved { head: None });
-    };
-    if seen.inserted != first.len() as i64 {
-        return Ok(Placed::Moved {
-            head: Some((seen.seq, seen.hash)),
-        });
-    }
-    for part in rest.chunks(ROWS_PER_INSERT) {
-        bind_rows(diesel::sql_query(insert_sql(part.len())).into_boxed(), part).execute(c)?;
-    }
-    Ok(Placed::Inserted)
-}
-
 /// `INSERT INTO audit_events (…) VALUES ($1, …), (…)` for `n` rows.
 fn insert_sql(n: usize) -> String {
-    insert_sql_from(
-        "INSERT INTO audit_events (seq, ts_ms, kind, outcome, actor, model_id, detail, prev_hash, hash) VALUES ",
-        n,
-    )
-}
-
-/// `start` followed by `n` rows of placeholders: `($1, …, $9), ($10, …)`.
-fn insert_sql_from(start: &str, n: usize) -> String {
     use std::fmt::Write;
-    let mut sql = String::from(start);
+    let mut sql = String::from(
+        "INSERT INTO audit_events (seq, ts_ms, kind, outcome, actor, model_id, detail, prev_hash, hash) VALUES ",
+    );
     for r in 0..n {
         sql.push_str(if r > 0 { ", (" } else { "(" });
         for c in 0..9 {
