@@ -193,15 +193,20 @@ async fn checkpoints_catch_a_cut_tail_and_archives_stay_verifiable(backend: Back
     let bad_path = s.dir.path().join("tampered-archive.jsonl");
     std::fs::write(&bad_path, bad).unwrap();
     assert_eq!(verify(&s, &["--archive", bad_path.to_str().unwrap()]).0, 1);
-    let out = s.cli(&[
+    let out = archive_before(&s, &before, &archive);
+    assert!(!out.status.success(), "an archive is never overwritten");
+}
+
+/// `audit archive --before BEFORE --out OUT`.
+fn archive_before(s: &TestServer, before: &str, out: &std::path::Path) -> std::process::Output {
+    s.cli(&[
         "audit",
         "archive",
         "--before",
-        &before,
+        before,
         "--out",
-        archive.to_str().unwrap(),
-    ]);
-    assert!(!out.status.success(), "an archive is never overwritten");
+        out.to_str().unwrap(),
+    ])
 }
 
 /// `audit archive` of every row older than a moment from now into the test's folder: the
@@ -209,14 +214,12 @@ async fn checkpoints_catch_a_cut_tail_and_archives_stay_verifiable(backend: Back
 fn archive_everything(s: &TestServer, name: &str) -> (std::path::PathBuf, String, i64) {
     let archive = s.dir.path().join(name);
     let before = weightgate::util::rfc3339(weightgate::util::now() + 2);
-    s.cli_ok(&[
-        "audit",
-        "archive",
-        "--before",
-        &before,
-        "--out",
-        archive.to_str().unwrap(),
-    ]);
+    let out = archive_before(s, &before, &archive);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines = std::fs::read_to_string(&archive).unwrap().lines().count() as i64;
     (archive, before, lines)
 }
