@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use common::{
     Backend, SMALL_BLOCKS, TestServer, approved_token, pseudo_random, sample_files,
-    server_with_model, write_model_dir,
+    server_with_model, server_with_model_and, write_model_dir,
 };
 use serde_json::Value;
 
@@ -327,10 +327,181 @@ async fn a_bad_piece_mid_block_is_caught(backend: Backend) {
     );
 }
 
+/// One response read off an open connection: status, headers (names in lower case), body.
+struct Answer {
+    status: u16,
+    headers: std::collections::HashMap<String, String>,
+    body: Vec<u8>,
+}
+
+/// Sends `request` (its head, which must end with an empty line) on `conn` and reads one
+/// answer, skipping any `100 Continue`; a HEAD's answer has no body.
+async fn exchange(conn: &mut tokio::io::BufReader<tokio::net::TcpStream>, request: &str) -> Answer {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    conn.get_mut().write_all(request.as_bytes()).await.unwrap();
+    loop {
+        let mut status_line = String::new();
+        conn.read_line(&mut status_line).await.unwrap();
+        let status: u16 = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("no status line: {status_line:?}"));
+        let mut headers = std::collections::HashMap::new();
+        loop {
+            let mut line = String::new();
+            conn.read_line(&mut line).await.unwrap();
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            let (k, v) = line.split_once(':').unwrap();
+            headers.insert(k.to_ascii_lowercase(), v.trim().to_string());
+        }
+        if status == 100 {
+            continue;
+        }
+        let len: usize = headers["content-length"].parse().unwrap();
+        let mut body = vec![0; if request.starts_with("HEAD ") { 0 } else { len }];
+        conn.read_exact(&mut body).await.unwrap();
+        return Answer {
+            status,
+            headers,
+            body,
+        };
+    }
+}
+
+async fn connect(s: &TestServer) -> tokio::io::BufReader<tokio::net::TcpStream> {
+    let addr = s.base.trim_start_matches("http://");
+    tokio::io::BufReader::new(tokio::net::TcpStream::connect(addr).await.unwrap())
+}
+
+/// Whether the server has closed `conn`, with nothing more sent on it.
+async fn closed(conn: &mut tokio::io::BufReader<tokio::net::TcpStream>) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut rest = Vec::new();
+    conn.read_to_end(&mut rest).await.is_ok() && rest.is_empty()
+}
+
+/// Large downloads that open their connection are written by weightgate itself (and end the
+/// connection); everything else goes through actix and keeps the connection alive. Either
+/// way the bytes, the headers and the audit record are the same.
+async fn direct_send_serves_first_requests_and_leaves_the_rest(backend: Backend) {
+    let direct_min = [("WEIGHTGATE__SERVER__DIRECT_SEND_MIN_BYTES", "100000")];
+    let s = server_with_model_and(backend, "acme/tiny", &direct_min).await;
+    let token = approved_token(&s, "acme/tiny", "ada@example.org").await;
+    let data = &sample_files()[0].1; // model.safetensors, 300,000 bytes
+    let sha = weightgate::util::sha256_hex(data);
+    let get = |path: &str, extra: &str| {
+        format!(
+            "GET /acme/tiny/resolve/main/{path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n{extra}\r\n"
+        )
+    };
+
+    // The first request on a connection, large enough: sent directly, then the connection ends.
+    let mut c = connect(&s).await;
+    let a = exchange(&mut c, &get("model.safetensors", "")).await;
+    assert_eq!(a.status, 200);
+    assert!(a.body == *data, "the direct body differs from the file");
+    assert_eq!(a.headers["connection"], "close");
+    assert_eq!(a.headers["etag"], format!("\"{sha}\""));
+    assert_eq!(a.headers["accept-ranges"], "bytes");
+    assert!(a.headers.contains_key("date") && a.headers.contains_key("x-request-id"));
+    assert!(closed(&mut c).await, "bytes after the direct response");
+
+    // A range, directly too.
+    let mut c = connect(&s).await;
+    let a = exchange(
+        &mut c,
+        &get("model.safetensors", "Range: bytes=1000-199999\r\n"),
+    )
+    .await;
+    assert_eq!(a.status, 206);
+    assert_eq!(a.headers["content-range"], "bytes 1000-199999/300000");
+    assert_eq!(a.headers["connection"], "close");
+    assert!(
+        a.body == data[1000..200000],
+        "the direct range differs from the file"
+    );
+    assert!(closed(&mut c).await);
+
+    // After another request on the same connection, through actix: the connection stays open
+    // and serves a third request.
+    let mut c = connect(&s).await;
+    let head = get("model.safetensors", "").replacen("GET", "HEAD", 1);
+    let a = exchange(&mut c, &head).await;
+    assert_eq!(
+        (a.status, a.headers["content-length"].as_str()),
+        (200, "300000")
+    );
+    let a = exchange(&mut c, &get("model.safetensors", "")).await;
+    assert_eq!(a.status, 200);
+    assert!(a.body == *data, "the keep-alive body differs from the file");
+    assert!(!a.headers.contains_key("connection"), "{:?}", a.headers);
+    let a = exchange(&mut c, &get("config.json", "")).await;
+    assert_eq!(a.body, sample_files()[1].1);
+
+    // Below the size, or with Expect (actix queues a 100 Continue first): through actix.
+    let mut c = connect(&s).await;
+    let a = exchange(&mut c, &get("config.json", "")).await;
+    assert_eq!((a.status, a.headers.get("connection")), (200, None));
+    let mut c = connect(&s).await;
+    let a = exchange(
+        &mut c,
+        &get("model.safetensors", "Expect: 100-continue\r\n"),
+    )
+    .await;
+    assert_eq!((a.status, a.headers.get("connection")), (200, None));
+    assert!(a.body == *data);
+
+    // Audited like any download: two complete whole-file records, two direct among them.
+    let events = s
+        .wait_audit("direct range", |e| e["outcome"] == "partial")
+        .await;
+    assert_eq!(events["detail"]["bytes_sent"], 199000);
+    let complete = s
+        .audit()
+        .into_iter()
+        .filter(|e| {
+            e["outcome"] == "complete"
+                && e["detail"]["path"] == "model.safetensors"
+                && e["detail"]["bytes_sent"] == 300000
+        })
+        .count();
+    assert_eq!(complete, 3);
+
+    // A client that hangs up during a direct download is recorded as aborted. The file is
+    // larger than the socket buffers, so the server cannot have written all of it.
+    let big = s.dir.path().join("big");
+    write_model_dir(&big, &[("big.bin", pseudo_random(32 << 20, 3))]);
+    s.cli_ok(&["models", "add", "acme/big", "--from", big.to_str().unwrap()]);
+    let big_token = approved_token(&s, "acme/big", "bob@example.org").await;
+    let mut c = connect(&s).await;
+    {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let req = format!(
+            "GET /acme/big/resolve/main/big.bin HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {big_token}\r\n\r\n"
+        );
+        c.get_mut().write_all(req.as_bytes()).await.unwrap();
+        let mut status_line = String::new();
+        c.read_line(&mut status_line).await.unwrap();
+        assert!(status_line.starts_with("HTTP/1.1 200"), "{status_line}");
+    }
+    drop(c);
+    let e = s
+        .wait_audit("aborted direct download", |e| {
+            e["outcome"] == "aborted_by_client" && e["detail"]["path"] == "big.bin"
+        })
+        .await;
+    assert!(e["detail"]["bytes_sent"].as_u64().unwrap() < 32 << 20);
+}
+
 on_both_backends!(
     every_kind_of_damage_is_caught,
     scrub_quarantines_and_releases,
-    a_bad_piece_mid_block_is_caught
+    a_bad_piece_mid_block_is_caught,
+    direct_send_serves_first_requests_and_leaves_the_rest
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
