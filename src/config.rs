@@ -107,9 +107,6 @@ pub struct ServerSettings {
     /// On SIGTERM, seconds `/readyz` answers 503 (so load balancers stop sending) before the
     /// listener closes.
     pub drain_secs: u64,
-    /// Downloads of at least this many bytes that are the first request on their connection
-    /// are written to the socket by weightgate itself (see `routes::direct`); 0: never.
-    pub direct_send_min_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -287,7 +284,6 @@ impl Default for ServerSettings {
             workers: 0,
             shutdown_timeout_secs: 30,
             drain_secs: 0,
-            direct_send_min_bytes: 8 << 20,
         }
     }
 }

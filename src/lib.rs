@@ -148,9 +148,6 @@ fn http_server(
                 // counted by route pattern, method and status. The raw path and query string
                 // (which may hold a token) are never logged.
                 use tracing::Instrument;
-                if let Some(conn) = req.conn_data::<routes::direct::Conn>() {
-                    conn.count_request();
-                }
                 let download = routes::is_download_path(req.path());
                 let route: std::borrow::Cow<'static, str> = if download {
                     routes::DOWNLOAD_ROUTE.into()
@@ -172,9 +169,6 @@ fn http_server(
                 // regex match of the download pattern; other methods meet the router (405).
                 let fut = if download && (method == Method::GET || method == Method::HEAD) {
                     let (http, _) = req.into_parts();
-                    // For the headers of a response written by `routes::direct`.
-                    actix_web::HttpMessage::extensions_mut(&http)
-                        .insert(routes::direct::RequestId(id.clone()));
                     futures_util::future::Either::Left(async move {
                         let state = http.app_data::<web::Data<State>>().cloned().ok_or_else(|| {
                             actix_web::error::ErrorInternalServerError("no server state")
@@ -204,14 +198,11 @@ fn http_server(
     })
     // No Nagle: a response whose last chunk waits for its audit commit goes out as a second
     // small write, which Nagle would hold until the client's delayed ACK (40 ms) came back.
-    // The socket and a request count go in the connection's data, for `routes::direct`.
-    .on_connect(|conn, data| {
-        if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
-            use std::os::fd::AsRawFd;
-            data.insert(routes::direct::Conn::new(tcp.as_raw_fd()));
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "could not set TCP_NODELAY");
-            }
+    .on_connect(|conn, _| {
+        if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>()
+            && let Err(e) = tcp.set_nodelay(true)
+        {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
     })
     .listen(listener)?

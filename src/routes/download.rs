@@ -380,13 +380,6 @@ async fn serve(
         state.audit.clone(),
     );
     body.settle().await;
-    let min = state.settings.server.direct_send_min_bytes;
-    if let Some(sock) = super::direct::socket(req, min, len) {
-        let id = actix_web::HttpMessage::extensions(req)
-            .get::<super::direct::RequestId>()
-            .map(|r| r.0.clone());
-        return Ok(super::direct::send(sock, resp, len, body, id.as_deref()).await);
-    }
     Ok(resp.no_chunking(len).streaming(body))
 }
 

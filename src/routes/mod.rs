@@ -4,7 +4,6 @@ mod access_requests;
 mod admin;
 mod admin_api;
 mod apply;
-pub mod direct;
 pub mod download;
 mod hub;
 mod links;
