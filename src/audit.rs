@@ -42,10 +42,6 @@ pub struct Event {
     pub delivered: Option<crate::db::models::tokens::Delivered>,
     /// Not written to the chain (download auditing turned off); only `delivered` is kept.
     pub unlogged: bool,
-    /// The row's canonical text after its sequence number (see [`row_hash`]), made by the
-    /// thread that queued the event, so that the writer, a stage every download waits for,
-    /// only hashes it. `None`: the writer makes it.
-    canonical_tail: Option<Vec<u8>>,
 }
 
 /// A download's life in the audit log: its `started` event opens it, its final event closes it.
@@ -68,7 +64,6 @@ impl Event {
             track: None,
             delivered: None,
             unlogged: false,
-            canonical_tail: None,
         }
     }
 
@@ -106,51 +101,22 @@ impl Event {
 /// every column but the two hashes, in a fixed order (`detail` exactly as stored). A JSON
 /// array has one encoding for these values, whatever they contain.
 pub fn row_hash(r: &AuditRow) -> String {
-    chain_hash(&r.as_new(), None, &mut Vec::new())
+    chain_hash(&r.as_new())
 }
 
-/// [`row_hash`] of a row being written (its `hash` is not read), with `buf` to build the
-/// hashed text in. The array is serialised as a tuple (the same bytes as a `json!` array of
-/// the values) into the buffer, then hashed in one call: serde_json writes many small pieces,
-/// each of which would otherwise be a hasher update of its own. `tail`: the text after
-/// `[seq,`, when [`canonical_tail`] made it already.
-fn chain_hash(r: &NewRow<'_>, tail: Option<&[u8]>, buf: &mut Vec<u8>) -> String {
-    buf.clear();
-    buf.extend_from_slice(r.prev_hash.as_bytes());
-    match tail {
-        Some(tail) => {
-            use std::io::Write;
-            // Writing into a Vec cannot fail.
-            let _ = write!(buf, "[{},", r.seq);
-            buf.extend_from_slice(tail);
-        }
-        None => {
-            let canonical = (
-                r.seq, r.ts_ms, r.kind, r.outcome, r.actor, r.model_id, r.detail,
-            );
-            // These values always serialise.
-            let _ = serde_json::to_writer(&mut *buf, &canonical);
-        }
-    }
-    util::hex_lower(&util::sha256(buf))
-}
-
-/// The canonical text of `e`'s row after `[seq,` (every column after the sequence number
-/// but the hashes, then the array's `]`).
-fn canonical_tail(e: &Event) -> Vec<u8> {
-    let rest = (
-        e.ts_ms,
-        e.kind,
-        e.outcome,
-        e.actor.as_deref(),
-        e.model_id.as_deref(),
-        &e.detail,
+/// [`row_hash`] of a row being written (its `hash` is not read). The array is serialised as
+/// a tuple (the same bytes as a `json!` array of the values) into a buffer, then hashed in
+/// one call: serde_json writes many small pieces, each of which would otherwise be a hasher
+/// update of its own.
+fn chain_hash(r: &NewRow<'_>) -> String {
+    let canonical = (
+        r.seq, r.ts_ms, r.kind, r.outcome, r.actor, r.model_id, r.detail,
     );
-    let mut out = Vec::with_capacity(e.detail.len() + 128);
-    let _ = serde_json::to_writer(&mut out, &rest);
-    // The tuple's own `[` goes; `[seq,` takes its place.
-    out.remove(0);
-    out
+    let mut buf = Vec::with_capacity(r.prev_hash.len() + r.detail.len() + 160);
+    buf.extend_from_slice(r.prev_hash.as_bytes());
+    // Writing into a Vec cannot fail, and these values always serialise.
+    let _ = serde_json::to_writer(&mut buf, &canonical);
+    util::hex_lower(&util::sha256(&buf))
 }
 
 /// Appends events at the head of the chain, inside the caller's transaction (taking the
@@ -225,11 +191,9 @@ fn append_rows(
     // Row i is number head_seq + 1 + i; its prev_hash is row i - 1's hash (or the head's).
     let seq_of = |i: usize| head_seq + 1 + i as i64;
     let mut hashes: Vec<String> = Vec::with_capacity(logged.len());
-    let mut buf = Vec::with_capacity(1024);
     for (i, e) in logged.iter().enumerate() {
         let prev = hashes.last().unwrap_or(&head);
-        let row = new_row(e, seq_of(i), prev, "");
-        hashes.push(chain_hash(&row, e.canonical_tail.as_deref(), &mut buf));
+        hashes.push(chain_hash(&new_row(e, seq_of(i), prev, "")));
     }
     let prevs = std::iter::once(&head).chain(&hashes);
     let mut out = Vec::with_capacity(logged.len());
@@ -799,9 +763,6 @@ impl AuditSink {
             event.unlogged = true;
             event.track = None;
         }
-        if !event.unlogged {
-            event.canonical_tail = Some(canonical_tail(&event));
-        }
         let event = Box::new(event);
         let msg = match waiter {
             Some(w) => Msg::Commit(event, w),
@@ -966,7 +927,6 @@ mod tests {
                 "{\"k\":[1,2,{\"z\":null}]}",
             ),
         ];
-        let mut buf = Vec::new();
         for (seq, actor, model, detail) in rows {
             let r = AuditRow {
                 seq,
@@ -980,13 +940,6 @@ mod tests {
                 hash: "ignored".into(),
             };
             assert_eq!(row_hash(&r), hash_as_defined(&r), "row {seq}");
-            // The same row from an event whose text a request's thread made beforehand.
-            let mut e = Event::new("file_download", "complete\t<tab>");
-            (e.ts_ms, e.detail) = (r.ts_ms, r.detail.clone());
-            (e.actor, e.model_id) = (r.actor.clone(), r.model_id.clone());
-            let tail = canonical_tail(&e);
-            let made = chain_hash(&r.as_new(), Some(&tail), &mut buf);
-            assert_eq!(made, hash_as_defined(&r), "row {seq} from its event");
         }
     }
 
