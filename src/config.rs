@@ -248,6 +248,9 @@ pub struct AuditSettings {
     /// When a download's last bytes may leave: once its final event is committed
     /// ("commit"), or once it is queued ("queue").
     pub acknowledge: Acknowledge,
+    /// Seconds a download's last bytes wait for that before the download fails instead
+    /// (a single-chunk download is answered 503); 0 waits as long as it takes.
+    pub ack_timeout_secs: u64,
     /// How often `serve` records the chain's head as a checkpoint, e.g. "1h"; "off" disables.
     pub checkpoint_interval: String,
     /// File that checkpoints are appended to (one JSON line each); empty for none.
@@ -354,6 +357,7 @@ impl Default for AuditSettings {
             batch_max: 512,
             queue_max: 65536,
             acknowledge: Acknowledge::Commit,
+            ack_timeout_secs: 30,
             checkpoint_interval: "1h".into(),
             checkpoint_file: String::new(),
             checkpoint_url: String::new(),

@@ -771,7 +771,79 @@ async fn a_full_audit_queue_slows_requests_down(backend: Backend) {
     assert_eq!(verify(&s, &[]).0, 0, "the chain is intact");
 }
 
+/// While the database cannot take a download's final event, the download waits at most
+/// `audit.ack_timeout_secs`: one that fits in one read is answered 503 before any byte leaves,
+/// a longer one is cut before its last bytes. Once the log takes events again, each has its
+/// final event and, after it, the record of the failure; the chain is intact.
+async fn downloads_give_up_on_a_stalled_log(backend: Backend) {
+    let s = common::server_with_model_and(
+        backend,
+        "acme/tiny",
+        &[("WEIGHTGATE__AUDIT__ACK_TIMEOUT_SECS", "1")],
+    )
+    .await;
+    let token = approved_token(&s, "acme/tiny", "ada@example.org").await;
+    let url = |path: &str| s.url(&format!("/acme/tiny/resolve/main/{path}"));
+    // Warm the token cache, so that nothing but the log waits below.
+    let r = s.http.get(url("config.json")).bearer_auth(&token);
+    assert_eq!(r.send().await.unwrap().status(), 200);
+    let hold = stall_writer(&s, backend);
+
+    // Without the limit, these would wait until the log takes events again.
+    let patience = Duration::from_secs(15);
+    let asked = Instant::now();
+    let r = s.http.get(url("config.json")).bearer_auth(&token);
+    let r = tokio::time::timeout(patience, r.send()).await;
+    let r = r.expect("still waiting for the log").unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(
+        asked.elapsed() >= Duration::from_secs(1),
+        "answered before the wait ran out"
+    );
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"],
+        "audit_unavailable"
+    );
+
+    // model.safetensors goes out in 16 KiB reads: all but the last leave, then it is cut.
+    let r = s.http.get(url("model.safetensors")).bearer_auth(&token);
+    let mut r = r.send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let mut got = 0;
+    let cut = loop {
+        let chunk = tokio::time::timeout(patience, r.chunk()).await;
+        match chunk.expect("still waiting for the log") {
+            Ok(Some(c)) => got += c.len(),
+            Ok(None) => break false,
+            Err(_) => break true,
+        }
+    };
+    assert!(cut && got < 300_000, "{got} bytes, cut: {cut}");
+
+    drop(hold);
+    for path in ["config.json", "model.safetensors"] {
+        let failed = |e: &Value| {
+            e["outcome"] == "error"
+                && e["detail"]["reason"] == "audit_unavailable"
+                && e["detail"]["path"] == path
+        };
+        let failure = s.wait_audit("the recorded failure", failed).await;
+        let events = s.audit();
+        let at = events.iter().position(failed).unwrap();
+        let last = events[..at]
+            .iter()
+            .rev()
+            .find(|e| e["kind"] == "file_download" && e["detail"]["path"] == path)
+            .unwrap();
+        // The final event the download queued came first, for the same download.
+        assert_eq!(last["outcome"], "complete", "{path}: {last}");
+        assert_eq!(last["detail"]["download"], failure["detail"]["download"]);
+    }
+    assert_eq!(verify(&s, &[]).0, 0, "the chain is intact");
+}
+
 on_both_backends!(
+    downloads_give_up_on_a_stalled_log,
     a_full_audit_queue_slows_requests_down,
     queued_acknowledgements_end_downloads_before_the_commit,
     download_auditing_can_be_turned_off,

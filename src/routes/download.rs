@@ -379,7 +379,11 @@ async fn serve(
         started,
         state.audit.clone(),
     );
-    body.settle().await;
+    if !body.settle().await {
+        // Answered here rather than as an error, which would log the request a second time.
+        drop(body);
+        return Ok(HttpResponse::from_error(audit_unavailable()));
+    }
     Ok(resp.no_chunking(len).streaming(body))
 }
 
@@ -728,6 +732,23 @@ struct AuditedBody {
     finished: bool,
     /// Whether the `started` event was queued.
     opened: bool,
+    /// How long the last chunk may wait for its event (`audit.ack_timeout_secs`).
+    ack_timeout: Option<std::time::Duration>,
+    /// Armed once the last chunk of a multi-chunk download waits.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The last chunk's wait ran out: the download failed for want of its audit record.
+    timed_out: bool,
+}
+
+/// The reason recorded for a download whose event the log could not take in time.
+const AUDIT_LATE: &str = "audit_unavailable";
+
+/// The answer to a download whose final event the log could not take in time (nothing sent).
+fn audit_unavailable() -> Error {
+    Error::unavailable(
+        AUDIT_LATE,
+        "The download could not be recorded in the audit log just now; try again shortly.",
+    )
 }
 
 impl AuditedBody {
@@ -740,6 +761,7 @@ impl AuditedBody {
         started: Instant,
         sink: AuditSink,
     ) -> AuditedBody {
+        let secs = delivery.state.settings.audit.ack_timeout_secs;
         AuditedBody {
             id,
             delivery,
@@ -754,6 +776,9 @@ impl AuditedBody {
             held: None,
             finished: false,
             opened: false,
+            ack_timeout: (secs > 0).then(|| std::time::Duration::from_secs(secs)),
+            deadline: None,
+            timed_out: false,
         }
     }
 
@@ -828,20 +853,36 @@ impl AuditedBody {
     }
 
     /// A download whose first chunk is its last waits for its final event here, before the
-    /// headers go out, so headers and body leave in one write.
-    async fn settle(&mut self) {
+    /// headers go out, so headers and body leave in one write. False: the wait ran out (the
+    /// download is to be answered 503; dropping the body records why).
+    async fn settle(&mut self) -> bool {
         match self.first.take() {
             Some(b) if self.is_last(&b) => {
                 self.hold_last(b);
+                let limit = self.ack_timeout;
                 if let Some((_, ack)) = self.held.as_mut()
                     && let Some(wait) = ack.as_mut()
                 {
                     // Awaited in place: a body dropped meanwhile still knows what it waited for.
-                    wait.await;
+                    let in_time = match limit {
+                        Some(limit) => tokio::time::timeout(limit, wait).await.is_ok(),
+                        None => {
+                            wait.await;
+                            true
+                        }
+                    };
+                    if !in_time {
+                        self.timed_out = true;
+                        return false;
+                    }
                     *ack = None;
                 }
+                true
             }
-            other => self.first = other,
+            other => {
+                self.first = other;
+                true
+            }
         }
     }
 
@@ -866,7 +907,22 @@ impl AuditedBody {
             Some(wait) => Pin::new(wait).poll(cx),
         };
         match done {
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                if let Some(limit) = self.ack_timeout {
+                    let deadline = self
+                        .deadline
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                    if deadline.as_mut().poll(cx).is_ready() {
+                        // The last chunk stays held: dropping the body records the failure.
+                        self.timed_out = true;
+                        let e = std::io::Error::other(
+                            "the audit log could not take the download's final event in time",
+                        );
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                }
+                Poll::Pending
+            }
             Poll::Ready(()) => {
                 let held = self.held.take().map(|(b, _)| b);
                 self.sent += held.as_ref().map_or(0, |b| b.len() as u64);
@@ -922,20 +978,25 @@ impl Drop for AuditedBody {
         }
         // A final event still waiting for room in the queue was never queued.
         let unqueued = matches!(&self.held, Some((_, Some(Ack::Room(_)))));
+        // A wait that ran out is the log's failure, not the client's.
+        let (left, why) = match self.timed_out {
+            true => ("error", AUDIT_LATE),
+            false => ("aborted_by_client", CLOSED_BEFORE_LAST),
+        };
         if !self.finished || unqueued {
             let outcome = match (self.failed, self.corrupt) {
                 (true, true) => "integrity_failure",
                 (true, false) => "storage_error",
-                _ => "aborted_by_client",
+                _ => left,
             };
-            let reason = unqueued.then_some(CLOSED_BEFORE_LAST);
+            let reason = unqueued.then_some(why);
             let mut e = self.final_event(outcome, reason);
             e.delivered = self.delivered(self.sent);
             self.sink.record(e);
         } else if self.held.is_some() {
-            // The client left while the last chunk waited for the log: correct the record.
-            let reason = Some(CLOSED_BEFORE_LAST);
-            let mut e = self.final_event("aborted_by_client", reason);
+            // The last chunk never left (its client left, or the log was too late): correct
+            // the record.
+            let mut e = self.final_event(left, Some(why));
             e.track = None;
             self.sink.record(e);
         }
