@@ -59,7 +59,14 @@ NG
 }
 
 WG=""
-ab_start() { "$1" serve >"$OUT/wg.log" 2>&1 & WG=$!; PIDS+=("$WG"); wait_http "$URL/healthz"; }
+ab_start() {
+    # A server left over from an interrupted run would answer instead of this one.
+    if curl -s -o /dev/null "$URL/healthz"; then
+        echo "something already answers on $URL (a server left from an earlier run?)" >&2
+        return 1
+    fi
+    "$1" serve >"$OUT/wg.log" 2>&1 & WG=$!; PIDS+=("$WG"); wait_http "$URL/healthz"
+}
 ab_stop() { kill "$WG"; wait "$WG" 2>/dev/null || true; }
 
 # imports DIR as MODEL with binary A, through the real API and CLI, and sets TOKEN to an
