@@ -806,6 +806,7 @@ async fn downloads_give_up_on_a_stalled_log(backend: Backend) {
     );
 
     // model.safetensors goes out in 16 KiB reads: all but the last leave, then it is cut.
+    let asked = Instant::now();
     let r = s.http.get(url("model.safetensors")).bearer_auth(&token);
     let mut r = r.send().await.unwrap();
     assert_eq!(r.status(), 200);
@@ -819,9 +820,13 @@ async fn downloads_give_up_on_a_stalled_log(backend: Backend) {
         }
     };
     assert!(cut && got < 300_000, "{got} bytes, cut: {cut}");
+    assert!(
+        asked.elapsed() >= Duration::from_secs(1),
+        "cut before the wait ran out"
+    );
 
     drop(hold);
-    for path in ["config.json", "model.safetensors"] {
+    for (path, status) in [("config.json", 503), ("model.safetensors", 200)] {
         let failed = |e: &Value| {
             e["outcome"] == "error"
                 && e["detail"]["reason"] == "audit_unavailable"
@@ -838,11 +843,85 @@ async fn downloads_give_up_on_a_stalled_log(backend: Backend) {
         // The final event the download queued came first, for the same download.
         assert_eq!(last["outcome"], "complete", "{path}: {last}");
         assert_eq!(last["detail"]["download"], failure["detail"]["download"]);
+        assert_eq!(failure["detail"]["status"], status, "{path}");
     }
     assert_eq!(verify(&s, &[]).0, 0, "the chain is intact");
+
+    // With queued acknowledgements, a download that waits for room in a full queue has
+    // queued nothing when its wait runs out: the failure is its only record.
+    let q = common::server_with_model_and(
+        backend,
+        "acme/tiny",
+        &[
+            ("WEIGHTGATE__AUDIT__ACK_TIMEOUT_SECS", "1"),
+            ("WEIGHTGATE__AUDIT__ACKNOWLEDGE", "queue"),
+            ("WEIGHTGATE__AUDIT__QUEUE_MAX", "1"),
+        ],
+    )
+    .await;
+    let token = approved_token(&q, "acme/tiny", "ada@example.org").await;
+    let url = q.url("/acme/tiny/resolve/main/config.json");
+    let r = q.http.get(&url).bearer_auth(&token);
+    assert_eq!(r.send().await.unwrap().status(), 200);
+    let hold = stall_writer(&q, backend);
+    // A denial takes the queue's one place, and keeps it while the writer is stalled.
+    assert_eq!(q.http.get(&url).send().await.unwrap().status(), 401);
+    let r = q.http.get(&url).bearer_auth(&token);
+    let r = tokio::time::timeout(patience, r.send()).await;
+    assert_eq!(r.expect("still waiting for room").unwrap().status(), 503);
+    drop(hold);
+    let failure = q
+        .wait_audit("the failure", |e| {
+            e["outcome"] == "error" && e["detail"]["reason"] == "audit_unavailable"
+        })
+        .await;
+    let ends = q
+        .audit()
+        .into_iter()
+        .filter(|e| {
+            e["kind"] == "file_download" && e["detail"]["download"] == failure["detail"]["download"]
+        })
+        .count();
+    assert_eq!(ends, 1, "the download has one record");
+    assert_eq!(verify(&q, &[]).0, 0, "the chain is intact");
+}
+
+/// An empty file is a download like any other: actix sends no body for `Content-Length: 0`
+/// (and never polls one), so its final event is committed before the headers leave.
+async fn an_empty_download_is_recorded_complete(backend: Backend) {
+    let s = TestServer::start(backend).await;
+    let src = s.dir.path().join("src");
+    common::write_model_dir(&src, &[("empty.txt", Vec::new()), ("a.txt", b"a".to_vec())]);
+    s.cli_ok(&[
+        "models",
+        "add",
+        "acme/empty",
+        "--from",
+        src.to_str().unwrap(),
+    ]);
+    let token = approved_token(&s, "acme/empty", "ada@example.org").await;
+    let r = s
+        .http
+        .get(s.url("/acme/empty/resolve/main/empty.txt"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.bytes().await.unwrap().is_empty());
+    // Committed before the answer: it is in the log already.
+    let ended: Vec<Value> = s
+        .audit()
+        .into_iter()
+        .filter(|e| e["kind"] == "file_download" && e["detail"]["path"] == "empty.txt")
+        .collect();
+    assert_eq!(ended.len(), 1, "{ended:?}");
+    assert_eq!(ended[0]["outcome"], "complete");
+    assert_eq!(ended[0]["detail"]["bytes_sent"], 0);
 }
 
 on_both_backends!(
+    an_empty_download_is_recorded_complete,
     downloads_give_up_on_a_stalled_log,
     a_full_audit_queue_slows_requests_down,
     queued_acknowledgements_end_downloads_before_the_commit,

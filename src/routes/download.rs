@@ -856,34 +856,42 @@ impl AuditedBody {
     /// headers go out, so headers and body leave in one write. False: the wait ran out (the
     /// download is to be answered 503; dropping the body records why).
     async fn settle(&mut self) -> bool {
-        match self.first.take() {
-            Some(b) if self.is_last(&b) => {
-                self.hold_last(b);
-                let limit = self.ack_timeout;
-                if let Some((_, ack)) = self.held.as_mut()
-                    && let Some(wait) = ack.as_mut()
-                {
-                    // Awaited in place: a body dropped meanwhile still knows what it waited for.
-                    let in_time = match limit {
-                        Some(limit) => tokio::time::timeout(limit, wait).await.is_ok(),
-                        None => {
-                            wait.await;
-                            true
-                        }
-                    };
-                    if !in_time {
-                        self.timed_out = true;
-                        return false;
-                    }
-                    *ack = None;
-                }
-                true
-            }
+        let last = match self.first.take() {
+            Some(b) if self.is_last(&b) => b,
+            // An empty file: actix sends no body for `Content-Length: 0` and never polls this
+            // one, so its final event is committed here or not at all.
+            None if self.log.expected == 0 && !self.finished => Bytes::new(),
             other => {
                 self.first = other;
-                true
+                return true;
             }
+        };
+        let empty = last.is_empty();
+        self.hold_last(last);
+        let limit = self.ack_timeout;
+        if let Some((_, ack)) = self.held.as_mut()
+            && let Some(wait) = ack.as_mut()
+        {
+            // Awaited in place: a body dropped meanwhile still knows what it waited for.
+            let in_time = match limit {
+                Some(limit) => tokio::time::timeout(limit, wait).await.is_ok(),
+                None => {
+                    wait.await;
+                    true
+                }
+            };
+            if !in_time {
+                self.timed_out = true;
+                self.log.status = StatusCode::SERVICE_UNAVAILABLE.as_u16();
+                return false;
+            }
+            *ack = None;
         }
+        if empty {
+            // Nothing is left to send (and nothing would take it).
+            self.held = None;
+        }
+        true
     }
 
     /// Counts a chunk; when it is the last one, holds it until the final event is committed
@@ -899,6 +907,10 @@ impl AuditedBody {
     }
 
     fn release(&mut self, cx: &mut TaskContext<'_>) -> Poll<Option<std::io::Result<Bytes>>> {
+        // After a wait that ran out, the held chunk never leaves.
+        if self.timed_out {
+            return Poll::Ready(None);
+        }
         let Some((_, ack)) = self.held.as_mut() else {
             return Poll::Ready(None);
         };
