@@ -357,3 +357,24 @@ async fn the_cli_client_downloads_once_files_are_cached() {
     );
     assert_eq!(std::fs::read(dir.join("w.bin")).unwrap(), o.data);
 }
+
+/// An empty weight file not yet cached: filled first, then served like a cached one, so its
+/// final event is committed before the headers (actix never polls a `Content-Length: 0`
+/// body, so a streamed pull-through would have been recorded as aborted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_file_from_the_origin_is_recorded_complete() {
+    let o = origin_with(0, "http://127.0.0.1:9/steal").await;
+    let (s, token) = server(&o).await;
+    assert!(!cached(&s, &o), "not fetched at import");
+    let (status, got, failed) = get(&s, &token, None).await;
+    assert_eq!((status, got.len(), failed), (200, 0, false));
+    assert!(cached(&s, &o), "filled before the answer");
+    // Committed before the answer: the log has it already.
+    let ends: Vec<_> = s
+        .audit()
+        .into_iter()
+        .filter(|e| e["kind"] == "file_download" && e["detail"]["path"] == "w.bin")
+        .collect();
+    assert_eq!(ends.len(), 1, "{ends:?}");
+    assert_eq!(ends[0]["outcome"], "complete");
+}

@@ -289,7 +289,9 @@ async fn serve(
             Error::unavailable("storage_unavailable", "This file is not in storage.")
         })?;
         let block_size = state.settings.storage.block_size;
-        if range.is_none() {
+        // An empty file is filled first like a range: actix never polls a body of length 0,
+        // so a streamed one could not commit its final event.
+        if range.is_none() && size > 0 {
             // The whole file: stream it to the client while the cache fills.
             let (tx, rx) = tokio::sync::mpsc::channel(16);
             let (st, b) = (state.clone(), blob.clone().into_owned());
