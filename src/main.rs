@@ -1092,7 +1092,7 @@ async fn audit_verify(
 
 /// `weightgate verify DIR`: hashes every file listed in DIR/SHA256SUMS.
 fn verify_dir(dir: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
-    use std::io::{IsTerminal, Read};
+    use std::io::IsTerminal;
     let sums_path = dir.join("SHA256SUMS");
     let text =
         std::fs::read_to_string(&sums_path).with_context(|| format!("{}", sums_path.display()))?;
@@ -1119,20 +1119,11 @@ fn verify_dir(dir: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
     let mut bad = Vec::new();
     for (path, expected) in &entries {
         bar.set_message(path.clone());
-        let problem = match std::fs::File::open(dir.join(path)) {
+        let hashed = std::fs::File::open(dir.join(path))
+            .and_then(|f| weightgate::util::sha256_of_reader(f, |n| bar.inc(n)));
+        let problem = match hashed {
             Err(e) => Some(format!("cannot read: {e}")),
-            Ok(mut f) => {
-                let mut sha = weightgate::util::Sha256::new();
-                let mut buf = vec![0u8; 1 << 20];
-                loop {
-                    let n = f.read(&mut buf)?;
-                    if n == 0 {
-                        break;
-                    }
-                    sha.update(&buf[..n]);
-                    bar.inc(n as u64);
-                }
-                let actual = hex::encode(sha.finish());
+            Ok(actual) => {
                 (actual != *expected).then(|| format!("SHA-256 is {actual}, expected {expected}"))
             }
         };

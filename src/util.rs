@@ -89,6 +89,27 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
     h.finish()
 }
 
+/// The SHA-256 (lower-case hex) of everything `from` reads, in 1 MiB reads; `progress` is
+/// told the size of each (for a progress bar).
+pub fn sha256_of_reader(
+    mut from: impl std::io::Read,
+    mut progress: impl FnMut(u64),
+) -> std::io::Result<String> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        h.update(&buf[..n]);
+        progress(n as u64);
+    }
+    Ok(hex_lower(&h.finish()))
+}
+
 /// An incremental SHA-256, computed by aws-lc: its assembly uses the CPU's SHA instructions
 /// where there are some, and vector (AVX) code where there are not. (The `sha2` crate falls
 /// back to portable code without SHA instructions: 2.2 times slower on such a Xeon, where it
@@ -161,6 +182,12 @@ mod tests {
             sha256_hex(b""),
             "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
+        // A reader longer than one read, with its progress counted.
+        let long: Vec<u8> = (0..(3 << 20) + 7).map(|i| (i % 251) as u8).collect();
+        let mut seen = 0;
+        let hex = sha256_of_reader(&long[..], |n| seen += n).unwrap();
+        assert_eq!(hex, sha256_hex(&long));
+        assert_eq!(seen, long.len() as u64);
     }
 
     #[test]

@@ -14,7 +14,6 @@ use std::sync::Mutex;
 use serde::Deserialize;
 
 use crate::paths;
-use crate::util::Sha256;
 
 /// Exit codes, documented in `weightgate download --help`.
 pub mod exit {
@@ -313,17 +312,7 @@ fn block_span(f: &ManifestFile, i: usize) -> (u64, usize) {
 }
 
 fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut f = File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finish()))
+    crate::util::sha256_of_reader(File::open(path)?, |_| ())
 }
 
 struct Job {
