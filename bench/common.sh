@@ -2,6 +2,15 @@
 # wg_token also defines wg (the weightgate CLI with the server's settings) and sets WG_DATA,
 # WG_BIND, TMP and EMAIL.
 
+# fails when something already answers on URL: a server left over from an interrupted run
+# would answer instead of the one about to start
+ensure_free() { # URL
+    if curl -s -o /dev/null "$1"; then
+        echo "something already answers on $1 (a server left from an earlier run?)" >&2
+        return 1
+    fi
+}
+
 wait_http() { # URL
     for _ in $(seq 1 200); do
         curl -s -o /dev/null "$1" && return 0
@@ -60,11 +69,7 @@ NG
 
 WG=""
 ab_start() {
-    # A server left over from an interrupted run would answer instead of this one.
-    if curl -s -o /dev/null "$URL/healthz"; then
-        echo "something already answers on $URL (a server left from an earlier run?)" >&2
-        return 1
-    fi
+    ensure_free "$URL/healthz" || return 1
     "$1" serve >"$OUT/wg.log" 2>&1 & WG=$!; PIDS+=("$WG"); wait_http "$URL/healthz"
 }
 ab_stop() { kill "$WG"; wait "$WG" 2>/dev/null || true; }

@@ -150,11 +150,7 @@ wg_start() { # LOGFILE -> sets WG_PID
     local envs=(WEIGHTGATE__DATA_DIR="$WG_DATA" WEIGHTGATE__SERVER__BIND="$WG_BIND")
     [ -n "$WG_DBURL" ] && envs+=(WEIGHTGATE__DATABASE__URL="$WG_DBURL")
     envs+=("${WG_EXTRA[@]}")
-    # A server left over from an interrupted run would answer instead of this one.
-    if curl -s -o /dev/null "http://$WG_BIND/healthz"; then
-        echo "something already answers on $WG_BIND (a server left from an earlier run?)" >&2
-        exit 1
-    fi
+    ensure_free "http://$WG_BIND/healthz" || exit 1
     env "${envs[@]}" "$WG_BIN" serve >"$1" 2>&1 &
     WG_PID=$!
     SERVER_PIDS+=("$WG_PID")

@@ -833,13 +833,9 @@ async fn downloads_give_up_on_a_stalled_log(backend: Backend) {
                 && e["detail"]["path"] == path
         };
         let failure = s.wait_audit("the recorded failure", failed).await;
-        let events = s.audit();
+        let events = s.downloads_of(path);
         let at = events.iter().position(failed).unwrap();
-        let last = events[..at]
-            .iter()
-            .rev()
-            .find(|e| e["kind"] == "file_download" && e["detail"]["path"] == path)
-            .unwrap();
+        let last = &events[at.checked_sub(1).expect("an event before the failure")];
         // The final event the download queued came first, for the same download.
         assert_eq!(last["outcome"], "complete", "{path}: {last}");
         assert_eq!(last["detail"]["download"], failure["detail"]["download"]);
@@ -910,11 +906,7 @@ async fn an_empty_download_is_recorded_complete(backend: Backend) {
     assert_eq!(r.status(), 200);
     assert!(r.bytes().await.unwrap().is_empty());
     // Committed before the answer: it is in the log already.
-    let ended: Vec<Value> = s
-        .audit()
-        .into_iter()
-        .filter(|e| e["kind"] == "file_download" && e["detail"]["path"] == "empty.txt")
-        .collect();
+    let ended = s.downloads_of("empty.txt");
     assert_eq!(ended.len(), 1, "{ended:?}");
     assert_eq!(ended[0]["outcome"], "complete");
     assert_eq!(ended[0]["detail"]["bytes_sent"], 0);

@@ -370,11 +370,7 @@ async fn an_empty_file_from_the_origin_is_recorded_complete() {
     assert_eq!((status, got.len(), failed), (200, 0, false));
     assert!(cached(&s, &o), "filled before the answer");
     // Committed before the answer: the log has it already.
-    let ends: Vec<_> = s
-        .audit()
-        .into_iter()
-        .filter(|e| e["kind"] == "file_download" && e["detail"]["path"] == "w.bin")
-        .collect();
+    let ends = s.downloads_of("w.bin");
     assert_eq!(ends.len(), 1, "{ends:?}");
     assert_eq!(ends[0]["outcome"], "complete");
 }

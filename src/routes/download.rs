@@ -870,24 +870,10 @@ impl AuditedBody {
         };
         let empty = last.is_empty();
         self.hold_last(last);
-        let limit = self.ack_timeout;
-        if let Some((_, ack)) = self.held.as_mut()
-            && let Some(wait) = ack.as_mut()
-        {
-            // Awaited in place: a body dropped meanwhile still knows what it waited for.
-            let in_time = match limit {
-                Some(limit) => tokio::time::timeout(limit, wait).await.is_ok(),
-                None => {
-                    wait.await;
-                    true
-                }
-            };
-            if !in_time {
-                self.timed_out = true;
-                self.log.status = StatusCode::SERVICE_UNAVAILABLE.as_u16();
-                return false;
-            }
-            *ack = None;
+        // Awaited in place: a body dropped meanwhile still knows what it waited for.
+        if !std::future::poll_fn(|cx| self.poll_ack(cx)).await {
+            self.log.status = StatusCode::SERVICE_UNAVAILABLE.as_u16();
+            return false;
         }
         if empty {
             // Nothing is left to send (and nothing would take it).
@@ -908,36 +894,43 @@ impl AuditedBody {
         Poll::Ready(Some(Ok(b)))
     }
 
-    fn release(&mut self, cx: &mut TaskContext<'_>) -> Poll<Option<std::io::Result<Bytes>>> {
-        // After a wait that ran out, the held chunk never leaves.
+    /// Waits for the held last chunk's final event (its commit, or room in the queue): true
+    /// once the chunk may leave, false once `audit.ack_timeout_secs` ran out first. The chunk
+    /// and a wait that ran out stay held, so that dropping the body records the failure.
+    fn poll_ack(&mut self, cx: &mut TaskContext<'_>) -> Poll<bool> {
         if self.timed_out {
-            return Poll::Ready(None);
+            return Poll::Ready(false);
         }
         let Some((_, ack)) = self.held.as_mut() else {
-            return Poll::Ready(None);
+            return Poll::Ready(true);
         };
-        let done = match ack.as_mut() {
-            None => Poll::Ready(()),
-            Some(wait) => Pin::new(wait).poll(cx),
-        };
-        match done {
-            Poll::Pending => {
-                if let Some(limit) = self.ack_timeout {
-                    let deadline = self
-                        .deadline
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-                    if deadline.as_mut().poll(cx).is_ready() {
-                        // The last chunk stays held: dropping the body records the failure.
-                        self.timed_out = true;
-                        let e = std::io::Error::other(
-                            "the audit log could not take the download's final event in time",
-                        );
-                        return Poll::Ready(Some(Err(e)));
-                    }
+        if let Some(wait) = ack.as_mut() {
+            if Pin::new(wait).poll(cx).is_pending() {
+                let Some(limit) = self.ack_timeout else {
+                    return Poll::Pending;
+                };
+                let deadline = self
+                    .deadline
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                if deadline.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
                 }
-                Poll::Pending
+                self.timed_out = true;
+                return Poll::Ready(false);
             }
-            Poll::Ready(()) => {
+            *ack = None;
+        }
+        Poll::Ready(true)
+    }
+
+    fn release(&mut self, cx: &mut TaskContext<'_>) -> Poll<Option<std::io::Result<Bytes>>> {
+        match self.poll_ack(cx) {
+            Poll::Pending => Poll::Pending,
+            // The held chunk never leaves.
+            Poll::Ready(false) => Poll::Ready(Some(Err(std::io::Error::other(
+                "the audit log could not take the download's final event in time",
+            )))),
+            Poll::Ready(true) => {
                 let held = self.held.take().map(|(b, _)| b);
                 self.sent += held.as_ref().map_or(0, |b| b.len() as u64);
                 Poll::Ready(held.map(Ok))

@@ -339,6 +339,14 @@ impl TestServer {
             .collect()
     }
 
+    /// The log's `file_download` events for files named `path`, in chain order.
+    pub fn downloads_of(&self, path: &str) -> Vec<serde_json::Value> {
+        self.audit()
+            .into_iter()
+            .filter(|e| e["kind"] == "file_download" && e["detail"]["path"] == path)
+            .collect()
+    }
+
     /// Polls the audit log until an event matches `pred` (download events are written by
     /// the batching writer just after the response ends).
     pub async fn wait_audit(
